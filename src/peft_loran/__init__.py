@@ -1,0 +1,22 @@
+"""peft-loran: LoRAN (Low-Rank Adaptation with Non-Linear Transformation) as a plug-in PEFT tuner.
+
+``import peft_loran`` registers the method with PEFT, after which ``get_peft_model``,
+``PeftModel.from_pretrained``, ``save_pretrained`` and transformers' ``load_adapter`` work with
+:class:`LoranConfig` adapters and with checkpoints of the original code (peft_type ``MLORA``).
+"""
+
+from .activations import Activation, available_activations, get_activation, register_activation, unregister_activation
+from .compat import UnsafeCheckpointError, convert_original_checkpoint
+from .config import LORAN, MLORA, LoranConfig, MLoraConfig
+from .layer import Embedding, Linear, LoranLayer
+from .model import LoranModel, register_with_peft, set_eval_cache
+
+register_with_peft()
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LORAN", "MLORA", "Activation", "Embedding", "Linear", "LoranConfig", "LoranLayer", "LoranModel", "MLoraConfig",
+    "UnsafeCheckpointError", "available_activations", "convert_original_checkpoint", "get_activation",
+    "register_activation", "register_with_peft", "set_eval_cache", "unregister_activation",
+]

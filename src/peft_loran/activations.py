@@ -1,0 +1,171 @@
+"""Named element-wise activations for LoRAN: the value ``f(x)`` and its derivative ``f'(x)``.
+
+The fused backward (see :mod:`peft_loran.functional`) rebuilds ``f(BA)`` block by block and needs ``f'`` without
+keeping autograd graphs alive, so every built-in activation carries an analytic derivative. A user activation
+registered without a derivative still works: its derivative is taken with autograd on one block at a time.
+
+Names are case-insensitive. The original code's names ("Sin", "Sigmoid", "Tanh", "Relu", "Silu", "Identity",
+"Swish", "Cos", "Gaussian") are accepted as aliases; see ``docs/activations.md`` for the formulas.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+TensorFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Activation:
+    """An element-wise function with (optionally) its analytic derivative.
+
+    ``offset`` is subtracted from the value so that ``f(0) == 0`` when the adapter is zero-centred; it does not
+    change the derivative.
+    """
+
+    name: str
+    fn: TensorFn
+    derivative: Optional[TensorFn] = None
+    offset: float = 0.0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fn(x)
+        return y - self.offset if self.offset else y
+
+    def grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
+        """Return ``grad_out * f'(x)``; falls back to autograd when no analytic derivative is known."""
+        if self.derivative is not None:
+            return grad_out * self.derivative(x)
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.fn(leaf), leaf, grad_out)
+        return g
+
+    def value_at_zero(self) -> float:
+        return float(self.fn(torch.zeros((), dtype=torch.float32)))
+
+    def centered(self) -> "Activation":
+        """The same activation shifted so that ``f(0) == 0`` (an all-zero ``B`` then gives an all-zero update)."""
+        return Activation(self.name, self.fn, self.derivative, offset=self.value_at_zero())
+
+
+# A factory builds an Activation from the two Sinter-style parameters (ignored by most activations).
+ActivationFactory = Callable[[float, float], Activation]
+
+_REGISTRY: dict[str, ActivationFactory] = {}
+# the original implementation's spellings and a few obvious synonyms
+_ALIASES: dict[str, str] = {"sin": "sinter", "cos": "cosinter"}
+
+
+def _sinter(amplitude: float, frequency: float) -> Activation:
+    a, w = amplitude, frequency
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x + a * x * torch.sin(w * x)
+
+    def derivative(x: torch.Tensor) -> torch.Tensor:
+        wx = w * x
+        return 1 + a * torch.sin(wx) + a * wx * torch.cos(wx)
+
+    return Activation("sinter", fn, derivative)
+
+
+def _cosinter(amplitude: float, frequency: float) -> Activation:
+    a, w = amplitude, frequency
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        return x + a * x * torch.cos(w * x)
+
+    def derivative(x: torch.Tensor) -> torch.Tensor:
+        wx = w * x
+        return 1 + a * torch.cos(wx) - a * wx * torch.sin(wx)
+
+    return Activation("cosinter", fn, derivative)
+
+
+def _sigmoid_derivative(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 - s)
+
+
+def _silu_derivative(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _fixed(name: str, fn: TensorFn, derivative: TensorFn) -> ActivationFactory:
+    return lambda amplitude, frequency: Activation(name, fn, derivative)
+
+
+_BUILTINS: dict[str, ActivationFactory] = {
+    "sinter": _sinter,
+    "cosinter": _cosinter,
+    "sigmoid": _fixed("sigmoid", torch.sigmoid, _sigmoid_derivative),
+    "tanh": _fixed("tanh", torch.tanh, lambda x: 1 - torch.tanh(x) ** 2),
+    "relu": _fixed("relu", torch.relu, lambda x: (x > 0).to(x.dtype)),
+    "silu": _fixed("silu", torch.nn.functional.silu, _silu_derivative),
+    # the original lists Swish beside Silu; with beta = 1 they are the same function
+    "swish": _fixed("swish", torch.nn.functional.silu, _silu_derivative),
+    "identity": _fixed("identity", lambda x: x, torch.ones_like),
+    "gaussian": _fixed("gaussian", lambda x: torch.exp(-x * x), lambda x: -2 * x * torch.exp(-x * x)),
+}
+_REGISTRY.update(_BUILTINS)
+
+
+def available_activations() -> list[str]:
+    """Names accepted by :func:`get_activation` (aliases not included)."""
+    return sorted(_REGISTRY)
+
+
+def canonical_name(name: str) -> str:
+    """Map a user-supplied name (any case, original spellings) to the registry key, or raise a clear error."""
+    if not isinstance(name, str):
+        raise ValueError(f"`activation` must be a string naming an activation, got {name!r}.")
+    key = name.strip().lower()
+    key = _ALIASES.get(key, key)
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"Unknown activation {name!r} (parameter `activation` / `mlora_af`). "
+            f"Valid names: {', '.join(available_activations())} (original spellings such as 'Sin' and 'Cos' work "
+            "too). Add your own with `peft_loran.register_activation(name, fn, derivative)`."
+        )
+    return key
+
+
+def get_activation(name: str, amplitude: float = 5e-5, frequency: float = 1e4) -> Activation:
+    """Build the activation ``name``; ``amplitude``/``frequency`` are used by Sinter and its cosine sibling."""
+    for param, value in (("sinter_amplitude", amplitude), ("sinter_frequency", frequency)):
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"`{param}` must be a finite number, got {value!r}.")
+    return _REGISTRY[canonical_name(name)](float(amplitude), float(frequency))
+
+
+def register_activation(
+    name: str, fn: TensorFn, derivative: Optional[TensorFn] = None, *, overwrite: bool = False
+) -> None:
+    """Make ``fn`` available as ``LoranConfig(activation=name)``.
+
+    ``fn`` must be element-wise. Give ``derivative`` (``f'(x)``) if you can: without it the backward pass
+    uses autograd on each block, which is slower but exact. Registered names live for the Python process, so
+    register before loading an adapter that names your activation.
+    """
+    key = name.strip().lower()
+    if not key:
+        raise ValueError("`name` must be a non-empty string.")
+    if not callable(fn) or (derivative is not None and not callable(derivative)):
+        raise ValueError("`fn` and `derivative` must be callables taking and returning a tensor.")
+    if (key in _REGISTRY or key in _ALIASES) and not overwrite:
+        raise ValueError(f"Activation {name!r} is already registered; pass `overwrite=True` to replace it.")
+    _REGISTRY[key] = _fixed(key, fn, derivative)
+
+
+def unregister_activation(name: str) -> None:
+    """Remove a user activation (built-ins cannot be removed)."""
+    key = name.strip().lower()
+    if key in _BUILTINS:
+        raise ValueError(f"Built-in activation {name!r} cannot be unregistered.")
+    _REGISTRY.pop(key, None)

@@ -1,0 +1,234 @@
+"""Configuration: :class:`LoranConfig` (PEFT style) and :class:`MLoraConfig` (the original's argument names).
+
+PEFT's ``PeftType`` is a closed enum and ``register_peft_method`` refuses names outside it, so the method is
+registered through PEFT's mapping tables (see :mod:`peft_loran.model`) with a ``peft_type`` that is a ``str``
+subclass behaving like an enum member (``.value``, ``.name``): PEFT and transformers call ``.value`` on it, and
+dictionary look-ups by the plain string ``"LORAN"`` still work because it hashes and compares as that string.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import InitVar, dataclass, field
+from typing import Literal, Optional, Union
+
+from peft.config import PeftConfig
+
+from .activations import canonical_name, get_activation
+
+
+class ExternalPeftType(str):
+    """A PEFT method name that lives outside ``peft.PeftType`` but quacks like one of its members."""
+
+    @property
+    def value(self) -> str:
+        return str.__str__(self)
+
+    @property
+    def name(self) -> str:
+        return str.__str__(self)
+
+    def __str__(self) -> str:
+        return f"PeftType.{self.value}"
+
+    def __repr__(self) -> str:
+        return f"<PeftType.{self.value}: '{self.value}'>"
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    def __reduce__(self):
+        return (ExternalPeftType, (self.value,))
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+LORAN = ExternalPeftType("LORAN")
+#: peft_type written by the original research code; loading maps it onto LoRAN.
+MLORA = ExternalPeftType("MLORA")
+
+
+@dataclass
+class LoranConfig(PeftConfig):
+    """Configuration of a LoRAN adapter: ``W + (loran_alpha / r) * f(B A)``.
+
+    Args:
+        r: Rank of ``B`` (out x r) and ``A`` (r x in).
+        loran_alpha: Scale numerator; the update is multiplied by ``loran_alpha / r`` as in LoRA.
+        loran_dropout: Dropout on the layer input of the adapter branch, in [0, 1).
+        activation: Name of the element-wise non-linearity ``f`` (default ``"sinter"``:
+            ``x + a x sin(w x)``). See :func:`peft_loran.available_activations` and ``register_activation``.
+        sinter_amplitude: ``a`` of Sinter (also used by ``"cosinter"``); paper: 5e-5.
+        sinter_frequency: ``w`` of Sinter (also used by ``"cosinter"``); paper: 1e4.
+        chain_dims: The original MLoRA chain's widths after the rank, ``r[1:]`` in its notation. ``None`` means
+            plain LoRAN (``A`` is r x in_features of each layer). Without ``use_P`` every width must equal the
+            layer's ``in_features``; with ``use_P`` the last ``P`` maps the last width to ``in_features``.
+        use_P: Insert trainable matrices ``P_k`` after each activation (the original's ``mlora_use_P``).
+        use_b: Add trainable biases ``b_k`` after each stage (the original's ``mlora_use_b``).
+        zero_centered: Use ``f(x) - f(0)`` so that an all-zero ``B`` gives an all-zero update for every
+            activation (the original's Sigmoid/Cos/Gaussian adapters did not start at zero). Checkpoints of the
+            original are loaded with ``False`` so they compute what they computed there.
+        init_weights: ``True``: ``B = 0`` (``A = 0`` for embeddings), so the model starts exactly as the base.
+            ``False``: random non-zero factors (for tests).
+        target_modules / exclude_modules / layers_to_transform / layers_pattern / modules_to_save: as in LoRA.
+        fan_in_fan_out: ``True`` for layers that store the weight as (in, out), e.g. GPT-2's ``Conv1D``.
+        bias: ``"none"``, ``"all"`` or ``"loran_only"``: which biases are trained.
+        block_rows: Output rows per block in the fused computation (``None``: about 16 MiB of float32 per
+            block). Smaller saves transient memory, larger saves kernel launches.
+        eval_cache: Reuse the dense update (or the effective weight) between no-grad calls, so inference with
+            an unmerged adapter runs at the base model's speed. Costs one weight-sized tensor per adapted layer;
+            switch off when memory matters more (or merge).
+    """
+
+    r: int = field(default=8, metadata={"help": "Rank of the LoRAN factors."})
+    loran_alpha: float = field(default=8, metadata={"help": "Scaling numerator: update * loran_alpha / r."})
+    loran_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter branch's input."})
+    activation: str = field(default="sinter", metadata={"help": "Element-wise non-linearity f."})
+    sinter_amplitude: float = field(default=5e-5, metadata={"help": "Sinter amplitude a."})
+    sinter_frequency: float = field(default=1e4, metadata={"help": "Sinter frequency w."})
+    chain_dims: Optional[list[int]] = field(default=None, metadata={"help": "MLoRA chain widths after r."})
+    use_P: bool = field(default=False, metadata={"help": "Trainable P_k after each activation."})
+    use_b: bool = field(default=False, metadata={"help": "Trainable b_k after each stage."})
+    zero_centered: bool = field(default=True, metadata={"help": "Use f(x) - f(0)."})
+    init_weights: bool = field(default=True, metadata={"help": "True: the update starts at exactly zero."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or regex to adapt; 'all-linear' for every linear layer."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(default=None)
+    layers_to_transform: Optional[Union[list[int], int]] = field(default=None)
+    layers_pattern: Optional[Union[list[str], str]] = field(default=None)
+    fan_in_fan_out: bool = field(default=False)
+    bias: Literal["none", "all", "loran_only"] = field(default="none")
+    modules_to_save: Optional[list[str]] = field(default=None)
+    block_rows: Optional[int] = field(default=None)
+    eval_cache: bool = field(default=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = LORAN
+        self._validate()
+
+    def _validate(self) -> None:
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"`r` must be a positive integer (the rank), got {self.r!r}.")
+        if not isinstance(self.loran_alpha, (int, float)) or not math.isfinite(self.loran_alpha):
+            raise ValueError(f"`loran_alpha` must be a finite number, got {self.loran_alpha!r}.")
+        if not (isinstance(self.loran_dropout, (int, float)) and 0.0 <= self.loran_dropout < 1.0):
+            raise ValueError(f"`loran_dropout` must be in [0, 1), got {self.loran_dropout!r}.")
+        if self.bias not in ("none", "all", "loran_only"):
+            raise ValueError(f"`bias` must be 'none', 'all' or 'loran_only', got {self.bias!r}.")
+        if self.block_rows is not None and (not isinstance(self.block_rows, int) or self.block_rows <= 0):
+            raise ValueError(f"`block_rows` must be a positive integer or None, got {self.block_rows!r}.")
+        if self.chain_dims is not None:
+            dims = list(self.chain_dims)
+            if not dims or any(isinstance(d, bool) or not isinstance(d, int) or d <= 0 for d in dims):
+                raise ValueError(
+                    f"`chain_dims` must be a non-empty list of positive integers (or None), got {self.chain_dims!r}."
+                )
+            self.chain_dims = dims
+        elif self.use_P:
+            raise ValueError("`use_P=True` needs `chain_dims` (the widths P maps between), e.g. chain_dims=[64].")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        self.activation = canonical_name(self.activation)
+        act = get_activation(self.activation, self.sinter_amplitude, self.sinter_frequency)
+        if self.init_weights and self.zero_centered and float(act.grad(_zero(), _one())) == 0.0:
+            warnings.warn(
+                f"activation={self.activation!r} has f'(0) = 0: with init_weights=True (B = 0) no gradient reaches "
+                "A or B and they never train. Use init_weights=False or another activation.",
+                stacklevel=3,
+            )
+
+    @property
+    def scaling(self) -> float:
+        return self.loran_alpha / self.r
+
+
+def _zero():
+    import torch
+
+    return torch.zeros(())
+
+
+def _one():
+    import torch
+
+    return torch.ones(())
+
+
+# The original implementation's names and defaults (its defaults differ from the paper's Sinter setting).
+_ORIGINAL_DEFAULTS = dict(
+    mlora_alpha=8, mlora_dropout=0.0, mlora_af="Sigmoid", mlora_af_sin_A=5e-4, mlora_af_sin_omega=1000.0,
+    mlora_use_P=False, mlora_use_b=False, init_mlora_weights=True,
+)
+
+
+@dataclass
+class MLoraConfig(LoranConfig):
+    """The original LoRAN code's ``MLoraConfig``, accepted verbatim and translated into :class:`LoranConfig`.
+
+    ``MLoraConfig(r=[64, 4096], mlora_alpha=16, mlora_af="Sin", mlora_af_sin_A=5e-5, mlora_af_sin_omega=1e4,
+    mlora_use_P=False, mlora_use_b=False, mlora_dropout=0.2, bias="none", task_type="CAUSAL_LM")`` gives the
+    same adapter as ``LoranConfig(r=64, loran_alpha=16, activation="sinter", ..., chain_dims=[4096])``.
+    ``r`` may be a list ``[r0, r1, ...]`` (rank, then chain widths) or an int. Saved adapters are written as
+    ``LoranConfig`` (peft_type ``LORAN``). A checkpoint written by the original (peft_type ``MLORA``) is read
+    through this class with ``zero_centered=False`` so that it computes exactly what it computed there.
+    """
+
+    r: Union[int, list[int]] = 8
+    mlora_alpha: InitVar[Optional[float]] = None
+    mlora_dropout: InitVar[Optional[float]] = None
+    mlora_af: InitVar[Optional[str]] = None
+    mlora_af_sin_A: InitVar[Optional[float]] = None
+    mlora_af_sin_omega: InitVar[Optional[float]] = None
+    mlora_use_P: InitVar[Optional[bool]] = None
+    mlora_use_b: InitVar[Optional[bool]] = None
+    init_mlora_weights: InitVar[Optional[bool]] = None
+
+    def __post_init__(
+        self, mlora_alpha, mlora_dropout, mlora_af, mlora_af_sin_A, mlora_af_sin_omega, mlora_use_P, mlora_use_b,
+        init_mlora_weights,
+    ) -> None:
+        given = dict(
+            mlora_alpha=mlora_alpha, mlora_dropout=mlora_dropout, mlora_af=mlora_af, mlora_af_sin_A=mlora_af_sin_A,
+            mlora_af_sin_omega=mlora_af_sin_omega, mlora_use_P=mlora_use_P, mlora_use_b=mlora_use_b,
+            init_mlora_weights=init_mlora_weights,
+        )
+        opts = {k: (_ORIGINAL_DEFAULTS[k] if v is None else v) for k, v in given.items()}
+        legacy_checkpoint = self.peft_type is not None and str.__str__(self.peft_type) == "MLORA"
+        ranks = self.r
+        if isinstance(ranks, (list, tuple)):
+            ranks = list(ranks)
+            if len(ranks) < 2:
+                raise ValueError(
+                    f"`r` as a list needs at least two entries [rank, width, ...], got {self.r!r}; for plain LoRAN "
+                    "pass an int, e.g. r=8."
+                )
+            self.r, self.chain_dims = ranks[0], ranks[1:]
+        self.loran_alpha = opts["mlora_alpha"]
+        self.loran_dropout = opts["mlora_dropout"]
+        self.activation = opts["mlora_af"]
+        self.sinter_amplitude = opts["mlora_af_sin_A"]
+        self.sinter_frequency = opts["mlora_af_sin_omega"]
+        self.use_P = bool(opts["mlora_use_P"])
+        self.use_b = bool(opts["mlora_use_b"])
+        self.init_weights = bool(opts["init_mlora_weights"])
+        if legacy_checkpoint:
+            self.zero_centered = False
+        super().__post_init__()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Read an original ``MLORA`` adapter config; refuses a weights file that is not plain tensors."""
+        from .compat import check_original_weights_are_safe
+
+        check_original_weights_are_safe(pretrained_model_name_or_path, subfolder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

@@ -1,0 +1,224 @@
+"""The LoRAN math on plain tensors, in one place. Layers and tools call these functions; nothing here knows
+about modules, adapters or PEFT.
+
+Row view of the (original MLoRA) chain, for a layer ``W`` of shape ``(out, in)``::
+
+    H_0 = B @ A                                  B: (out, r), A: (r, d_1)
+    H_k = f(H_{k-1}) @ P_k + b_k                 P_k: (d_k, d_{k+1}) optional, b_k: (d_{k+1},) optional
+    delta_W = scaling * H_K                      last width is ``in``
+
+Plain LoRAN is one stage with neither ``P`` nor ``b``: ``delta_W = scaling * f(B @ A)``.
+
+Every row of ``delta_W`` depends only on the same row of ``B``. :class:`FusedLoranMatmul` uses that to work on
+blocks of output rows: it builds one block of ``f(BA)``, uses it and drops it, both in forward and (rebuilt) in
+backward. Autograd then keeps only the small factors and the input alive, never a dense ``(out, in)`` tensor.
+The non-linearity always runs in float32 (with ``w = 1e4`` half precision leaves nothing of ``sin(w x)``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from .activations import Activation
+
+# A stage of the chain: (P or None, b or None).
+Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
+
+#: Elements of one transient ``(rows, in)`` float32 block (default 2**22 = 16 MiB). Override per layer with
+#: ``LoranConfig(block_rows=...)`` or for the process with the environment variable ``PEFT_LORAN_BLOCK_ELEMENTS``.
+DEFAULT_BLOCK_ELEMENTS = int(os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS", str(2**22)))
+
+
+def row_blocks(rows: int, cols: int, block_rows: Optional[int] = None) -> Iterator[tuple[int, int]]:
+    """Yield ``(start, stop)`` row ranges whose ``(stop - start) * cols`` stays within the block budget."""
+    step = block_rows if block_rows else max(1, DEFAULT_BLOCK_ELEMENTS // max(cols, 1))
+    for start in range(0, rows, step):
+        yield start, min(start + step, rows)
+
+
+def chain_rows(
+    B_rows: torch.Tensor, A: torch.Tensor, stages: Sequence[Stage], activation: Activation, keep: bool = False
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Unscaled update rows ``H_K`` for the given rows of ``B``, in float32.
+
+    With ``keep=True`` also returns each stage's pre-activation ``Z_k`` and activation ``U_k`` for
+    :func:`chain_rows_backward`. Plain torch ops: differentiable by autograd when called outside the fused path.
+    """
+    h = B_rows.float() @ A.float()
+    saved = []
+    for P, b in stages:
+        z = h
+        u = activation(z)
+        h = u @ P.float() if P is not None else u
+        if b is not None:
+            h = h + b.float()
+        if keep:
+            saved.append((z, u))
+    return h, saved
+
+
+def chain_rows_backward(
+    grad_h: torch.Tensor,
+    B_rows: torch.Tensor,
+    A: torch.Tensor,
+    stages: Sequence[Stage],
+    activation: Activation,
+    saved: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor, list[Optional[torch.Tensor]], list[Optional[torch.Tensor]]]:
+    """Analytic vector-Jacobian product of :func:`chain_rows`: grads of ``B_rows``, ``A``, each ``P`` and ``b``."""
+    grad_P: list[Optional[torch.Tensor]] = [None] * len(stages)
+    grad_b: list[Optional[torch.Tensor]] = [None] * len(stages)
+    for k in reversed(range(len(stages))):
+        P, b = stages[k]
+        z, u = saved[k]
+        if b is not None:
+            grad_b[k] = grad_h.sum(0)
+        if P is not None:
+            grad_P[k] = u.T @ grad_h
+            grad_u = grad_h @ P.float().T
+        else:
+            grad_u = grad_h
+        grad_h = activation.grad(z, grad_u)
+    grad_B = grad_h @ A.float().T
+    grad_A = B_rows.float().T @ grad_h
+    return grad_B, grad_A, grad_P, grad_b
+
+
+def delta_weight(
+    A: torch.Tensor,
+    B: torch.Tensor,
+    stages: Sequence[Stage],
+    activation: Activation,
+    scaling: float,
+    block_rows: Optional[int] = None,
+) -> torch.Tensor:
+    """The dense update ``scaling * H_K`` of shape ``(out, in)`` in float32, built block by block."""
+    out_rows, cols = B.shape[0], _last_width(A, stages)
+    result = torch.empty(out_rows, cols, dtype=torch.float32, device=A.device)
+    for i0, i1 in row_blocks(out_rows, cols, block_rows):
+        result[i0:i1] = chain_rows(B[i0:i1], A, stages, activation)[0].mul_(scaling)
+    return result
+
+
+def _last_width(A: torch.Tensor, stages: Sequence[Stage]) -> int:
+    for P, b in reversed(stages):
+        if P is not None:
+            return P.shape[1]
+        if b is not None:
+            return b.shape[0]
+    return A.shape[1]
+
+
+def flatten_stages(stages: Sequence[Stage]) -> list[Optional[torch.Tensor]]:
+    return [t for stage in stages for t in stage]
+
+
+def unflatten_stages(flat: Sequence[Optional[torch.Tensor]]) -> list[Stage]:
+    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
+
+
+class FusedLoranMatmul(torch.autograd.Function):
+    """``x @ (W + scaling * H)^T`` (``weight`` given, "folded") or ``x @ (scaling * H)^T`` (``weight`` None).
+
+    ``x`` is 2-D ``(N, in)`` in the compute dtype; ``weight`` is the frozen base weight as ``(out, in)`` in the
+    same dtype. Saves only ``x``, ``weight`` (a reference) and the factors; rebuilds ``H`` block by block in
+    backward. Gradients: ``dH = scaling * G^T x`` per block, chained back analytically to ``A``, ``B``, ``P``,
+    ``b``; ``dx = G (W + scaling H)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scaling, activation, block_rows, A, B, *flat_stages):
+        stages = unflatten_stages(flat_stages)
+        chunks = []
+        for i0, i1 in row_blocks(B.shape[0], x.shape[-1], block_rows):
+            update = chain_rows(B[i0:i1], A, stages, activation)[0].mul_(scaling)
+            if weight is not None:
+                update += weight[i0:i1]
+            chunks.append(x @ update.to(x.dtype).T)
+        ctx.save_for_backward(x, weight, A, B, *flat_stages)
+        ctx.scaling, ctx.activation, ctx.block_rows = scaling, activation, block_rows
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, A, B, *flat_stages = ctx.saved_tensors
+        stages = unflatten_stages(flat_stages)
+        scaling, activation = ctx.scaling, ctx.activation
+        need_x = ctx.needs_input_grad[0]
+        need_factors = any(ctx.needs_input_grad[5:])
+        grad_out = grad_out.to(x.dtype)
+        acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        grad_x = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if need_x else None
+        grad_B = torch.zeros(B.shape, dtype=torch.float32, device=B.device) if need_factors else None
+        grad_A = torch.zeros(A.shape, dtype=torch.float32, device=A.device) if need_factors else None
+        grad_flat = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if t is not None else None
+                     for t in flat_stages] if need_factors else [None] * len(flat_stages)
+
+        for i0, i1 in row_blocks(B.shape[0], x.shape[-1], ctx.block_rows):
+            g = grad_out[:, i0:i1]
+            h, saved = chain_rows(B[i0:i1], A, stages, activation, keep=need_factors)
+            if need_x:
+                update = h * scaling
+                if weight is not None:
+                    update += weight[i0:i1]
+                grad_x += (g @ update.to(x.dtype)).to(acc_dtype)
+            if need_factors:
+                grad_h = (g.T @ x).float().mul_(scaling)
+                dB, dA, dP, db = chain_rows_backward(grad_h, B[i0:i1], A, stages, activation, saved)
+                grad_B[i0:i1] = dB
+                grad_A += dA
+                for k, (gp, gb) in enumerate(zip(dP, db)):
+                    if gp is not None:
+                        grad_flat[2 * k] += gp
+                    if gb is not None:
+                        grad_flat[2 * k + 1] += gb
+
+        def cast(g, like):
+            return None if g is None else g.to(like.dtype)
+
+        return (
+            cast(grad_x, x),
+            None,
+            None,
+            None,
+            None,
+            cast(grad_A, A),
+            cast(grad_B, B),
+            *[cast(g, t) if t is not None else None for g, t in zip(grad_flat, flat_stages)],
+        )
+
+
+def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls run in: the autocast dtype when autocast is on for ``x``'s device, else ``x.dtype``."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+def loran_matmul(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    stages: Sequence[Stage],
+    activation: Activation,
+    scaling: float,
+    weight: Optional[torch.Tensor] = None,
+    block_rows: Optional[int] = None,
+) -> torch.Tensor:
+    """``x @ (weight + scaling * f-chain(BA))^T`` for ``x`` of shape ``(..., in)`` through the fused Function.
+
+    ``weight`` (the base ``(out, in)`` weight) is optional: without it only the adapter's contribution is
+    returned. Runs in the autocast dtype when autocast is active, with autocast itself switched off inside so
+    the float32 non-linearity is not downcast.
+    """
+    dtype = compute_dtype_for(x)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+    w = weight.to(dtype) if weight is not None else None
+    with torch.autocast(x.device.type, enabled=False):
+        y = FusedLoranMatmul.apply(x2, w, scaling, activation, block_rows, A, B, *flatten_stages(stages))
+    return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,429 @@
+"""LoRAN tuner layers, in PEFT's house style.
+
+One :class:`Linear` serves ``nn.Linear``, transformers' ``Conv1D`` (``fan_in_fan_out``) and bitsandbytes 8-bit and
+4-bit layers (PEFT's ``QuantizationBackend`` dequantizes for merging); :class:`Embedding` serves ``nn.Embedding``.
+All math is in :mod:`peft_loran.functional`.
+
+Forward paths of :class:`Linear` (the first that applies):
+
+* adapters disabled / merged: the base layer alone;
+* ``adapter_names=[...]`` (mixed batch): base output plus each adapter on its rows of the batch;
+* no gradient needed and ``eval_cache``: a cached effective weight ``W + sum s f(BA)`` (float32 plain weights)
+  or cached updates, rebuilt only when a parameter, the adapter set, the merge state or the dtype changes;
+* training: :class:`~peft_loran.functional.FusedLoranMatmul`, folded into the base GEMM when possible
+  (plain float32 weight, no dropout active, no quantization, no hooks on the base layer).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import resolve_quantization_backend
+from torch import nn
+
+from . import functional as LF
+from .activations import Activation, get_activation
+from .config import LoranConfig
+
+BASE_ADAPTER_NAME = "__base__"
+
+
+class LoranLayer(BaseTunerLayer):
+    """State and behaviour shared by all LoRAN layers.
+
+    The update has the orientation ``(rows, cols)``: ``(out_features, in_features)`` for linear layers,
+    ``(num_embeddings, embedding_dim)`` for embeddings. ``A`` is ``(r, d_1)``, ``B`` is ``(rows, r)``, ``P_k`` is
+    ``(d_k, d_{k+1})`` and ``b_k`` is ``(d_{k+1},)``; the last width is ``cols``.
+    """
+
+    adapter_layer_names: tuple[str, ...] = ("loran_A", "loran_B", "loran_P", "loran_b")
+    other_param_names: tuple[str, ...] = (
+        "loran_r", "loran_alpha", "loran_scaling", "loran_dropout", "loran_activation", "loran_dims",
+    )
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.loran_r: dict[str, int] = {}
+        self.loran_alpha: dict[str, float] = {}
+        self.loran_scaling: dict[str, float] = {}
+        self.loran_activation: dict[str, Activation] = {}
+        self.loran_dims: dict[str, list[int]] = {}
+        self.loran_block_rows: dict[str, Optional[int]] = {}
+        self.loran_dropout = nn.ModuleDict({})
+        self.loran_A = nn.ParameterDict({})
+        self.loran_B = nn.ParameterDict({})
+        self.loran_P = nn.ModuleDict({})
+        self.loran_b = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self.eval_cache = True
+        self._loran_cache: dict = {}
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        self.quantization_backend = resolve_quantization_backend(base)
+        in_features, out_features = _get_in_out_features(base)
+        if in_features is None or out_features is None:
+            raise TypeError(f"LoRAN cannot adapt a layer of type {type(base).__name__}: its sizes are unknown.")
+        self.in_features, self.out_features = in_features, out_features
+
+    # ----------------------------------------------------------------------------------------------- geometry
+    @property
+    def update_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def _width_name(self) -> str:
+        return "in_features"
+
+    # ----------------------------------------------------------------------------------------------- creation
+    def update_layer(self, adapter_name: str, config: LoranConfig, module_name: str = "", **_: Any) -> None:
+        """Create (or re-create) the factors of ``adapter_name`` from ``config``; checks the chain fits."""
+        rows, cols = self.update_shape
+        r = config.r
+        dims = list(config.chain_dims) if config.chain_dims else [cols]
+        where = f"module '{module_name}'" if module_name else f"{type(self.get_base_layer()).__name__}"
+        if not config.use_P and any(d != cols for d in dims):
+            raise ValueError(
+                f"LoRAN without P matrices needs every chain width (r[1:] in MLoraConfig, `chain_dims` in "
+                f"LoranConfig) to equal the layer's {self._width_name()}; {where} has {self._width_name()}={cols} "
+                f"and output size {rows}, got widths {dims}. Use r=[{r}, {cols}] / chain_dims=None, or "
+                "use_P=True (mlora_use_P=True) to map the widths with P matrices."
+            )
+        outs = dims[1:] + [cols] if config.use_P else dims
+        self.loran_r[adapter_name] = r
+        self.loran_alpha[adapter_name] = config.loran_alpha
+        self.loran_scaling[adapter_name] = config.loran_alpha / r
+        self.loran_dims[adapter_name] = dims
+        self.loran_block_rows[adapter_name] = config.block_rows
+        self.eval_cache = config.eval_cache
+        act = get_activation(config.activation, config.sinter_amplitude, config.sinter_frequency)
+        self.loran_activation[adapter_name] = act.centered() if config.zero_centered else act
+        self.loran_dropout[adapter_name] = (
+            nn.Dropout(p=config.loran_dropout) if config.loran_dropout > 0 else nn.Identity()
+        )
+        self.loran_A[adapter_name] = nn.Parameter(torch.empty(r, dims[0]))
+        self.loran_B[adapter_name] = nn.Parameter(torch.empty(rows, r))
+        self.loran_P[adapter_name] = nn.ParameterList(
+            [nn.Parameter(torch.empty(d_in, d_out)) for d_in, d_out in zip(dims, outs)] if config.use_P else []
+        )
+        self.loran_b[adapter_name] = nn.ParameterList(
+            [nn.Parameter(torch.zeros(d_out)) for d_out in outs] if config.use_b else []
+        )
+        self.reset_loran_parameters(adapter_name, config.init_weights)
+        if config.init_weights and not config.zero_centered and len(self.loran_P[adapter_name]):
+            # the original's init: with f(0) != 0 only a zero last P makes the initial update vanish
+            nn.init.zeros_(self.loran_P[adapter_name][-1])
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self._loran_cache.clear()
+        self.set_adapter(self.active_adapters)
+
+    def reset_loran_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """``init_weights=True``: ``B = 0`` so the update is exactly zero; else every factor random non-zero."""
+        A, B = self.loran_A[adapter_name], self.loran_B[adapter_name]
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            for P in self.loran_P[adapter_name]:
+                nn.init.kaiming_uniform_(P, a=math.sqrt(5))
+            if init_weights:
+                nn.init.zeros_(B)
+            else:
+                nn.init.normal_(B, std=0.1)
+                for b in self.loran_b[adapter_name]:
+                    nn.init.normal_(b, std=0.1)
+
+    # ---------------------------------------------------------------------------------------------- the math
+    def stages(self, adapter_name: str) -> list[LF.Stage]:
+        Ps, bs = self.loran_P[adapter_name], self.loran_b[adapter_name]
+        return [
+            (Ps[k] if len(Ps) else None, bs[k] if len(bs) else None) for k in range(len(self.loran_dims[adapter_name]))
+        ]
+
+    def _factors(self, adapter_name: str) -> list[torch.Tensor]:
+        return [self.loran_A[adapter_name], self.loran_B[adapter_name], *self.loran_P[adapter_name],
+                *self.loran_b[adapter_name]]
+
+    def dense_update(self, adapter_name: str) -> torch.Tensor:
+        """``s * f-chain(B A)`` as a float32 ``(rows, cols)`` matrix."""
+        return LF.delta_weight(
+            self.loran_A[adapter_name], self.loran_B[adapter_name], self.stages(adapter_name),
+            self.loran_activation[adapter_name], self.loran_scaling[adapter_name], self.loran_block_rows[adapter_name],
+        )
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The update in the base weight's layout and dtype (transposed for ``fan_in_fan_out``)."""
+        delta = self.dense_update(adapter_name)
+        if getattr(self, "fan_in_fan_out", False):
+            delta = delta.T
+        base_weight = self.get_base_layer().weight
+        dtype = base_weight.dtype if base_weight.dtype.is_floating_point else torch.float32
+        return delta.to(dtype)
+
+    # --------------------------------------------------------------------------------------- merge / unmerge
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add ``s f(BA)`` of the given (default: active) adapters to the base weight.
+
+        ``safe_merge=True`` builds the merged weight in a copy and refuses non-finite values before writing.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.loran_A:
+                continue
+            if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
+                raise TypeError(f"Merging is not supported for {self.quantization_backend.backend_name} layers.")
+            weight = self.get_base_weight()
+            delta = self.get_delta_weight(name).to(device=weight.device)
+            merged = weight.to(delta.dtype) + delta
+            if safe_merge and not torch.isfinite(merged).all():
+                raise ValueError(f"NaNs or infs detected in the merged weights. The adapter {name} seems to be broken.")
+            self.set_base_weight(merged.to(weight.dtype))
+            self.merged_adapters.append(name)
+        self._loran_cache.clear()
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters' updates again, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.loran_A:
+                weight = self.get_base_weight()
+                delta = self.get_delta_weight(name).to(device=weight.device)
+                self.set_base_weight((weight.to(delta.dtype) - delta).to(weight.dtype))
+        self._loran_cache.clear()
+
+    # ------------------------------------------------------------------------------------- state & caching
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._loran_cache.clear()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.loran_block_rows.pop(adapter_name, None)
+        self._loran_cache.clear()
+
+    def train(self, mode: bool = True):
+        self._loran_cache.clear()
+        return super().train(mode)
+
+    def _fingerprint(self, tensors) -> tuple:
+        return tuple(
+            (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors if t is not None
+        )
+
+    def _cached(self, slot: tuple, fingerprint: tuple, build):
+        entry = self._loran_cache.get(slot)
+        if entry is not None and entry[0] == fingerprint:
+            return entry[1]
+        self._loran_cache.pop(slot, None)  # free the stale tensor before building its replacement
+        value = build()
+        self._loran_cache[slot] = (fingerprint, value)
+        return value
+
+    def _grad_needed(self, x: torch.Tensor, adapters: list[str]) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return x.requires_grad or any(p.requires_grad for a in adapters for p in self._factors(a))
+
+    def _dropout_active(self, adapter_name: str) -> bool:
+        return self.training and isinstance(self.loran_dropout[adapter_name], nn.Dropout)
+
+    def _check_forward_args(self, x, *args, **kwargs) -> None:
+        adapter_names = kwargs.get("adapter_names", None)
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+    def _active_here(self) -> list[str]:
+        return [a for a in self.active_adapters if a in self.loran_A]
+
+    def __repr__(self) -> str:
+        return "loran." + super().__repr__()
+
+
+class Linear(nn.Module, LoranLayer):
+    """LoRAN on ``nn.Linear``, transformers ``Conv1D`` (``fan_in_fan_out=True``) and bitsandbytes linear layers."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoranConfig, module_name: str = "",
+                 **kwargs: Any) -> None:
+        super().__init__()
+        LoranLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = config.fan_in_fan_out
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name)
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    def _plain_weight(self) -> Optional[torch.Tensor]:
+        """The base weight as ``(out, in)`` if the fused path may replace the base layer's own forward."""
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        if (
+            self.quantization_backend is not None
+            or not isinstance(weight, torch.Tensor)
+            or weight.dtype != torch.float32
+            or weight.requires_grad
+            or weight.is_meta
+            or base._forward_hooks
+            or base._forward_pre_hooks
+            or hasattr(base, "_hf_hook")
+            or not isinstance(base, (nn.Linear,)) and not _is_conv1d(base)
+        ):
+            return None
+        return weight.T if self.fan_in_fan_out else weight
+
+    def _base_bias(self) -> Optional[torch.Tensor]:
+        return getattr(self.get_base_layer(), "bias", None)
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The adapter's own contribution ``s * dropout(x) @ f(BA)^T`` (cached when no gradient is needed)."""
+        if self.eval_cache and not self._grad_needed(x, [adapter_name]):
+            dtype = LF.compute_dtype_for(x)
+            update = self._cached(
+                ("delta", adapter_name, dtype),
+                self._fingerprint(self._factors(adapter_name)),
+                lambda: self.dense_update(adapter_name).to(dtype),
+            )
+            return F.linear(self.loran_dropout[adapter_name](x).to(dtype), update)
+        return LF.loran_matmul(
+            self.loran_dropout[adapter_name](x), self.loran_A[adapter_name], self.loran_B[adapter_name],
+            self.stages(adapter_name), self.loran_activation[adapter_name], self.loran_scaling[adapter_name],
+            block_rows=self.loran_block_rows[adapter_name],
+        )
+
+    def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """Cached ``W + sum_a s_a f(B_a A_a)`` for no-grad calls (rebuilt when anything it depends on changes)."""
+        tensors = [weight] + [t for a in adapters for t in self._factors(a)]
+
+        def build():
+            total = weight.float().clone()
+            for a in adapters:
+                total += self.dense_update(a)
+            return total.to(weight.dtype)
+
+        return self._cached(("weight", tuple(adapters)), self._fingerprint(tensors), build)
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        adapters = self._active_here()
+        if self.merged or not adapters:
+            return self.base_layer(x, *args, **kwargs)
+
+        weight = self._plain_weight() if not args and not kwargs else None
+        # a weight can absorb the adapters whose input is x itself (no dropout active)
+        foldable = [a for a in adapters if not self._dropout_active(a)] if weight is not None else []
+        if foldable and LF.compute_dtype_for(x) == torch.float32:
+            if self.eval_cache and not self._grad_needed(x, foldable):
+                result = F.linear(x, self._effective_weight(weight, foldable), self._base_bias())
+                rest = [a for a in adapters if a not in foldable]
+            else:
+                first = foldable[0]
+                result = LF.loran_matmul(
+                    x, self.loran_A[first], self.loran_B[first], self.stages(first), self.loran_activation[first],
+                    self.loran_scaling[first], weight=weight, block_rows=self.loran_block_rows[first],
+                )
+                if self._base_bias() is not None:
+                    result = result + self._base_bias()
+                rest = [a for a in adapters if a != first]
+        else:
+            result = self.base_layer(x, *args, **kwargs)
+            rest = adapters
+        if self.quantization_backend is not None:
+            result = self.quantization_backend.maybe_clone_base_result(result)
+        for adapter_name in rest:
+            result = result + self._adapter_output(x, adapter_name).to(result.dtype)
+        return result
+
+    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name in sorted(set(adapter_names)):
+            if adapter_name == BASE_ADAPTER_NAME or adapter_name not in self.loran_A:
+                continue
+            rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
+            result[rows] += self._adapter_output(x[rows], adapter_name).to(result.dtype)
+        return result
+
+
+class Embedding(nn.Module, LoranLayer):
+    """LoRAN on ``nn.Embedding``: only the looked-up rows of ``f(BA)`` are built (``B[ids] @ A``)."""
+
+    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoranConfig, module_name: str = "",
+                 **kwargs: Any) -> None:
+        super().__init__()
+        LoranLayer.__init__(self, base_layer, **kwargs)
+        self.fan_in_fan_out = False
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, module_name=module_name)
+
+    @property
+    def update_shape(self) -> tuple[int, int]:
+        return self.in_features, self.out_features  # (num_embeddings, embedding_dim)
+
+    def _width_name(self) -> str:
+        return "embedding_dim"
+
+    def reset_loran_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
+        """Like LoRA's embeddings: ``A = 0`` and ``B`` random, so the update is zero yet ``A`` gets a gradient
+        (the original set both to zero, and its embedding adapters never trained)."""
+        super().reset_loran_parameters(adapter_name, init_weights=False)
+        if init_weights:
+            with torch.no_grad():
+                nn.init.normal_(self.loran_B[adapter_name])
+                nn.init.zeros_(self.loran_A[adapter_name])
+                for b in self.loran_b[adapter_name]:
+                    nn.init.zeros_(b)
+
+    def _adapter_output(self, ids: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        B = self.loran_B[adapter_name]
+        rows = F.embedding(ids.reshape(-1), B)
+        h = LF.chain_rows(rows, self.loran_A[adapter_name], self.stages(adapter_name),
+                          self.loran_activation[adapter_name])[0]
+        out = (h * self.loran_scaling[adapter_name]).reshape(*ids.shape, h.shape[-1])
+        embed_scale = self._get_embed_scale()
+        return out * embed_scale.to(out.dtype) if embed_scale is not None else out
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            for adapter_name in sorted(set(adapter_names)):
+                if adapter_name == BASE_ADAPTER_NAME or adapter_name not in self.loran_A:
+                    continue
+                rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
+                result[rows] += self._adapter_output(x[rows], adapter_name).to(result.dtype)
+            return result
+        if self.merged:
+            return result
+        for adapter_name in self._active_here():
+            result = result + self._adapter_output(x, adapter_name).to(result.dtype)
+        return result
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)

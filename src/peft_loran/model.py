@@ -1,0 +1,150 @@
+"""``LoranModel`` (PEFT ``BaseTuner``): target matching, layer creation, mixed-batch hooks, registration."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from contextlib import contextmanager
+from functools import partial
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import AuxiliaryTrainingWrapper
+from torch import nn
+
+from .compat import convert_original_state_dict
+from .config import LORAN, MLORA, LoranConfig, MLoraConfig
+from .layer import Embedding, Linear, LoranLayer, _is_conv1d
+
+
+def _adapter_names_pre_forward_hook(target, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+class LoranModel(BaseTuner):
+    """Creates a LoRAN model from a pretrained model: each target layer gets ``W + (alpha/r) f(B A)``.
+
+    Use it through PEFT (``get_peft_model(model, LoranConfig(...))``) after ``import peft_loran``.
+    Default ``target_modules`` per architecture are PEFT's LoRA defaults (q/v projections for Llama).
+    """
+
+    prefix: str = "loran_"
+    tuner_layer_cls = LoranLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _create_and_replace(
+        self,
+        loran_config: LoranConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        if current_key is None:
+            raise ValueError("Current Key shouldn't be `None`")
+        if isinstance(target, LoranLayer):
+            target.update_layer(adapter_name, loran_config, module_name=current_key)
+            return
+        new_module = self._create_new_module(loran_config, adapter_name, target, module_name=current_key)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(config: LoranConfig, adapter_name: str, target: nn.Module, module_name: str = ""):
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if isinstance(base, nn.Embedding):
+            return Embedding(target, adapter_name, config, module_name=module_name)
+        if isinstance(base, nn.Linear):  # includes bitsandbytes Linear8bitLt / Linear4bit
+            if config.fan_in_fan_out:
+                warnings.warn(
+                    "fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                    "Setting fan_in_fan_out to False."
+                )
+                config = copy.copy(config)
+                config.fan_in_fan_out = False
+            return Linear(target, adapter_name, config, module_name=module_name)
+        if _is_conv1d(base):
+            if not config.fan_in_fan_out:
+                warnings.warn(
+                    "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."
+                )
+                config = copy.copy(config)
+                config.fan_in_fan_out = True
+            return Linear(target, adapter_name, config, module_name=module_name)
+        raise TypeError(
+            f"Target module '{module_name}' of type {type(base).__name__} is not supported by LoRAN. Supported "
+            "types: torch.nn.Linear, torch.nn.Embedding, transformers' Conv1D and bitsandbytes Linear8bitLt / "
+            "Linear4bit. Remove it from `target_modules` (or use `exclude_modules`)."
+        )
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """Route ``adapter_names=[...]`` (one name per batch row, ``"__base__"`` for none) to every layer."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        known = set()
+        for layer in self.modules():
+            if isinstance(layer, LoranLayer):
+                known |= set(layer.loran_A.keys())
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        num_beams = kwargs.get("num_beams", None)
+        if isinstance(num_beams, int) and num_beams > 1:
+            adapter_names = [name for name in adapter_names for _ in range(num_beams)]
+        handles = []
+        for module in self.modules():
+            if isinstance(module, (LoranLayer, AuxiliaryTrainingWrapper)):
+                hook = partial(_adapter_names_pre_forward_hook, adapter_names=adapter_names)
+                handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        """Also accepts the original implementation's ``mlora_*`` keys and layouts."""
+        state_dict = convert_original_state_dict(state_dict)
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+
+    def set_eval_cache(self, enabled: bool) -> None:
+        """Switch the no-grad cache of dense updates on or off for every LoRAN layer (frees it when off)."""
+        set_eval_cache(self.model, enabled)
+
+
+def set_eval_cache(model: nn.Module, enabled: bool) -> None:
+    """Switch the no-grad cache of every LoRAN layer in ``model`` on or off; switching off frees the memory."""
+    for module in model.modules():
+        if isinstance(module, LoranLayer):
+            module.eval_cache = bool(enabled)
+            module._loran_cache.clear()
+
+
+def register_with_peft() -> None:
+    """Fill PEFT's method tables so that PEFT and transformers know ``LORAN`` (and read ``MLORA`` checkpoints).
+
+    ``peft.utils.register_peft_method`` only accepts names already in PEFT's enum, hence the direct table writes.
+    Idempotent.
+    """
+    from peft import mapping
+
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[LORAN] = LoranConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[LORAN] = LoranModel
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[LORAN] = LoranModel.prefix
+    mapping.PEFT_TYPE_TO_CONFIG_MAPPING[MLORA] = MLoraConfig
+    mapping.PEFT_TYPE_TO_TUNER_MAPPING[MLORA] = LoranModel
+    mapping.PEFT_TYPE_TO_PREFIX_MAPPING[MLORA] = LoranModel.prefix
+
+
+__all__ = ["LoranModel", "register_with_peft", "set_eval_cache"]
