@@ -121,24 +121,33 @@ def unflatten_stages(flat: Sequence[Optional[torch.Tensor]]) -> list[Stage]:
 
 
 class FusedLoranMatmul(torch.autograd.Function):
-    """``x @ (W + scaling * H)^T`` (``weight`` given, "folded") or ``x @ (scaling * H)^T`` (``weight`` None).
+    """``x @ (W + scaling * H)^T + bias`` (``weight`` given, "folded") or ``x @ (scaling * H)^T`` (no weight).
 
-    ``x`` is 2-D ``(N, in)`` in the compute dtype; ``weight`` is the frozen base weight as ``(out, in)`` in the
-    same dtype. Saves only ``x``, ``weight`` (a reference) and the factors; rebuilds ``H`` block by block in
-    backward. Gradients: ``dH = scaling * G^T x`` per block, chained back analytically to ``A``, ``B``, ``P``,
-    ``b``; ``dx = G (W + scaling H)``.
+    ``x`` is 2-D ``(N, in)`` in the compute dtype. ``weight`` is the frozen base weight in its own layout:
+    ``(out, in)``, or ``(in, out)`` when ``weight_in_out`` (GPT-2's ``Conv1D``); each block is computed with the
+    same operation the base layer uses (``F.linear`` / ``addmm``), so a zero update reproduces the base output
+    bit for bit. Saves only ``x``, ``weight``/``bias`` (references) and the factors; rebuilds ``H`` block by block
+    in backward: ``dH = scaling * G^T x`` per block, chained back analytically to ``A``, ``B``, ``P``, ``b``;
+    ``dx = G (W + scaling H)``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, scaling, activation, block_rows, A, B, *flat_stages):
+    def forward(ctx, x, weight, bias, weight_in_out, scaling, activation, block_rows, A, B, *flat_stages):
         stages = unflatten_stages(flat_stages)
         chunks = []
         for i0, i1 in row_blocks(B.shape[0], x.shape[-1], block_rows):
             update = chain_rows(B[i0:i1], A, stages, activation)[0].mul_(scaling)
-            if weight is not None:
-                update += weight[i0:i1]
-            chunks.append(x @ update.to(x.dtype).T)
+            bias_block = bias[i0:i1] if bias is not None else None
+            if weight is None:
+                chunks.append(x @ update.to(x.dtype).T)
+            elif weight_in_out:
+                folded = (weight[:, i0:i1] + update.T).to(x.dtype).contiguous()
+                chunks.append(x @ folded if bias_block is None else torch.addmm(bias_block, x, folded))
+            else:
+                folded = (weight[i0:i1] + update).to(x.dtype)
+                chunks.append(torch.nn.functional.linear(x, folded, bias_block))
         ctx.save_for_backward(x, weight, A, B, *flat_stages)
+        ctx.weight_in_out, ctx.has_bias = weight_in_out, bias is not None
         ctx.scaling, ctx.activation, ctx.block_rows = scaling, activation, block_rows
         return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
 
@@ -147,8 +156,8 @@ class FusedLoranMatmul(torch.autograd.Function):
         x, weight, A, B, *flat_stages = ctx.saved_tensors
         stages = unflatten_stages(flat_stages)
         scaling, activation = ctx.scaling, ctx.activation
-        need_x = ctx.needs_input_grad[0]
-        need_factors = any(ctx.needs_input_grad[5:])
+        need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
+        need_factors = any(ctx.needs_input_grad[7:])
         grad_out = grad_out.to(x.dtype)
         acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         grad_x = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if need_x else None
@@ -163,7 +172,7 @@ class FusedLoranMatmul(torch.autograd.Function):
             if need_x:
                 update = h * scaling
                 if weight is not None:
-                    update += weight[i0:i1]
+                    update += weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1]
                 grad_x += (g @ update.to(x.dtype)).to(acc_dtype)
             if need_factors:
                 grad_h = (g.T @ x).float().mul_(scaling)
@@ -179,8 +188,11 @@ class FusedLoranMatmul(torch.autograd.Function):
         def cast(g, like):
             return None if g is None else g.to(like.dtype)
 
+        grad_bias = grad_out.sum(0) if (need_bias and ctx.has_bias) else None
         return (
             cast(grad_x, x),
+            None,
+            grad_bias,
             None,
             None,
             None,
@@ -207,18 +219,23 @@ def loran_matmul(
     activation: Activation,
     scaling: float,
     weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    weight_in_out: bool = False,
     block_rows: Optional[int] = None,
 ) -> torch.Tensor:
-    """``x @ (weight + scaling * f-chain(BA))^T`` for ``x`` of shape ``(..., in)`` through the fused Function.
+    """``x @ (W + scaling * chain(BA))^T + bias`` for ``x`` of shape ``(..., in)`` through the fused Function.
 
-    ``weight`` (the base ``(out, in)`` weight) is optional: without it only the adapter's contribution is
-    returned. Runs in the autocast dtype when autocast is active, with autocast itself switched off inside so
-    the float32 non-linearity is not downcast.
+    Without ``weight`` only the adapter's contribution ``scaling * x @ chain(BA)^T`` is returned. Runs in the
+    autocast dtype when autocast is active, with autocast itself switched off inside so the float32
+    non-linearity is not downcast.
     """
     dtype = compute_dtype_for(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
     w = weight.to(dtype) if weight is not None else None
+    b = bias.to(dtype) if (bias is not None and weight is not None) else None
     with torch.autocast(x.device.type, enabled=False):
-        y = FusedLoranMatmul.apply(x2, w, scaling, activation, block_rows, A, B, *flatten_stages(stages))
+        y = FusedLoranMatmul.apply(
+            x2, w, b, weight_in_out, scaling, activation, block_rows, A, B, *flatten_stages(stages)
+        )
     return y.reshape(*lead, y.shape[-1])

@@ -266,7 +266,7 @@ class Linear(nn.Module, LoranLayer):
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _plain_weight(self) -> Optional[torch.Tensor]:
-        """The base weight as ``(out, in)`` if the fused path may replace the base layer's own forward."""
+        """The base weight (own layout) if the fused path may replace the base layer's own forward."""
         base = self.get_base_layer()
         weight = getattr(base, "weight", None)
         if (
@@ -281,7 +281,7 @@ class Linear(nn.Module, LoranLayer):
             or not isinstance(base, (nn.Linear,)) and not _is_conv1d(base)
         ):
             return None
-        return weight.T if self.fan_in_fan_out else weight
+        return weight
 
     def _base_bias(self) -> Optional[torch.Tensor]:
         return getattr(self.get_base_layer(), "bias", None)
@@ -303,16 +303,27 @@ class Linear(nn.Module, LoranLayer):
         )
 
     def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
-        """Cached ``W + sum_a s_a f(B_a A_a)`` for no-grad calls (rebuilt when anything it depends on changes)."""
+        """Cached ``W + sum_a s_a f(B_a A_a)`` in the base weight's layout, for no-grad calls (rebuilt when
+        anything it depends on changes)."""
         tensors = [weight] + [t for a in adapters for t in self._factors(a)]
 
         def build():
             total = weight.float().clone()
             for a in adapters:
-                total += self.dense_update(a)
+                update = self.dense_update(a)
+                total += update.T if self.fan_in_fan_out else update
             return total.to(weight.dtype)
 
         return self._cached(("weight", tuple(adapters)), self._fingerprint(tensors), build)
+
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's own computation with ``weight`` in place of its weight (Linear or Conv1D)."""
+        if not self.fan_in_fan_out:
+            return F.linear(x, weight, self._base_bias())
+        bias = self._base_bias()
+        out = x.reshape(-1, x.shape[-1])
+        out = torch.addmm(bias, out, weight) if bias is not None else out @ weight
+        return out.reshape(*x.shape[:-1], weight.shape[1])
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -333,16 +344,15 @@ class Linear(nn.Module, LoranLayer):
         foldable = [a for a in adapters if not self._dropout_active(a)] if weight is not None else []
         if foldable and LF.compute_dtype_for(x) == torch.float32:
             if self.eval_cache and not self._grad_needed(x, foldable):
-                result = F.linear(x, self._effective_weight(weight, foldable), self._base_bias())
+                result = self._base_op(x, self._effective_weight(weight, foldable))
                 rest = [a for a in adapters if a not in foldable]
             else:
                 first = foldable[0]
                 result = LF.loran_matmul(
                     x, self.loran_A[first], self.loran_B[first], self.stages(first), self.loran_activation[first],
-                    self.loran_scaling[first], weight=weight, block_rows=self.loran_block_rows[first],
+                    self.loran_scaling[first], weight=weight, bias=self._base_bias(),
+                    weight_in_out=self.fan_in_fan_out, block_rows=self.loran_block_rows[first],
                 )
-                if self._base_bias() is not None:
-                    result = result + self._base_bias()
                 rest = [a for a in adapters if a != first]
         else:
             result = self.base_layer(x, *args, **kwargs)

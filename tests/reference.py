@@ -1,0 +1,52 @@
+"""An independent, deliberately plain LoRAN: dense f(BA) with autograd, formulas written out again here.
+
+Nothing in this file imports peft_loran's math; the tests compare the package against it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+A_SIN, W_SIN = 5e-5, 1e4
+
+
+def activation(name: str, a: float = A_SIN, w: float = W_SIN):
+    formulas = {
+        "sinter": lambda x: x + a * x * torch.sin(w * x),
+        "cosinter": lambda x: x + a * x * torch.cos(w * x),
+        "sigmoid": lambda x: 1 / (1 + torch.exp(-x)),
+        "tanh": lambda x: torch.tanh(x),
+        "relu": lambda x: torch.clamp(x, min=0),
+        "silu": lambda x: x / (1 + torch.exp(-x)),
+        "swish": lambda x: x / (1 + torch.exp(-x)),
+        "identity": lambda x: x,
+        "gaussian": lambda x: torch.exp(-(x**2)),
+    }
+    return formulas[name]
+
+
+def naive_update(A, B, Ps, bs, f, scaling, centered=True):
+    """s * chain(B A) as a dense (rows, cols) matrix; f centred as f(x) - f(0) when asked."""
+    f0 = f(torch.zeros((), dtype=torch.float64)).item() if centered else 0.0
+    h = B.double() @ A.double()
+    n = max(len(Ps), len(bs), 1)
+    for k in range(n):
+        h = f(h) - f0
+        if Ps:
+            h = h @ Ps[k].double()
+        if bs:
+            h = h + bs[k].double()
+    return scaling * h
+
+
+def layer_factors(layer, adapter="default"):
+    return (
+        layer.loran_A[adapter], layer.loran_B[adapter], list(layer.loran_P[adapter]), list(layer.loran_b[adapter]),
+        layer.loran_scaling[adapter],
+    )
+
+
+def naive_linear_output(x, weight_out_in, bias, A, B, Ps, bs, f, scaling, centered=True):
+    D = naive_update(A, B, Ps, bs, f, scaling, centered)
+    y = x.double() @ weight_out_in.double().T + x.double() @ D.T
+    return y + bias.double() if bias is not None else y

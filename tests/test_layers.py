@@ -1,0 +1,273 @@
+"""Layers against the plain reference (tests/reference.py): every activation, layer type, dtype and chain."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import inject_adapter_in_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft_loran import LoranConfig, available_activations
+from peft_loran.layer import LoranLayer
+
+from .reference import activation, layer_factors, naive_linear_output, naive_update
+
+ACTIVATIONS = ["sinter", "cosinter", "sigmoid", "tanh", "relu", "silu", "swish", "identity", "gaussian"]
+CHAINS = {
+    "plain": {},
+    "P": dict(chain_dims=[6], use_P=True),
+    "P_b_2stage": dict(chain_dims=[6, 5], use_P=True, use_b=True),
+    "b_only": dict(use_b=True),
+}
+STRONG = dict(sinter_amplitude=0.5, sinter_frequency=3.0)  # a non-linearity strong enough to see
+
+
+class Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(12, 20)  # non-square
+        self.conv = Conv1D(20, 12)  # GPT-2 layout: weight (in=12, out=20)
+        self.emb = nn.Embedding(30, 12)
+        nn.init.normal_(self.conv.weight, std=0.2)
+        nn.init.normal_(self.conv.bias, std=0.2)
+
+
+def make(targets, seed=0, dtype=torch.float32, **kw):
+    torch.manual_seed(seed)
+    model = Toy().to(dtype)
+    kw.setdefault("init_weights", False)
+    config = LoranConfig(target_modules=targets, **{**STRONG, **kw})
+    return inject_adapter_in_model(config, model)
+
+
+def test_activation_list_is_the_original_nine_plus_cosinter():
+    assert set(ACTIVATIONS) == set(available_activations())
+
+
+def weight_out_in(layer):
+    w = layer.get_base_layer().weight
+    return w.T if getattr(layer, "fan_in_fan_out", False) else w
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("chain", list(CHAINS))
+@pytest.mark.parametrize("target", ["lin", "conv"])
+@pytest.mark.parametrize("train", [True, False])
+def test_linear_and_conv1d_match_reference(act, chain, target, train):
+    model = make([target], activation=act, **CHAINS[chain])
+    layer = getattr(model, target)
+    layer.train(train)
+    x = torch.randn(3, 4, 12, requires_grad=True)
+    y = layer(x)
+    A, B, Ps, bs, s = layer_factors(layer)
+    ref = naive_linear_output(x, weight_out_in(layer), layer.get_base_layer().bias, A, B, Ps, bs,
+                              activation(act, **{"a": 0.5, "w": 3.0}), s)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    # gradients of the input and of every factor
+    grad = torch.randn_like(ref)
+    params = [x, A, B, *Ps, *bs]
+    got = torch.autograd.grad(y.double(), params, grad)
+    want = torch.autograd.grad(ref, params, grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("chain", ["plain", "P_b_2stage"])
+def test_embedding_matches_reference(act, chain):
+    model = make(["emb"], activation=act, **CHAINS[chain])
+    layer = model.emb
+    ids = torch.tensor([[1, 5, 7, 29], [0, 5, 3, 3]])
+    y = layer(ids)
+    A, B, Ps, bs, s = layer_factors(layer)
+    D = naive_update(A, B, Ps, bs, activation(act, 0.5, 3.0), s)
+    ref = layer.get_base_layer().weight.double()[ids] + D[ids]
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ref)
+    params = [A, B, *Ps, *bs]
+    for g, w in zip(torch.autograd.grad(y.double(), params, grad), torch.autograd.grad(ref, params, grad)):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target", ["lin", "conv"])
+def test_half_precision_base_keeps_float32_nonlinearity(dtype, target):
+    # adapters stay in float32 (as PEFT's autocast_adapter_dtype does); the base runs in half precision
+    model = make([target], dtype=dtype, activation="sinter", sinter_amplitude=0.5, sinter_frequency=1e3)
+    layer = getattr(model, target)
+    for p in layer.parameters():
+        if p.dtype == dtype and p is not layer.get_base_layer().weight and p is not layer.get_base_layer().bias:
+            p.data = p.data.float()
+    x = torch.randn(2, 3, 12).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    A, B, Ps, bs, s = layer_factors(layer)
+    ref = naive_linear_output(x, weight_out_in(layer), layer.get_base_layer().bias, A, B, Ps, bs,
+                              activation("sinter", 0.5, 1e3), s)
+    # half-precision output rounding only; computing sin(1e3 x) in half precision would be far off
+    torch.testing.assert_close(y.double(), ref, atol=3e-2, rtol=2e-2)
+    torch.testing.assert_close(layer.dense_update("default").double(),
+                               naive_update(A, B, Ps, bs, activation("sinter", 0.5, 1e3), s), atol=1e-5, rtol=1e-4)
+
+
+def test_autocast_bf16_matches_reference_and_trains():
+    model = make(["lin"], activation="sinter", sinter_amplitude=0.5, sinter_frequency=1e3)
+    layer = model.lin
+    x = torch.randn(2, 3, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    A, B, Ps, bs, s = layer_factors(layer)
+    ref = naive_linear_output(x, layer.get_base_layer().weight, layer.get_base_layer().bias, A, B, Ps, bs,
+                              activation("sinter", 0.5, 1e3), s)
+    torch.testing.assert_close(y.double(), ref, atol=5e-2, rtol=3e-2)
+    y.float().sum().backward()
+    assert A.grad is not None and A.grad.dtype == torch.float32 and torch.isfinite(A.grad).all()
+
+
+@pytest.mark.parametrize("target", ["lin", "conv", "emb"])
+def test_init_weights_true_is_exact_identity(target):
+    for act in ACTIVATIONS:
+        model = make([target], init_weights=True, activation=act, chain_dims=[6], use_P=True, use_b=True)
+        ref = Toy()
+        torch.manual_seed(0)
+        ref = Toy()
+        layer, base = getattr(model, target), getattr(ref, target)
+        x = torch.tensor([[1, 2, 3]]) if target == "emb" else torch.randn(2, 12)
+        assert torch.equal(layer(x), base(x)), act
+
+
+def test_embedding_init_trains():
+    # the original initialised both embedding factors at zero, so they never received a gradient
+    model = make(["emb"], init_weights=True)
+    model.emb(torch.tensor([[1, 2, 3]])).pow(2).sum().backward()
+    assert model.emb.loran_A["default"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("target", ["lin", "conv", "emb"])
+@pytest.mark.parametrize("safe", [False, True])
+def test_merge_equals_unmerged_and_unmerge_restores(target, safe):
+    model = make([target], activation="sinter", chain_dims=[6], use_P=True, use_b=True)
+    layer = getattr(model, target)
+    layer.eval()
+    x = torch.tensor([[1, 2, 29]]) if target == "emb" else torch.randn(2, 5, 12)
+    before_weight = layer.get_base_layer().weight.detach().clone()
+    with torch.no_grad():
+        unmerged = layer(x)
+        layer.merge(safe_merge=safe)
+        assert layer.merged
+        merged = layer(x)
+        layer.unmerge()
+        assert not layer.merged
+    torch.testing.assert_close(merged, unmerged, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(layer.get_base_layer().weight, before_weight, atol=1e-6, rtol=0)
+
+
+def test_get_delta_weight_layout_matches_base_weight():
+    model = make(["lin", "conv", "emb"])
+    for name in ("lin", "conv", "emb"):
+        layer = getattr(model, name)
+        assert layer.get_delta_weight("default").shape == layer.get_base_layer().weight.shape
+
+
+def test_safe_merge_refuses_non_finite():
+    model = make(["lin"])
+    with torch.no_grad():
+        model.lin.loran_B["default"][0, 0] = float("inf")
+    w = model.lin.get_base_layer().weight.detach().clone()
+    with pytest.raises(ValueError, match="NaNs or infs"):
+        model.lin.merge(safe_merge=True)
+    assert torch.equal(model.lin.get_base_layer().weight, w) and not model.lin.merged
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 7, 20, 64])
+def test_block_sizes_do_not_change_results(block_rows):
+    model = make(["lin"], chain_dims=[6], use_P=True, use_b=True, block_rows=block_rows)
+    ref_model = make(["lin"], chain_dims=[6], use_P=True, use_b=True)
+    x = torch.randn(4, 12)
+    y, y_ref = model.lin(x), ref_model.lin(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-6)
+    y.sum().backward()
+    y_ref.sum().backward()
+    for p, q in zip(model.lin.loran_B["default"], ref_model.lin.loran_B["default"]):
+        pass
+    torch.testing.assert_close(model.lin.loran_B["default"].grad, ref_model.lin.loran_B["default"].grad)
+    torch.testing.assert_close(model.lin.loran_A["default"].grad, ref_model.lin.loran_A["default"].grad)
+
+
+def test_dropout_path_matches_reference_with_same_mask():
+    model = make(["lin"], loran_dropout=0.5)
+    layer = model.lin
+    layer.train()
+    x = torch.randn(6, 12)
+    torch.manual_seed(123)
+    y = layer(x)
+    torch.manual_seed(123)
+    xd = nn.functional.dropout(x, 0.5, training=True)
+    A, B, Ps, bs, s = layer_factors(layer)
+    D = naive_update(A, B, Ps, bs, activation("sinter", 0.5, 3.0), s)
+    ref = x.double() @ layer.get_base_layer().weight.double().T + layer.get_base_layer().bias.double() + xd.double() @ D.T
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_several_adapters_active_at_once():
+    model = make(["lin"])
+    config2 = LoranConfig(target_modules=["lin"], init_weights=False, activation="tanh", r=3, loran_alpha=6)
+    torch.manual_seed(5)
+    inject_adapter_in_model(config2, model, adapter_name="other")
+    layer = model.lin
+    layer.set_adapter(["default", "other"])
+    x = torch.randn(2, 12)
+    y = layer(x)
+    A1, B1, P1, b1, s1 = layer_factors(layer, "default")
+    A2, B2, P2, b2, s2 = layer_factors(layer, "other")
+    D = naive_update(A1, B1, P1, b1, activation("sinter", 0.5, 3.0), s1) + naive_update(
+        A2, B2, P2, b2, activation("tanh"), s2)
+    ref = x.double() @ (layer.get_base_layer().weight.double() + D).T + layer.get_base_layer().bias.double()
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # cached path, both adapters
+        torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)
+    # merging both gives the same output
+    layer.merge()
+    assert layer.merged_adapters == ["default", "other"]
+    torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_unsupported_layer_type_error_names_module():
+    class WithConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv2d = nn.Conv2d(3, 3, 3)
+
+    with pytest.raises(TypeError, match=r"conv2d.*Conv2d.*not supported by LoRAN"):
+        inject_adapter_in_model(LoranConfig(target_modules=["conv2d"]), WithConv())
+
+
+def test_target_modules_not_found_error():
+    with pytest.raises(ValueError, match="not found in the base model"):
+        inject_adapter_in_model(LoranConfig(target_modules=["nope"]), Toy())
+
+
+def test_chain_width_mismatch_names_module_and_sizes():
+    with pytest.raises(ValueError, match=r"module 'lin' has in_features=12 and output size 20.*r=\[8, 12\]"):
+        inject_adapter_in_model(LoranConfig(target_modules=["lin"], chain_dims=[16]), Toy())
+
+
+def test_fan_in_fan_out_is_corrected_with_a_warning():
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
+        model = make(["conv"], fan_in_fan_out=False)
+    assert model.conv.fan_in_fan_out
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
+        model = make(["lin"], fan_in_fan_out=True)
+    assert not model.lin.fan_in_fan_out
+
+
+def test_layers_are_loran_layers_with_prefixed_parameters():
+    model = make(["lin", "conv", "emb"], chain_dims=[6], use_P=True, use_b=True)
+    names = [n for n, _ in model.named_parameters() if "loran_" in n]
+    assert all(isinstance(getattr(model, t), LoranLayer) for t in ("lin", "conv", "emb"))
+    assert "lin.loran_P.default.0" in names and "emb.loran_b.default.0" in names
+    assert copy.deepcopy(model).lin.loran_A["default"].shape == (8, 6)
