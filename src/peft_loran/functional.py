@@ -32,6 +32,11 @@ Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 DEFAULT_BLOCK_ELEMENTS = int(os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS", str(2**22)))
 
 
+def at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or kept in float64: the non-linearity never runs below float32."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def row_blocks(rows: int, cols: int, block_rows: Optional[int] = None) -> Iterator[tuple[int, int]]:
     """Yield ``(start, stop)`` row ranges whose ``(stop - start) * cols`` stays within the block budget."""
     step = block_rows if block_rows else max(1, DEFAULT_BLOCK_ELEMENTS // max(cols, 1))
@@ -47,14 +52,14 @@ def chain_rows(
     With ``keep=True`` also returns each stage's pre-activation ``Z_k`` and activation ``U_k`` for
     :func:`chain_rows_backward`. Plain torch ops: differentiable by autograd when called outside the fused path.
     """
-    h = B_rows.float() @ A.float()
+    h = at_least_float32(B_rows) @ at_least_float32(A)
     saved = []
     for P, b in stages:
         z = h
         u = activation(z)
-        h = u @ P.float() if P is not None else u
+        h = u @ at_least_float32(P) if P is not None else u
         if b is not None:
-            h = h + b.float()
+            h = h + at_least_float32(b)
         if keep:
             saved.append((z, u))
     return h, saved
@@ -78,12 +83,12 @@ def chain_rows_backward(
             grad_b[k] = grad_h.sum(0)
         if P is not None:
             grad_P[k] = u.T @ grad_h
-            grad_u = grad_h @ P.float().T
+            grad_u = grad_h @ at_least_float32(P).T
         else:
             grad_u = grad_h
         grad_h = activation.grad(z, grad_u)
-    grad_B = grad_h @ A.float().T
-    grad_A = B_rows.float().T @ grad_h
+    grad_B = grad_h @ at_least_float32(A).T
+    grad_A = at_least_float32(B_rows).T @ grad_h
     return grad_B, grad_A, grad_P, grad_b
 
 
@@ -95,9 +100,9 @@ def delta_weight(
     scaling: float,
     block_rows: Optional[int] = None,
 ) -> torch.Tensor:
-    """The dense update ``scaling * H_K`` of shape ``(out, in)`` in float32, built block by block."""
+    """The dense update ``scaling * H_K`` of shape ``(out, in)`` in float32 (float64 for float64 factors)."""
     out_rows, cols = B.shape[0], _last_width(A, stages)
-    result = torch.empty(out_rows, cols, dtype=torch.float32, device=A.device)
+    result = torch.empty(out_rows, cols, dtype=torch.promote_types(A.dtype, torch.float32), device=A.device)
     for i0, i1 in row_blocks(out_rows, cols, block_rows):
         result[i0:i1] = chain_rows(B[i0:i1], A, stages, activation)[0].mul_(scaling)
     return result
@@ -161,9 +166,9 @@ class FusedLoranMatmul(torch.autograd.Function):
         grad_out = grad_out.to(x.dtype)
         acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         grad_x = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if need_x else None
-        grad_B = torch.zeros(B.shape, dtype=torch.float32, device=B.device) if need_factors else None
-        grad_A = torch.zeros(A.shape, dtype=torch.float32, device=A.device) if need_factors else None
-        grad_flat = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) if t is not None else None
+        grad_B = torch.zeros_like(at_least_float32(B)) if need_factors else None
+        grad_A = torch.zeros_like(at_least_float32(A)) if need_factors else None
+        grad_flat = [torch.zeros_like(at_least_float32(t)) if t is not None else None
                      for t in flat_stages] if need_factors else [None] * len(flat_stages)
 
         for i0, i1 in row_blocks(B.shape[0], x.shape[-1], ctx.block_rows):
@@ -175,7 +180,7 @@ class FusedLoranMatmul(torch.autograd.Function):
                     update += weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1]
                 grad_x += (g @ update.to(x.dtype)).to(acc_dtype)
             if need_factors:
-                grad_h = (g.T @ x).float().mul_(scaling)
+                grad_h = at_least_float32(g.T @ x).mul_(scaling)
                 dB, dA, dP, db = chain_rows_backward(grad_h, B[i0:i1], A, stages, activation, saved)
                 grad_B[i0:i1] = dB
                 grad_A += dA

@@ -1,0 +1,100 @@
+"""Activations: formulas against tests/reference.py, analytic derivatives against autograd, the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import peft_loran
+from peft_loran import functional as LF
+from peft_loran import get_activation, register_activation, unregister_activation
+
+from .reference import activation as reference_activation
+
+NAMES = ["sinter", "cosinter", "sigmoid", "tanh", "relu", "silu", "swish", "identity", "gaussian"]
+ORIGINAL_SPELLINGS = {"Sin": "sinter", "Cos": "cosinter", "Sigmoid": "sigmoid", "Tanh": "tanh", "Relu": "relu",
+                      "Silu": "silu", "Identity": "identity", "Swish": "swish", "Gaussian": "gaussian"}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_value_matches_reference_formula(name):
+    x = torch.linspace(-3, 3, 101, dtype=torch.float64)
+    act = get_activation(name, 0.3, 2.0)
+    torch.testing.assert_close(act(x), reference_activation(name, 0.3, 2.0)(x))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_analytic_derivative_matches_autograd(name):
+    x = torch.linspace(-3, 3, 101, dtype=torch.float64).requires_grad_()
+    x = x[x.abs() > 1e-6].detach().requires_grad_()  # relu's kink
+    act = get_activation(name, 0.3, 2.0)
+    (auto,) = torch.autograd.grad(act.fn(x).sum(), x)
+    torch.testing.assert_close(act.derivative(x.detach()), auto)
+
+
+@pytest.mark.parametrize("spelling", list(ORIGINAL_SPELLINGS))
+def test_original_spellings(spelling):
+    assert get_activation(spelling).name == ORIGINAL_SPELLINGS[spelling]
+
+
+def test_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match=r"Unknown activation 'Softplus'.*Valid names: cosinter, gaussian"):
+        get_activation("Softplus")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_sinter_parameters_rejected(bad):
+    with pytest.raises(ValueError, match="sinter_amplitude"):
+        get_activation("sinter", bad, 1.0)
+    with pytest.raises(ValueError, match="sinter_frequency"):
+        peft_loran.LoranConfig(sinter_frequency=bad)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fused_function_gradcheck_float64(name):
+    torch.manual_seed(0)
+    act = get_activation(name, 0.3, 2.0).centered()
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    A = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+    P1 = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    b1 = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    P2 = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(6, 5, dtype=torch.float64)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    if name == "relu":  # keep away from the kink where finite differences disagree with any derivative
+        with torch.no_grad():
+            B.add_(0.05)
+
+    def fused(x, A, B, P1, b1, P2, bias):
+        return LF.FusedLoranMatmul.apply(x, W, bias, False, 0.7, act, 4, A, B, P1, b1, P2, None)
+
+    assert torch.autograd.gradcheck(fused, (x, A, B, P1, b1, P2, bias), eps=1e-6, atol=1e-5)
+
+    def unfolded(x, A, B):
+        return LF.FusedLoranMatmul.apply(x, None, None, False, 0.7, act, 5, A, B, None, None)
+
+    A5 = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(unfolded, (x, A5, B), eps=1e-6, atol=1e-5)
+
+
+def test_registered_activation_works_with_and_without_derivative():
+    register_activation("softsign_test", lambda x: x / (1 + x.abs()))
+    register_activation("cube_test", lambda x: x + 0.1 * x**3, derivative=lambda x: 1 + 0.3 * x**2)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_activation("cube_test", torch.tanh)
+        for name in ("softsign_test", "cube_test"):
+            act = get_activation(name)
+            x = torch.randn(7, dtype=torch.float64)
+            g = torch.randn(7, dtype=torch.float64)
+            xr = x.clone().requires_grad_()
+            (auto,) = torch.autograd.grad(act.fn(xr), xr, g)
+            torch.testing.assert_close(act.grad(x, g), auto)
+        config = peft_loran.LoranConfig(activation="Softsign_Test", target_modules=["lin"])
+        assert config.activation == "softsign_test"
+    finally:
+        unregister_activation("softsign_test")
+        unregister_activation("cube_test")
+    with pytest.raises(ValueError, match="cannot be unregistered"):
+        unregister_activation("sinter")

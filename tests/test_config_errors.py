@@ -1,0 +1,62 @@
+"""Bad configuration gets one clear error naming the parameter and the fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from peft_loran import LoranConfig, MLoraConfig
+
+
+@pytest.mark.parametrize("r", [0, -3, 2.5, True])
+def test_rank_must_be_positive_int(r):
+    with pytest.raises(ValueError, match=r"`r` must be a positive integer"):
+        LoranConfig(r=r)
+
+
+def test_mlora_rank_list_too_short():
+    with pytest.raises(ValueError, match=r"`r` as a list needs at least two entries"):
+        MLoraConfig(r=[8])
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5])
+def test_dropout_range(p):
+    with pytest.raises(ValueError, match=r"`loran_dropout` must be in \[0, 1\)"):
+        LoranConfig(loran_dropout=p)
+    with pytest.raises(ValueError, match=r"`loran_dropout` must be in \[0, 1\)"):
+        MLoraConfig(mlora_dropout=p)
+
+
+def test_non_finite_sinter_in_mlora():
+    with pytest.raises(ValueError, match="sinter_amplitude"):
+        MLoraConfig(mlora_af_sin_A=float("nan"))
+
+
+def test_chain_dims_validation():
+    with pytest.raises(ValueError, match="`chain_dims` must be a non-empty list of positive integers"):
+        LoranConfig(chain_dims=[0])
+    with pytest.raises(ValueError, match="`use_P=True` needs `chain_dims`"):
+        LoranConfig(use_P=True)
+
+
+def test_bias_and_block_rows():
+    with pytest.raises(ValueError, match="`bias` must be"):
+        LoranConfig(bias="lora_only")
+    with pytest.raises(ValueError, match="`block_rows` must be a positive integer"):
+        LoranConfig(block_rows=0)
+
+
+def test_unknown_activation_in_mlora_names_parameter():
+    with pytest.raises(ValueError, match=r"mlora_af"):
+        MLoraConfig(mlora_af="Softmax")
+
+
+def test_dead_activation_warns():
+    with pytest.warns(UserWarning, match="f'\\(0\\) = 0"):
+        LoranConfig(activation="relu")
+
+
+def test_mlora_defaults_are_the_originals():
+    config = MLoraConfig()
+    assert (config.activation, config.loran_alpha, config.sinter_amplitude, config.sinter_frequency) == (
+        "sigmoid", 8, 5e-4, 1000.0)
+    assert config.zero_centered  # new adapters start at exactly zero, unlike the original's Sigmoid default
