@@ -1,0 +1,245 @@
+"""The memory-lean fused path: equals the plain reference everywhere, saves no dense (out x in) tensor, and the
+eval cache never serves a stale update."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from peft import get_peft_model, inject_adapter_in_model
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peft_loran import LoranConfig, set_eval_cache
+from peft_loran import functional as LF
+
+from .conftest import tiny_llama
+from .reference import activation, layer_factors, naive_update
+
+ACTS = ["sinter", "cosinter", "sigmoid", "tanh", "relu", "silu", "swish", "identity", "gaussian"]
+
+
+class One(nn.Module):
+    def __init__(self, in_f, out_f, conv):
+        super().__init__()
+        self.layer = Conv1D(out_f, in_f) if conv else nn.Linear(in_f, out_f)
+        if conv:
+            nn.init.normal_(self.layer.weight, std=0.3)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    in_f=st.integers(1, 24), out_f=st.integers(1, 24), r=st.integers(1, 30), act=st.sampled_from(ACTS),
+    chain=st.sampled_from(["plain", "P", "Pb2", "b"]), block=st.one_of(st.none(), st.integers(1, 9)),
+    conv=st.booleans(), dropout=st.sampled_from([0.0, 0.3]), tokens=st.integers(1, 7), seed=st.integers(0, 10_000),
+)
+def test_fused_equals_reference(in_f, out_f, r, act, chain, block, conv, dropout, tokens, seed):
+    torch.manual_seed(seed)
+    chains = {"plain": {}, "P": dict(chain_dims=[5], use_P=True),
+              "Pb2": dict(chain_dims=[3, 4], use_P=True, use_b=True), "b": dict(use_b=True)}
+    config = LoranConfig(target_modules=["layer"], r=r, loran_alpha=2 * r, activation=act, init_weights=False,
+                         sinter_amplitude=0.5, sinter_frequency=3.0, loran_dropout=dropout, block_rows=block,
+                         **chains[chain])
+    model = inject_adapter_in_model(config, One(in_f, out_f, conv))
+    layer = model.layer
+    layer.train()
+    x = torch.randn(2, tokens, in_f, requires_grad=True)
+    torch.manual_seed(seed + 1)
+    y = layer(x)
+    torch.manual_seed(seed + 1)
+    xd = nn.functional.dropout(x, dropout, training=True) if dropout else x
+    A, B, Ps, bs, s = layer_factors(layer)
+    D = naive_update(A, B, Ps, bs, activation(act, 0.5, 3.0), s)
+    base = layer.get_base_layer()
+    W = base.weight.T if conv else base.weight
+    ref = x.double() @ W.double().T + base.bias.double() + xd.double() @ D.T
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    grad = torch.randn_like(ref)
+    params = [x, A, B, *Ps, *bs]
+    for g, w in zip(torch.autograd.grad(y.double(), params, grad), torch.autograd.grad(ref, params, grad)):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+@pytest.mark.parametrize("chain", [{}, dict(chain_dims=[16], use_P=True, use_b=True)])
+def test_no_dense_tensor_is_saved_for_backward(dropout, chain):
+    """Everything autograd keeps for the adapted layer is smaller than one (out x in) matrix."""
+    in_f, out_f = 96, 80
+    config = LoranConfig(target_modules=["layer"], r=4, init_weights=False, loran_dropout=dropout, **chain)
+    layer = inject_adapter_in_model(config, One(in_f, out_f, conv=False)).layer
+    layer.train()
+    x = torch.randn(3, in_f, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    weight_storage = layer.get_base_layer().weight.untyped_storage().data_ptr()
+    dense = [tuple(t.shape) for t in saved
+             if t.numel() >= out_f * in_f and t.untyped_storage().data_ptr() != weight_storage]
+    assert not dense, f"dense tensors saved for backward: {dense}"
+    y.sum().backward()
+    assert layer.loran_A["default"].grad is not None
+
+
+def test_weight_sized_transients_are_bounded_by_block_rows():
+    A = torch.randn(4, 64)
+    B = torch.randn(100, 4)
+    act = activation("sinter")
+    from peft_loran import get_activation
+
+    blocks = list(LF.row_blocks(100, 64, 7))
+    assert blocks[0] == (0, 7) and blocks[-1] == (98, 100) and sum(b - a for a, b in blocks) == 100
+    dense = LF.delta_weight(A, B, [(None, None)], get_activation("sinter"), 0.5, block_rows=7)
+    torch.testing.assert_close(dense.double(), 0.5 * act(B.double() @ A.double()), atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- eval cache
+def cached_model():
+    model = get_peft_model(tiny_llama(0), LoranConfig(init_weights=False, sinter_amplitude=0.5,
+                                                      sinter_frequency=3.0)).eval()
+    return model
+
+
+IDS = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+
+
+def fresh_reference(model):
+    """Output recomputed without any cache (the cache switched off), the yardstick for staleness."""
+    set_eval_cache(model, False)
+    with torch.no_grad():
+        out = model(input_ids=IDS).logits
+    set_eval_cache(model, True)
+    return out
+
+
+def run(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def q_proj(model):
+    return model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def test_cache_is_used_and_matches_uncached():
+    model = cached_model()
+    out = run(model)
+    assert q_proj(model)._loran_cache, "no-grad forward should have cached the effective weight"
+    torch.testing.assert_close(out, fresh_reference(model), atol=1e-5, rtol=1e-5)
+    with torch.enable_grad():
+        train_path = model(input_ids=IDS).logits.detach()
+    torch.testing.assert_close(out, train_path, atol=1e-5, rtol=1e-5)
+
+
+def test_cache_after_in_place_parameter_change():
+    model = cached_model()
+    before = run(model)
+    with torch.no_grad():
+        q_proj(model).loran_B["default"].mul_(3.0)
+    after = run(model)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh_reference(model))
+
+
+def test_cache_after_optimizer_step():
+    model = cached_model()
+    before = run(model)
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    model(input_ids=IDS).logits.pow(2).mean().backward()
+    opt.step()
+    model.eval()
+    after = run(model)
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh_reference(model))
+
+
+def test_cache_after_adapter_switch_merge_and_train_toggle():
+    model = cached_model()
+    model.add_adapter("other", LoranConfig(init_weights=False, activation="tanh"))
+    first = run(model)
+    model.set_adapter("other")
+    second = run(model)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, fresh_reference(model))
+    model.set_adapter("default")
+    torch.testing.assert_close(run(model), first)
+    model.merge_adapter()
+    torch.testing.assert_close(run(model), first, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(run(model), first, atol=1e-5, rtol=1e-5)
+    model.train()
+    model.eval()
+    torch.testing.assert_close(run(model), first)
+
+
+def test_cache_after_loading_new_weights(tmp_path):
+    model = cached_model()
+    first = run(model)
+    other_base = tiny_llama(0)
+    torch.manual_seed(123)
+    other = get_peft_model(other_base, LoranConfig(init_weights=False, sinter_amplitude=0.5, sinter_frequency=3.0))
+    from peft import set_peft_model_state_dict, get_peft_model_state_dict
+
+    set_peft_model_state_dict(model, get_peft_model_state_dict(other))
+    second = run(model)
+    assert not torch.allclose(first, second)
+    torch.testing.assert_close(second, fresh_reference(model))
+
+
+def test_cache_after_dtype_change():
+    model = cached_model()
+    run(model)
+    model.to(torch.float64)
+    with torch.no_grad():
+        out = model(input_ids=IDS).logits
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, fresh_reference(model))
+
+
+def test_cache_can_be_switched_off():
+    model = cached_model()
+    set_eval_cache(model, False)
+    run(model)
+    assert not q_proj(model)._loran_cache
+
+
+# ---------------------------------------------------------------------------------------------- integrations
+def test_gradient_checkpointing_gives_same_gradients():
+    def grads(checkpointing):
+        model = get_peft_model(tiny_llama(0), LoranConfig(init_weights=False, target_modules="all-linear"))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, ckpt = grads(False), grads(True)
+    assert plain.keys() == ckpt.keys()
+    for n in plain:
+        torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_torch_compile_gives_same_outputs_and_gradients(backend):
+    model = get_peft_model(tiny_llama(0), LoranConfig(init_weights=False, sinter_amplitude=0.5, sinter_frequency=3.0))
+    model.train()
+    expected = model(input_ids=IDS).logits
+    expected.pow(2).mean().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    compiled = torch.compile(model, backend=backend)
+    got = compiled(input_ids=IDS).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    got.pow(2).mean().backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, grads[n], atol=1e-6, rtol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=IDS).logits, expected.detach(), atol=1e-5, rtol=1e-5)
