@@ -31,6 +31,8 @@ class Activation:
     fn: TensorFn
     derivative: Optional[TensorFn] = None
     offset: float = 0.0
+    #: optional ``x -> (f(x), f'(x))`` sharing work between the two (Sinter computes sin and cos once)
+    both: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fn(x)
@@ -45,12 +47,21 @@ class Activation:
             (g,) = torch.autograd.grad(self.fn(leaf), leaf, grad_out)
         return g
 
+    def value_and_derivative(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(f(x), f'(x))``; ``f'`` is None when no analytic derivative is known (use :meth:`grad`)."""
+        if self.both is not None:
+            y, d = self.both(x)
+        else:
+            y = self.fn(x)
+            d = self.derivative(x) if self.derivative is not None else None
+        return (y - self.offset if self.offset else y), d
+
     def value_at_zero(self) -> float:
         return float(self.fn(torch.zeros((), dtype=torch.float32)))
 
     def centered(self) -> "Activation":
         """The same activation shifted so that ``f(0) == 0`` (an all-zero ``B`` then gives an all-zero update)."""
-        return Activation(self.name, self.fn, self.derivative, offset=self.value_at_zero())
+        return Activation(self.name, self.fn, self.derivative, offset=self.value_at_zero(), both=self.both)
 
 
 # A factory builds an Activation from the two Sinter-style parameters (ignored by most activations).
@@ -65,13 +76,20 @@ def _sinter(amplitude: float, frequency: float) -> Activation:
     a, w = amplitude, frequency
 
     def fn(x: torch.Tensor) -> torch.Tensor:
-        return x + a * x * torch.sin(w * x)
+        # x * (1 + a sin(w x)), in three passes over x
+        return torch.sin(x * w).mul_(a).add_(1).mul_(x)
 
     def derivative(x: torch.Tensor) -> torch.Tensor:
         wx = w * x
-        return 1 + a * torch.sin(wx) + a * wx * torch.cos(wx)
+        return torch.sin(wx).mul_(a).add_(1).addcmul_(wx, torch.cos(wx), value=a)
 
-    return Activation("sinter", fn, derivative)
+    def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        wx = w * x
+        one_plus = torch.sin(wx).mul_(a).add_(1)  # 1 + a sin(wx)
+        value = one_plus * x
+        return value, one_plus.addcmul_(wx, torch.cos(wx), value=a)
+
+    return Activation("sinter", fn, derivative, both=both)
 
 
 def _cosinter(amplitude: float, frequency: float) -> Activation:

@@ -27,9 +27,10 @@ from .activations import Activation
 # A stage of the chain: (P or None, b or None).
 Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
-#: Elements of one transient ``(rows, in)`` float32 block (default 2**22 = 16 MiB). Override per layer with
-#: ``LoranConfig(block_rows=...)`` or for the process with the environment variable ``PEFT_LORAN_BLOCK_ELEMENTS``.
-DEFAULT_BLOCK_ELEMENTS = int(os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS", str(2**22)))
+#: Elements of one transient ``(rows, in)`` float32 block (default 2**20 = 4 MiB; backward keeps about five such
+#: temporaries alive at once). Override per layer with ``LoranConfig(block_rows=...)`` or for the process with the
+#: environment variable ``PEFT_LORAN_BLOCK_ELEMENTS``.
+DEFAULT_BLOCK_ELEMENTS = int(os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS", str(2**20)))
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -46,22 +47,26 @@ def row_blocks(rows: int, cols: int, block_rows: Optional[int] = None) -> Iterat
 
 def chain_rows(
     B_rows: torch.Tensor, A: torch.Tensor, stages: Sequence[Stage], activation: Activation, keep: bool = False
-) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """Unscaled update rows ``H_K`` for the given rows of ``B``, in float32.
+) -> tuple[torch.Tensor, list[tuple]]:
+    """Unscaled update rows ``H_K`` for the given rows of ``B``, in float32 (float64 stays float64).
 
-    With ``keep=True`` also returns each stage's pre-activation ``Z_k`` and activation ``U_k`` for
-    :func:`chain_rows_backward`. Plain torch ops: differentiable by autograd when called outside the fused path.
+    With ``keep=True`` also returns, per stage, ``(Z_k, U_k, f'(Z_k))`` for :func:`chain_rows_backward`
+    (``f'`` computed together with ``f`` where that saves work). Plain torch ops: differentiable by autograd
+    when called outside the fused path.
     """
     h = at_least_float32(B_rows) @ at_least_float32(A)
     saved = []
     for P, b in stages:
         z = h
-        u = activation(z)
+        if keep:
+            u, fprime = activation.value_and_derivative(z)
+            # keep only what the backward needs: Z for activations without an analytic f', U for dP
+            saved.append((z if fprime is None else None, u if P is not None else None, fprime))
+        else:
+            u = activation(z)
         h = u @ at_least_float32(P) if P is not None else u
         if b is not None:
             h = h + at_least_float32(b)
-        if keep:
-            saved.append((z, u))
     return h, saved
 
 
@@ -71,14 +76,16 @@ def chain_rows_backward(
     A: torch.Tensor,
     stages: Sequence[Stage],
     activation: Activation,
-    saved: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    saved: Sequence[tuple],
 ) -> tuple[torch.Tensor, torch.Tensor, list[Optional[torch.Tensor]], list[Optional[torch.Tensor]]]:
-    """Analytic vector-Jacobian product of :func:`chain_rows`: grads of ``B_rows``, ``A``, each ``P`` and ``b``."""
+    """Analytic vector-Jacobian product of :func:`chain_rows`: grads of ``B_rows``, ``A``, each ``P`` and ``b``.
+
+    May overwrite ``grad_h`` (it is a temporary of the caller)."""
     grad_P: list[Optional[torch.Tensor]] = [None] * len(stages)
     grad_b: list[Optional[torch.Tensor]] = [None] * len(stages)
     for k in reversed(range(len(stages))):
         P, b = stages[k]
-        z, u = saved[k]
+        z, u, fprime = saved[k]
         if b is not None:
             grad_b[k] = grad_h.sum(0)
         if P is not None:
@@ -86,7 +93,7 @@ def chain_rows_backward(
             grad_u = grad_h @ at_least_float32(P).T
         else:
             grad_u = grad_h
-        grad_h = activation.grad(z, grad_u)
+        grad_h = grad_u.mul_(fprime) if fprime is not None else activation.grad(z, grad_u)
     grad_B = grad_h @ at_least_float32(A).T
     grad_A = at_least_float32(B_rows).T @ grad_h
     return grad_B, grad_A, grad_P, grad_b
@@ -141,15 +148,15 @@ class FusedLoranMatmul(torch.autograd.Function):
         stages = unflatten_stages(flat_stages)
         chunks = []
         for i0, i1 in row_blocks(B.shape[0], x.shape[-1], block_rows):
-            update = chain_rows(B[i0:i1], A, stages, activation)[0].mul_(scaling)
+            h = chain_rows(B[i0:i1], A, stages, activation)[0]
             bias_block = bias[i0:i1] if bias is not None else None
             if weight is None:
-                chunks.append(x @ update.to(x.dtype).T)
+                chunks.append(x @ h.mul_(scaling).to(x.dtype).T)
             elif weight_in_out:
-                folded = (weight[:, i0:i1] + update.T).to(x.dtype).contiguous()
+                folded = torch.add(weight[:, i0:i1], h.T, alpha=scaling).to(x.dtype).contiguous()
                 chunks.append(x @ folded if bias_block is None else torch.addmm(bias_block, x, folded))
             else:
-                folded = (weight[i0:i1] + update).to(x.dtype)
+                folded = torch.add(weight[i0:i1], h, alpha=scaling).to(x.dtype)
                 chunks.append(torch.nn.functional.linear(x, folded, bias_block))
         ctx.save_for_backward(x, weight, A, B, *flat_stages)
         ctx.weight_in_out, ctx.has_bias = weight_in_out, bias is not None
@@ -174,14 +181,20 @@ class FusedLoranMatmul(torch.autograd.Function):
         for i0, i1 in row_blocks(B.shape[0], x.shape[-1], ctx.block_rows):
             g = grad_out[:, i0:i1]
             h, saved = chain_rows(B[i0:i1], A, stages, activation, keep=need_factors)
+            if not need_x:
+                del h
             if need_x:
-                update = h * scaling
-                if weight is not None:
-                    update += weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1]
+                if weight is None:
+                    update = h * scaling
+                else:
+                    update = torch.add(weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1], h, alpha=scaling)
+                del h
                 grad_x += (g @ update.to(x.dtype)).to(acc_dtype)
+                del update
             if need_factors:
                 grad_h = at_least_float32(g.T @ x).mul_(scaling)
                 dB, dA, dP, db = chain_rows_backward(grad_h, B[i0:i1], A, stages, activation, saved)
+                del grad_h, saved
                 grad_B[i0:i1] = dB
                 grad_A += dA
                 for k, (gp, gb) in enumerate(zip(dP, db)):

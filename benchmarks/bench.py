@@ -1,0 +1,311 @@
+"""LoRAN cost vs PEFT LoRA vs a naive LoRAN, side by side, each measurement in a fresh process.
+
+    python benchmarks/bench.py --preset headline          # hidden 1024, 8 layers, 256 tokens, r=8 (the targets)
+    python benchmarks/bench.py --preset grid              # widths x tokens x ranks x targets (smaller models)
+    python benchmarks/bench.py --preset layers            # peak memory vs number of layers
+    python benchmarks/bench.py --preset all --out docs/benchmarks.md
+
+Methods: ``lora`` (PEFT LoRA), ``naive`` (LoRAN the original's way: dense ``f(BA)`` through plain autograd; kept
+here only as the yardstick), ``loran`` (this package). Models are Llama-shaped, built from a config (random
+weights; vocabulary 4096 so the LM head does not dominate). Memory is peak RSS above the built model on CPU
+(``/proc/self/status`` VmHWM after resetting it with ``clear_refs``), ``torch.cuda.max_memory_allocated`` above
+the built model on GPU. Times are medians over repeated steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+TARGETS = {"qv": ["q_proj", "v_proj"],
+           "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+@dataclass
+class Case:
+    method: str
+    hidden: int = 1024
+    layers: int = 8
+    tokens: int = 256
+    rank: int = 8
+    targets: str = "qv"
+    batch: int = 1
+    steps: int = 3
+    device: str = "cpu"
+    dtype: str = "float32"
+
+
+# ------------------------------------------------------------------------------------------------ child process
+def _rss_now_and_reset_peak() -> float:
+    with open("/proc/self/status") as fh:
+        rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS"))
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # reset VmHWM (peak RSS) to the current RSS
+    return rss / 1024
+
+
+def _peak_rss() -> float:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
+
+
+class NaiveLoran:
+    """The original's way: ``base(x) + s * dropout(x) @ f(B A)^T`` with the dense matrix through autograd."""
+
+    @staticmethod
+    def wrap(model, targets, rank, alpha):
+        import math
+
+        import torch
+        from torch import nn
+
+        class Wrapped(nn.Module):
+            def __init__(self, base):
+                super().__init__()
+                self.base = base
+                self.loran_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+                self.loran_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+                nn.init.kaiming_uniform_(self.loran_A, a=math.sqrt(5))
+                self.s = alpha / rank
+
+            def forward(self, x):
+                m = (self.loran_B @ self.loran_A).float()
+                d = m + 5e-5 * m * torch.sin(1e4 * m)
+                return self.base(x) + self.s * nn.functional.linear(x, d.to(x.dtype))
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if child_name in targets and isinstance(child, nn.Linear):
+                    setattr(module, child_name, Wrapped(child))
+        return model
+
+
+def _build(case: Case):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    heads = max(1, case.hidden // 64)
+    config = LlamaConfig(
+        vocab_size=4096, hidden_size=case.hidden, intermediate_size=int(case.hidden * 2.75) // 64 * 64,
+        num_hidden_layers=case.layers, num_attention_heads=heads, num_key_value_heads=heads,
+        max_position_embeddings=max(512, case.tokens + 64), tie_word_embeddings=False,
+    )
+    dtype = getattr(torch, case.dtype)
+    return LlamaForCausalLM(config).to(device=case.device, dtype=dtype)
+
+
+def _adapt(model, case: Case):
+    if case.method == "base":
+        return model
+    if case.method == "naive":
+        return NaiveLoran.wrap(model, TARGETS[case.targets], case.rank, 2 * case.rank)
+    from peft import LoraConfig, get_peft_model
+
+    if case.method == "lora":
+        config = LoraConfig(r=case.rank, lora_alpha=2 * case.rank, target_modules=TARGETS[case.targets])
+    else:
+        from peft_loran import LoranConfig
+
+        config = LoranConfig(r=case.rank, loran_alpha=2 * case.rank, target_modules=TARGETS[case.targets])
+    return get_peft_model(model, config)
+
+
+def _sync(device):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_child(case: Case) -> dict:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    cuda = case.device == "cuda"
+    model = _build(case)
+    ids = torch.randint(0, 4096, (case.batch, case.tokens), device=case.device)
+    result: dict = {}
+
+    # eval forward of the bare base model, in this same process, as the yardstick for the adapted eval forward
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+        base_times = []
+        for _ in range(case.steps):
+            _sync(case.device)
+            t0 = time.perf_counter()
+            model(input_ids=ids)
+            _sync(case.device)
+            base_times.append(time.perf_counter() - t0)
+    result["base_eval_s"] = statistics.median(base_times)
+
+    model = _adapt(model, case)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    result["trainable_params"] = sum(p.numel() for p in trainable)
+    opt = torch.optim.AdamW(trainable, lr=1e-4)
+    model.train()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _rss_now_and_reset_peak()
+    times = []
+    for step in range(case.steps + 1):
+        _sync(case.device)
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(case.device)
+        if step:  # the first step allocates optimizer state
+            times.append(time.perf_counter() - t0)
+    result["train_step_s"] = statistics.median(times)
+    result["train_mem_mb"] = (
+        (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else _peak_rss() - before
+    )
+
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)
+        eval_times = []
+        for _ in range(case.steps):
+            _sync(case.device)
+            t0 = time.perf_counter()
+            model(input_ids=ids)
+            _sync(case.device)
+            eval_times.append(time.perf_counter() - t0)
+        result["eval_s"] = statistics.median(eval_times)
+        prompt = ids[:1, :16]
+        new_tokens = 24
+        gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        model.generate(input_ids=prompt, **gen_kwargs)
+        _sync(case.device)
+        t0 = time.perf_counter()
+        model.generate(input_ids=prompt, **gen_kwargs)
+        _sync(case.device)
+        result["gen_tok_s"] = new_tokens / (time.perf_counter() - t0)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------- orchestrator
+def measure(case: Case) -> dict:
+    """Run one case in a fresh interpreter and return its measurements."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(asdict(case))]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark child failed for {case}:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def compare(base: Case) -> dict:
+    """LoRA, naive LoRAN and ours on the same shape, one after the other; ratios against LoRA / the base model."""
+    rows = {}
+    for method in ("lora", "naive", "loran"):
+        case = Case(**{**asdict(base), "method": method})
+        rows[method] = measure(case)
+        print(f"  {method:6s} {json.dumps(rows[method])}", file=sys.stderr, flush=True)
+    return rows
+
+
+def fmt_ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 else "n/a"
+
+
+def table(results: list[tuple[Case, dict]]) -> str:
+    head = ("| hidden | layers | tokens | r | targets | step LoRA (s) | step naive / LoRA | step ours / LoRA | "
+            "mem LoRA (MB) | mem naive / LoRA | mem ours / LoRA | eval ours / base | eval LoRA / base | "
+            "eval naive / base | gen tok/s ours / LoRA |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for case, rows in results:
+        lora, naive, ours = rows["lora"], rows["naive"], rows["loran"]
+        lines.append(
+            f"| {case.hidden} | {case.layers} | {case.tokens} | {case.rank} | {case.targets} | "
+            f"{lora['train_step_s']:.3f} | {fmt_ratio(naive['train_step_s'], lora['train_step_s'])} | "
+            f"{fmt_ratio(ours['train_step_s'], lora['train_step_s'])} | {lora['train_mem_mb']:.0f} | "
+            f"{fmt_ratio(naive['train_mem_mb'], lora['train_mem_mb'])} | "
+            f"{fmt_ratio(ours['train_mem_mb'], lora['train_mem_mb'])} | "
+            f"{fmt_ratio(ours['eval_s'], ours['base_eval_s'])} | {fmt_ratio(lora['eval_s'], lora['base_eval_s'])} | "
+            f"{fmt_ratio(naive['eval_s'], naive['base_eval_s'])} | {fmt_ratio(ours['gen_tok_s'], lora['gen_tok_s'])} |"
+        )
+    return "\n".join(lines)
+
+
+def layer_table(results: list[tuple[Case, dict]]) -> str:
+    lines = ["| layers | mem LoRA (MB) | mem naive (MB) | mem ours (MB) |", "|---|---|---|---|"]
+    for case, rows in results:
+        lines.append(f"| {case.layers} | {rows['lora']['train_mem_mb']:.0f} | {rows['naive']['train_mem_mb']:.0f} | "
+                     f"{rows['loran']['train_mem_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def presets(name: str, device: str, dtype: str) -> dict[str, list[Case]]:
+    common = dict(method="", device=device, dtype=dtype)
+    headline = [Case(**common, targets=t) for t in ("qv", "all")]
+    grid = [Case(**common, hidden=h, layers=4, tokens=n, rank=r, targets=t)
+            for h in (512, 1024) for n in (128, 256) for r in (8, 64) for t in ("qv", "all")]
+    layers = [Case(**common, hidden=512, layers=n, tokens=128, targets="all") for n in (2, 4, 8)]
+    if device == "cuda":  # a realistic width where a GPU is available
+        headline += [Case(**common, hidden=4096, layers=4, tokens=512, targets=t, steps=5) for t in ("qv", "all")]
+    chosen = {"headline": headline, "grid": grid, "layers": layers}
+    return chosen if name == "all" else {name: chosen[name]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="headline", choices=["headline", "grid", "layers", "all"])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--out", help="write the markdown tables here (atomically)")
+    parser.add_argument("--json", help="also write raw measurements here")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(run_child(Case(**json.loads(args.child)))))
+        return
+
+    sections, raw = [], {}
+    started = time.time()
+    for name, cases in presets(args.preset, args.device, args.dtype).items():
+        results = []
+        for case in cases:
+            print(f"[{name}] {case}", file=sys.stderr, flush=True)
+            results.append((case, compare(case)))
+        raw[name] = [{"case": asdict(c), "results": r} for c, r in results]
+        sections.append((name, layer_table(results) if name == "layers" else table(results)))
+
+    import torch
+
+    machine = (f"{platform.machine()}, {os.cpu_count()} CPU threads, torch {torch.__version__}"
+               + (f", {torch.cuda.get_device_name()}" if args.device == "cuda" else ""))
+    cmd = "python benchmarks/bench.py " + " ".join(a for a in sys.argv[1:] if not a.startswith("--out"))
+    text = [f"Command: `{cmd}`  ", f"Machine: {machine}; device {args.device}, dtype {args.dtype}; "
+            f"{time.strftime('%Y-%m-%d')}; wall time {time.time() - started:.0f} s", ""]
+    for name, body in sections:
+        text += [f"### {name}", "", body, ""]
+    report = "\n".join(text)
+    print(report)
+    if args.out:
+        tmp = args.out + ".tmp"
+        with open(tmp, "w") as fh:
+            fh.write(report)
+        os.replace(tmp, args.out)
+    if args.json:
+        with open(args.json + ".tmp", "w") as fh:
+            json.dump(raw, fh, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+
+
+if __name__ == "__main__":
+    main()
