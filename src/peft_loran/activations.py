@@ -33,6 +33,9 @@ class Activation:
     offset: float = 0.0
     #: optional ``x -> (f(x), f'(x))`` sharing work between the two (Sinter computes sin and cos once)
     both: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
+    #: optional ``(base, x, alpha) -> (base + alpha f(x), f'(x) or None)`` in as few passes over memory as
+    #: possible (``base`` may be None, ``x`` may be overwritten): the fused path's hot loop
+    scaled_add_fn: Optional[Callable] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fn(x)
@@ -56,12 +59,26 @@ class Activation:
             d = self.derivative(x) if self.derivative is not None else None
         return (y - self.offset if self.offset else y), d
 
+    def scaled_add(
+        self, base: Optional[torch.Tensor], x: torch.Tensor, alpha: float, with_derivative: bool = False
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """``(base + alpha * f(x), f'(x) if with_derivative)``; ``base`` None means 0. May overwrite ``x``."""
+        if self.scaled_add_fn is not None and not self.offset:
+            return self.scaled_add_fn(base, x, alpha, with_derivative)
+        if with_derivative:
+            y, d = self.value_and_derivative(x)
+        else:
+            y, d = self(x), None
+        out = y.mul_(alpha) if base is None else torch.add(base, y, alpha=alpha)
+        return out, d
+
     def value_at_zero(self) -> float:
         return float(self.fn(torch.zeros((), dtype=torch.float32)))
 
     def centered(self) -> "Activation":
         """The same activation shifted so that ``f(0) == 0`` (an all-zero ``B`` then gives an all-zero update)."""
-        return Activation(self.name, self.fn, self.derivative, offset=self.value_at_zero(), both=self.both)
+        return Activation(self.name, self.fn, self.derivative, offset=self.value_at_zero(), both=self.both,
+                          scaled_add_fn=self.scaled_add_fn)
 
 
 # A factory builds an Activation from the two Sinter-style parameters (ignored by most activations).
@@ -89,7 +106,18 @@ def _sinter(amplitude: float, frequency: float) -> Activation:
         value = one_plus * x
         return value, one_plus.addcmul_(wx, torch.cos(wx), value=a)
 
-    return Activation("sinter", fn, derivative, both=both)
+    def scaled_add(base, x, alpha, with_derivative):
+        # base + alpha * x * (1 + a sin(w x)) = base + alpha x + alpha a x sin(w x)
+        if not with_derivative:
+            s = torch.sin(x * w)
+            out = x * alpha if base is None else torch.add(base, x, alpha=alpha)
+            return out.addcmul_(x, s, value=alpha * a), None
+        wx = x * w
+        one_plus = torch.sin(wx).mul_(a).add_(1)
+        out = (x * one_plus).mul_(alpha) if base is None else torch.addcmul(base, x, one_plus, value=alpha)
+        return out, one_plus.addcmul_(wx, torch.cos(wx), value=a)
+
+    return Activation("sinter", fn, derivative, both=both, scaled_add_fn=scaled_add)
 
 
 def _cosinter(amplitude: float, frequency: float) -> Activation:

@@ -27,10 +27,19 @@ from .activations import Activation
 # A stage of the chain: (P or None, b or None).
 Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
-#: Elements of one transient ``(rows, in)`` float32 block (default 2**20 = 4 MiB; backward keeps about five such
-#: temporaries alive at once). Override per layer with ``LoranConfig(block_rows=...)`` or for the process with the
-#: environment variable ``PEFT_LORAN_BLOCK_ELEMENTS``.
-DEFAULT_BLOCK_ELEMENTS = int(os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS", str(2**20)))
+#: Elements of one transient ``(rows, in)`` float32 block; backward keeps about five such temporaries alive. On CPU
+#: 2**18 (1 MiB) keeps the element-wise passes in cache (measured fastest here, docs/benchmarks.md); on GPUs 2**22
+#: (16 MiB) keeps the GEMMs wide. Override per layer with ``LoranConfig(block_rows=...)`` or for the process with
+#: the environment variable ``PEFT_LORAN_BLOCK_ELEMENTS``.
+BLOCK_ELEMENTS = {"cpu": 2**18}
+DEFAULT_BLOCK_ELEMENTS_ACCELERATOR = 2**22
+_ENV_BLOCK_ELEMENTS = os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS")
+
+
+def block_elements(device: torch.device) -> int:
+    if _ENV_BLOCK_ELEMENTS:
+        return int(_ENV_BLOCK_ELEMENTS)
+    return BLOCK_ELEMENTS.get(device.type, DEFAULT_BLOCK_ELEMENTS_ACCELERATOR)
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -38,9 +47,11 @@ def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def row_blocks(rows: int, cols: int, block_rows: Optional[int] = None) -> Iterator[tuple[int, int]]:
+def row_blocks(
+    rows: int, cols: int, block_rows: Optional[int] = None, device: torch.device = torch.device("cpu")
+) -> Iterator[tuple[int, int]]:
     """Yield ``(start, stop)`` row ranges whose ``(stop - start) * cols`` stays within the block budget."""
-    step = block_rows if block_rows else max(1, DEFAULT_BLOCK_ELEMENTS // max(cols, 1))
+    step = block_rows if block_rows else max(1, block_elements(device) // max(cols, 1))
     for start in range(0, rows, step):
         yield start, min(start + step, rows)
 
@@ -99,6 +110,33 @@ def chain_rows_backward(
     return grad_B, grad_A, grad_P, grad_b
 
 
+def is_plain(stages: Sequence[Stage]) -> bool:
+    """One stage without P or b: the paper's ``f(B A)``."""
+    return len(stages) == 1 and stages[0][0] is None and stages[0][1] is None
+
+
+def block_update(
+    base_rows: Optional[torch.Tensor],
+    B_rows: torch.Tensor,
+    A: torch.Tensor,
+    stages: Sequence[Stage],
+    activation: Activation,
+    scaling: float,
+    keep: bool = False,
+) -> tuple[torch.Tensor, list[tuple]]:
+    """``base_rows + scaling * H`` (``base_rows`` None: just the scaled update) for a block of rows, plus what
+    :func:`chain_rows_backward` needs when ``keep``. The plain case goes through the activation's fused
+    ``scaled_add`` (fewest passes over memory); chains through :func:`chain_rows`."""
+    if is_plain(stages):
+        m = at_least_float32(B_rows) @ at_least_float32(A)
+        out, fprime = activation.scaled_add(base_rows, m, scaling, with_derivative=keep)
+        if keep and fprime is None:  # no analytic derivative: keep Z for autograd (m untouched by scaled_add)
+            return out, [(m, None, None)]
+        return out, [(None, None, fprime)] if keep else []
+    h, saved = chain_rows(B_rows, A, stages, activation, keep=keep)
+    return (h.mul_(scaling) if base_rows is None else torch.add(base_rows, h, alpha=scaling)), saved
+
+
 def delta_weight(
     A: torch.Tensor,
     B: torch.Tensor,
@@ -110,8 +148,8 @@ def delta_weight(
     """The dense update ``scaling * H_K`` of shape ``(out, in)`` in float32 (float64 for float64 factors)."""
     out_rows, cols = B.shape[0], _last_width(A, stages)
     result = torch.empty(out_rows, cols, dtype=torch.promote_types(A.dtype, torch.float32), device=A.device)
-    for i0, i1 in row_blocks(out_rows, cols, block_rows):
-        result[i0:i1] = chain_rows(B[i0:i1], A, stages, activation)[0].mul_(scaling)
+    for i0, i1 in row_blocks(out_rows, cols, block_rows, A.device):
+        result[i0:i1] = block_update(None, B[i0:i1], A, stages, activation, scaling)[0]
     return result
 
 
@@ -147,17 +185,18 @@ class FusedLoranMatmul(torch.autograd.Function):
     def forward(ctx, x, weight, bias, weight_in_out, scaling, activation, block_rows, A, B, *flat_stages):
         stages = unflatten_stages(flat_stages)
         chunks = []
-        for i0, i1 in row_blocks(B.shape[0], x.shape[-1], block_rows):
-            h = chain_rows(B[i0:i1], A, stages, activation)[0]
+        for i0, i1 in row_blocks(B.shape[0], x.shape[-1], block_rows, x.device):
             bias_block = bias[i0:i1] if bias is not None else None
             if weight is None:
-                chunks.append(x @ h.mul_(scaling).to(x.dtype).T)
+                update = block_update(None, B[i0:i1], A, stages, activation, scaling)[0]
+                chunks.append(x @ update.to(x.dtype).T)
             elif weight_in_out:
-                folded = torch.add(weight[:, i0:i1], h.T, alpha=scaling).to(x.dtype).contiguous()
+                folded = block_update(weight[:, i0:i1].T, B[i0:i1], A, stages, activation, scaling)[0]
+                folded = folded.T.to(x.dtype).contiguous()
                 chunks.append(x @ folded if bias_block is None else torch.addmm(bias_block, x, folded))
             else:
-                folded = torch.add(weight[i0:i1], h, alpha=scaling).to(x.dtype)
-                chunks.append(torch.nn.functional.linear(x, folded, bias_block))
+                folded = block_update(weight[i0:i1], B[i0:i1], A, stages, activation, scaling)[0]
+                chunks.append(torch.nn.functional.linear(x, folded.to(x.dtype), bias_block))
         ctx.save_for_backward(x, weight, A, B, *flat_stages)
         ctx.weight_in_out, ctx.has_bias = weight_in_out, bias is not None
         ctx.scaling, ctx.activation, ctx.block_rows = scaling, activation, block_rows
@@ -178,21 +217,15 @@ class FusedLoranMatmul(torch.autograd.Function):
         grad_flat = [torch.zeros_like(at_least_float32(t)) if t is not None else None
                      for t in flat_stages] if need_factors else [None] * len(flat_stages)
 
-        for i0, i1 in row_blocks(B.shape[0], x.shape[-1], ctx.block_rows):
+        for i0, i1 in row_blocks(B.shape[0], x.shape[-1], ctx.block_rows, x.device):
             g = grad_out[:, i0:i1]
-            h, saved = chain_rows(B[i0:i1], A, stages, activation, keep=need_factors)
-            if not need_x:
-                del h
+            base_rows = None if weight is None else (weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1])
+            update, saved = block_update(base_rows, B[i0:i1], A, stages, activation, scaling, keep=need_factors)
             if need_x:
-                if weight is None:
-                    update = h * scaling
-                else:
-                    update = torch.add(weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1], h, alpha=scaling)
-                del h
                 grad_x += (g @ update.to(x.dtype)).to(acc_dtype)
-                del update
+            del update
             if need_factors:
-                grad_h = at_least_float32(g.T @ x).mul_(scaling)
+                grad_h = at_least_float32((g * scaling).T @ x)
                 dB, dA, dP, db = chain_rows_backward(grad_h, B[i0:i1], A, stages, activation, saved)
                 del grad_h, saved
                 grad_B[i0:i1] = dB
