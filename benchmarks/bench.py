@@ -37,7 +37,7 @@ class Case:
     rank: int = 8
     targets: str = "qv"
     batch: int = 1
-    steps: int = 3
+    steps: int = 4
     device: str = "cpu"
     dtype: str = "float32"
 
@@ -254,7 +254,7 @@ def presets(name: str, device: str, dtype: str) -> dict[str, list[Case]]:
     common = dict(method="", device=device, dtype=dtype)
     headline = [Case(**common, targets=t) for t in ("qv", "all")]
     grid = [Case(**common, hidden=h, layers=4, tokens=n, rank=r, targets=t)
-            for h in (512, 1024) for n in (128, 256) for r in (8, 64) for t in ("qv", "all")]
+            for h in (512, 1024) for n in (128, 512) for r in (8, 64) for t in ("qv", "all")]
     layers = [Case(**common, hidden=512, layers=n, tokens=128, targets="all") for n in (2, 4, 8)]
     if device == "cuda":  # a realistic width where a GPU is available
         headline += [Case(**common, hidden=4096, layers=4, tokens=512, targets=t, steps=5) for t in ("qv", "all")]

@@ -34,8 +34,12 @@ class Activation:
     #: optional ``x -> (f(x), f'(x))`` sharing work between the two (Sinter computes sin and cos once)
     both: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
     #: optional ``(base, x, alpha) -> (base + alpha f(x), f'(x) or None)`` in as few passes over memory as
-    #: possible (``base`` may be None, ``x`` may be overwritten): the fused path's hot loop
+    #: possible (``base`` may be None, ``x`` may be overwritten)
     scaled_add_fn: Optional[Callable] = None
+    #: optional ``(base, B_rows, A, alpha, with_derivative) -> (base + alpha f(B_rows A), apply)`` where
+    #: ``apply(g)`` returns ``g * f'(B_rows A)`` (may overwrite ``g``): the fused path's hot loop, free to
+    #: rearrange the product (Sinter folds ``w`` into ``A``)
+    block_fn: Optional[Callable] = None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fn(x)
@@ -77,8 +81,9 @@ class Activation:
 
     def centered(self) -> "Activation":
         """The same activation shifted so that ``f(0) == 0`` (an all-zero ``B`` then gives an all-zero update)."""
-        return Activation(self.name, self.fn, self.derivative, offset=self.value_at_zero(), both=self.both,
-                          scaled_add_fn=self.scaled_add_fn)
+        offset = self.value_at_zero()
+        return Activation(self.name, self.fn, self.derivative, offset=offset, both=self.both,
+                          scaled_add_fn=self.scaled_add_fn, block_fn=self.block_fn if not offset else None)
 
 
 # A factory builds an Activation from the two Sinter-style parameters (ignored by most activations).
@@ -117,7 +122,24 @@ def _sinter(amplitude: float, frequency: float) -> Activation:
         out = (x * one_plus).mul_(alpha) if base is None else torch.addcmul(base, x, one_plus, value=alpha)
         return out, one_plus.addcmul_(wx, torch.cos(wx), value=a)
 
-    return Activation("sinter", fn, derivative, both=both, scaled_add_fn=scaled_add)
+    def block(base, B_rows, A, alpha, with_derivative):
+        # work on u = w B A (w folded into the small A): base + alpha f(BA) = base + k u + k a u sin(u), k = alpha/w
+        u = B_rows @ (A * w)
+        sin_u = torch.sin(u)
+        k = alpha / w
+        out = u * k if base is None else torch.add(base, u, alpha=k)
+        out.addcmul_(u, sin_u, value=k * a)
+        if not with_derivative:
+            return out, None
+        t = sin_u.addcmul_(u, torch.cos(u))  # sin(u) + u cos(u), so f'(BA) = 1 + a t
+        del u
+
+        def apply_derivative(g: torch.Tensor) -> torch.Tensor:
+            return g.addcmul_(g, t, value=a)
+
+        return out, apply_derivative
+
+    return Activation("sinter", fn, derivative, both=both, scaled_add_fn=scaled_add, block_fn=block)
 
 
 def _cosinter(amplitude: float, frequency: float) -> Activation:

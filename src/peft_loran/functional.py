@@ -104,7 +104,12 @@ def chain_rows_backward(
             grad_u = grad_h @ at_least_float32(P).T
         else:
             grad_u = grad_h
-        grad_h = grad_u.mul_(fprime) if fprime is not None else activation.grad(z, grad_u)
+        if fprime is None:
+            grad_h = activation.grad(z, grad_u)
+        elif callable(fprime):  # a fused kernel's "multiply by f'"
+            grad_h = fprime(grad_u)
+        else:
+            grad_h = grad_u.mul_(fprime)
     grad_B = grad_h @ at_least_float32(A).T
     grad_A = at_least_float32(B_rows).T @ grad_h
     return grad_B, grad_A, grad_P, grad_b
@@ -127,6 +132,11 @@ def block_update(
     """``base_rows + scaling * H`` (``base_rows`` None: just the scaled update) for a block of rows, plus what
     :func:`chain_rows_backward` needs when ``keep``. The plain case goes through the activation's fused
     ``scaled_add`` (fewest passes over memory); chains through :func:`chain_rows`."""
+    if is_plain(stages) and activation.block_fn is not None:
+        out, apply_derivative = activation.block_fn(
+            base_rows, at_least_float32(B_rows), at_least_float32(A), scaling, keep
+        )
+        return out, [(None, None, apply_derivative)] if keep else []
     if is_plain(stages):
         m = at_least_float32(B_rows) @ at_least_float32(A)
         out, fprime = activation.scaled_add(base_rows, m, scaling, with_derivative=keep)
