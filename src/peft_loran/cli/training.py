@@ -1,0 +1,361 @@
+"""Training and evaluation for the command line, on transformers' Trainer.
+
+Every method in a comparison gets the same model, data order (Trainer's seeded sampler), seed, rank, alpha,
+dropout, targets, step budget and learning rate; only the adapter type differs.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .data import Example, TaskData
+from .errors import UserError
+from .models import default_targets
+
+
+@dataclass
+class Settings:
+    """One training run's knobs (shared by all methods of a comparison)."""
+
+    model: str = "minilm"
+    rank: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    targets: Optional[list[str]] = None
+    steps: int = 60
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    eval_limit: Optional[int] = None
+    gen_tokens: int = 24
+    sinter_amplitude: float = 5e-5
+    sinter_frequency: float = 1e4
+    load_in_4bit: bool = False
+    bf16: bool = False
+    gradient_checkpointing: bool = False
+    quiet: bool = False
+
+    def check(self) -> None:
+        if self.rank <= 0:
+            raise UserError(f"--rank must be a positive integer, got {self.rank}")
+        if not 0 <= self.dropout < 1:
+            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        for name in ("steps", "batch_size", "max_length", "grad_accum", "gen_tokens"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f"--lr must be a positive number, got {self.lr}")
+
+
+@dataclass
+class RunResult:
+    method: str
+    metrics: dict
+    trainable_params: int
+    train_seconds: float
+    peak_memory_mb: float
+    memory_kind: str
+    loss_curve: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------- methods
+def parse_method(method: str) -> tuple[str, Optional[str]]:
+    """'lora', 'loran' or 'loran:<activation>'."""
+    kind, _, activation = method.partition(":")
+    if kind not in ("lora", "loran") or (kind == "lora" and activation):
+        raise UserError(f"unknown method '{method}'; use lora, loran or loran:<activation> (e.g. loran:tanh)")
+    if activation:
+        from peft_loran.activations import canonical_name
+
+        try:
+            canonical_name(activation)
+        except ValueError as exc:
+            raise UserError(str(exc).splitlines()[0]) from None
+    return kind, activation or None
+
+
+def peft_config(method: str, settings: Settings, task_kind: str, model_type: str, num_layers: int):
+    from peft import LoraConfig, TaskType
+
+    from peft_loran import LoranConfig
+
+    kind, activation = parse_method(method)
+    targets = settings.targets or default_targets(model_type)
+    task_type = TaskType.SEQ_CLS if task_kind == "classify" else TaskType.CAUSAL_LM
+    if kind == "lora":
+        return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                          target_modules=targets, task_type=task_type)
+    return LoranConfig(r=settings.rank, loran_alpha=settings.alpha, loran_dropout=settings.dropout,
+                       target_modules=targets, task_type=task_type, activation=activation or "sinter",
+                       sinter_amplitude=settings.sinter_amplitude, sinter_frequency=settings.sinter_frequency)
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def load_base(model_path: str, task: TaskData, settings: Settings):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import peft_loran  # noqa: F401  (registers LoRAN)
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs: dict = {}
+    if settings.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    if task.kind == "classify":
+        labels = task.labels
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)}, **kwargs)
+    else:
+        if "Bert" in (getattr(_config(model_path), "architectures", None) or [""])[0]:
+            raise UserError(f"task '{task.name}' generates text and needs a causal LM; {model_path} is an encoder "
+                            "(use --model smollm2)")
+        model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+        tokenizer.padding_side = "left"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if settings.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=settings.gradient_checkpointing)
+    return model, tokenizer
+
+
+def _config(model_path: str):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_path)
+
+
+# ------------------------------------------------------------------------------------------------------- data
+PROMPT = "Article: {text}\nHeadline:"
+
+
+class Encoded(torch.utils.data.Dataset):
+    def __init__(self, examples: list[Example], tokenizer, kind: str, max_length: int):
+        self.items = [encode(e, tokenizer, kind, max_length) for e in examples]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.items[i]
+
+
+def encode(example: Example, tokenizer, kind: str, max_length: int) -> dict:
+    if kind == "classify":
+        enc = tokenizer(example.text, truncation=True, max_length=max_length)
+        return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": example.label}
+    target = tokenizer(" " + example.target, add_special_tokens=False)["input_ids"][: max_length // 4]
+    target = target + [tokenizer.eos_token_id]
+    prompt_ids = tokenizer(prompt_text(example, tokenizer, max_length - len(target)),
+                           add_special_tokens=False)["input_ids"][-(max_length - len(target)):]
+    ids = prompt_ids + target
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [-100] * len(prompt_ids) + target}
+
+
+def prompt_text(example: Example, tokenizer, budget: int) -> str:
+    """The prompt with the article cut to fit ``budget`` tokens (cut in words, then re-checked)."""
+    words = example.text.split()
+    text = " ".join(words[: max(8, budget)])
+    while len(tokenizer(PROMPT.format(text=text), add_special_tokens=False)["input_ids"]) > budget and len(
+            text.split()) > 8:
+        text = " ".join(text.split()[: int(len(text.split()) * 0.8)])
+    return PROMPT.format(text=text)
+
+
+def collate(tokenizer):
+    def fn(batch: list[dict]) -> dict:
+        width = max(len(b["input_ids"]) for b in batch)
+        pad = tokenizer.pad_token_id
+        left = tokenizer.padding_side == "left"
+
+        def padded(seq, value):
+            fill = [value] * (width - len(seq))
+            return fill + seq if left else seq + fill
+
+        out = {"input_ids": torch.tensor([padded(b["input_ids"], pad) for b in batch]),
+               "attention_mask": torch.tensor([padded(b["attention_mask"], 0) for b in batch])}
+        if isinstance(batch[0]["labels"], list):
+            out["labels"] = torch.tensor([padded(b["labels"], -100) for b in batch])
+        else:
+            out["labels"] = torch.tensor([b["labels"] for b in batch])
+        return out
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------------- memory
+def reset_peak_memory() -> float:
+    """Reset the process's peak-memory counter where the OS allows; returns the current level in MB."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as fh:
+            rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS")) / 1024
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return rss
+    except OSError:
+        return 0.0
+
+
+def peak_memory() -> tuple[float, str]:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20, "cuda max_memory_allocated"
+    try:
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024, "peak RSS"
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+# ---------------------------------------------------------------------------------------------------- training
+def train(method: str, task: TaskData, settings: Settings, model_path: str, save_to: Optional[Path]) -> RunResult:
+    """Fine-tune one method on ``task.train`` and evaluate on ``task.test``; save the adapter to ``save_to``."""
+    from peft import get_peft_model
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    set_seed(settings.seed)
+    model, tokenizer = load_base(model_path, task, settings)
+    config = peft_config(method, settings, task.kind, model.config.model_type,
+                         getattr(model.config, "num_hidden_layers", 0))
+    try:
+        model = get_peft_model(model, config)
+    except ValueError as exc:
+        raise UserError(f"{method}: {str(exc).splitlines()[0]}") from None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    train_set = Encoded(task.train, tokenizer, task.kind, settings.max_length)
+    with _scratch_dir() as scratch:
+        args = TrainingArguments(
+            output_dir=scratch, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+            gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr, seed=settings.seed,
+            data_seed=settings.seed, logging_steps=max(1, settings.steps // 30), save_strategy="no", report_to=[],
+            disable_tqdm=settings.quiet, bf16=settings.bf16, lr_scheduler_type="linear", warmup_steps=0,
+            gradient_checkpointing=settings.gradient_checkpointing, remove_unused_columns=False,
+            dataloader_num_workers=0, log_level="error",
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate(tokenizer))
+        before = reset_peak_memory()
+        started = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - started
+        peak, kind = peak_memory()
+    curve = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
+    model.eval()
+    metrics = evaluate(model, tokenizer, task, settings)
+    if save_to is not None:
+        model.save_pretrained(save_to)
+        tokenizer.save_pretrained(save_to)
+    return RunResult(method, metrics, trainable, seconds, peak - before, kind, curve)
+
+
+class _scratch_dir:
+    """A throw-away Trainer output directory (we save adapters ourselves)."""
+
+    def __enter__(self) -> str:
+        import tempfile
+
+        self.path = tempfile.mkdtemp(prefix="peft-loran-trainer-")
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+# -------------------------------------------------------------------------------------------------- evaluation
+def evaluate(model, tokenizer, task: TaskData, settings: Settings) -> dict:
+    examples = task.test[: settings.eval_limit] if settings.eval_limit else task.test
+    if not examples:
+        raise UserError(f"task '{task.name}' has an empty test split")
+    progress = _progress(len(examples), "evaluating", settings.quiet)
+    if task.kind == "classify":
+        return _evaluate_classification(model, tokenizer, examples, settings, progress)
+    return _evaluate_generation(model, tokenizer, examples, settings, progress)
+
+
+def _progress(total: int, desc: str, quiet: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, leave=False)
+
+
+@torch.no_grad()
+def _evaluate_classification(model, tokenizer, examples, settings, progress) -> dict:
+    predictions, golds = [], []
+    batch = collate(tokenizer)
+    for i in range(0, len(examples), 16):
+        chunk = examples[i:i + 16]
+        inputs = batch([encode(e, tokenizer, "classify", settings.max_length) for e in chunk])
+        inputs.pop("labels")
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        predictions += model(**inputs).logits.argmax(-1).tolist()
+        golds += [e.label for e in chunk]
+        progress.update(len(chunk))
+    progress.close()
+    labels = sorted(set(golds) | set(predictions))
+    f1s = []
+    for label in labels:
+        tp = sum(p == g == label for p, g in zip(predictions, golds))
+        fp = sum(p == label != g for p, g in zip(predictions, golds))
+        fn = sum(g == label != p for p, g in zip(predictions, golds))
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    accuracy = sum(p == g for p, g in zip(predictions, golds)) / len(golds)
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s), "n": len(golds)}
+
+
+@torch.no_grad()
+def _evaluate_generation(model, tokenizer, examples, settings, progress) -> dict:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    samples = []
+    tokenizer.padding_side = "left"
+    budget = settings.max_length - settings.gen_tokens
+    for i in range(0, len(examples), 8):
+        chunk = examples[i:i + 8]
+        prompts = [prompt_text(e, tokenizer, budget) for e in chunk]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        out = model.generate(**inputs, max_new_tokens=settings.gen_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        for e, text in zip(chunk, texts):
+            hyp = text.strip().split("\n")[0]
+            scores = scorer.score(e.target, hyp)
+            for key in totals:
+                totals[key] += scores[key].fmeasure
+            if len(samples) < 3:
+                samples.append({"reference": e.target, "generated": hyp})
+        progress.update(len(chunk))
+    progress.close()
+    n = len(examples)
+    return {**{k: v / n for k, v in totals.items()}, "n": n, "samples": samples}
+
+
+def main_metric(task_kind: str) -> str:
+    return "accuracy" if task_kind == "classify" else "rougeL"
+
+
+__all__ = ["RunResult", "Settings", "evaluate", "main_metric", "parse_method", "train"]
