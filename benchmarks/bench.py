@@ -40,6 +40,7 @@ class Case:
     steps: int = 4
     device: str = "cpu"
     dtype: str = "float32"
+    dropout: float = 0.0
 
 
 # ------------------------------------------------------------------------------------------------ child process
@@ -60,7 +61,7 @@ class NaiveLoran:
     """The original's way: ``base(x) + s * dropout(x) @ f(B A)^T`` with the dense matrix through autograd."""
 
     @staticmethod
-    def wrap(model, targets, rank, alpha):
+    def wrap(model, targets, rank, alpha, dropout=0.0):
         import math
 
         import torch
@@ -75,10 +76,12 @@ class NaiveLoran:
                 nn.init.kaiming_uniform_(self.loran_A, a=math.sqrt(5))
                 self.s = alpha / rank
 
+                self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+
             def forward(self, x):
                 m = (self.loran_B @ self.loran_A).float()
                 d = m + 5e-5 * m * torch.sin(1e4 * m)
-                return self.base(x) + self.s * nn.functional.linear(x, d.to(x.dtype))
+                return self.base(x) + self.s * nn.functional.linear(self.dropout(x), d.to(x.dtype))
 
         for p in model.parameters():
             p.requires_grad_(False)
@@ -108,15 +111,17 @@ def _adapt(model, case: Case):
     if case.method == "base":
         return model
     if case.method == "naive":
-        return NaiveLoran.wrap(model, TARGETS[case.targets], case.rank, 2 * case.rank)
+        return NaiveLoran.wrap(model, TARGETS[case.targets], case.rank, 2 * case.rank, case.dropout)
     from peft import LoraConfig, get_peft_model
 
     if case.method == "lora":
-        config = LoraConfig(r=case.rank, lora_alpha=2 * case.rank, target_modules=TARGETS[case.targets])
+        config = LoraConfig(r=case.rank, lora_alpha=2 * case.rank, target_modules=TARGETS[case.targets],
+                            lora_dropout=case.dropout)
     else:
         from peft_loran import LoranConfig
 
-        config = LoranConfig(r=case.rank, loran_alpha=2 * case.rank, target_modules=TARGETS[case.targets])
+        config = LoranConfig(r=case.rank, loran_alpha=2 * case.rank, target_modules=TARGETS[case.targets],
+                             loran_dropout=case.dropout)
     return get_peft_model(model, config)
 
 
@@ -227,14 +232,14 @@ def fmt_ratio(a: float, b: float) -> str:
 
 
 def table(results: list[tuple[Case, dict]]) -> str:
-    head = ("| hidden | layers | tokens | r | targets | step LoRA (s) | step naive / LoRA | step ours / LoRA | "
+    head = ("| hidden | layers | tokens | r | targets | dropout | step LoRA (s) | step naive / LoRA | step ours / LoRA | "
             "mem LoRA (MB) | mem naive / LoRA | mem ours / LoRA | eval ours / base | eval LoRA / base | "
             "eval naive / base | gen tok/s ours / LoRA |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for case, rows in results:
         lora, naive, ours = rows["lora"], rows["naive"], rows["loran"]
         lines.append(
-            f"| {case.hidden} | {case.layers} | {case.tokens} | {case.rank} | {case.targets} | "
+            f"| {case.hidden} | {case.layers} | {case.tokens} | {case.rank} | {case.targets} | {case.dropout} | "
             f"{lora['train_step_s']:.3f} | {fmt_ratio(naive['train_step_s'], lora['train_step_s'])} | "
             f"{fmt_ratio(ours['train_step_s'], lora['train_step_s'])} | {lora['train_mem_mb']:.0f} | "
             f"{fmt_ratio(naive['train_mem_mb'], lora['train_mem_mb'])} | "
@@ -256,6 +261,7 @@ def layer_table(results: list[tuple[Case, dict]]) -> str:
 def presets(name: str, device: str, dtype: str) -> dict[str, list[Case]]:
     common = dict(method="", device=device, dtype=dtype)
     headline = [Case(**common, targets=t) for t in ("qv", "all")]
+    headline += [Case(**common, targets=t, dropout=0.05) for t in ("qv", "all")]
     grid = [Case(**common, hidden=h, layers=4, tokens=n, rank=r, targets=t)
             for h in (512, 1024) for n in (128, 512) for r in (8, 64) for t in ("qv", "all")]
     layers = [Case(**common, hidden=512, layers=n, tokens=128, targets="all") for n in (2, 4, 8)]

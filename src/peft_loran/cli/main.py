@@ -29,8 +29,8 @@ from .errors import UserError
 
 PROFILES = {
     # a real result in a few minutes on 2 CPU cores: a 22M-parameter encoder on a 5-way topic task
-    "quick": dict(model="minilm", task="bbc-topic", rank=8, alpha=16, dropout=0.05, steps=80, batch_size=8,
-                  max_length=128, lr=1e-3),
+    "quick": dict(model="minilm", task="bbc-topic", rank=8, alpha=16, dropout=0.05, steps=150, batch_size=8,
+                  max_length=128, lr=2e-3),
     # the paper's adapter settings (r=64, alpha=16, dropout=0.2, q_proj/v_proj, Sinter a=5e-5, w=1e4) on SmolLM2
     "paper": dict(model="smollm2", task="bbc-topic", rank=64, alpha=16, dropout=0.2, steps=1000, batch_size=8,
                   max_length=256, lr=2e-4, targets=["q_proj", "v_proj"]),
@@ -165,7 +165,7 @@ def _write_json(path: Path, data) -> None:
 def cmd_compare(args: argparse.Namespace) -> int:
     from . import report
     from .models import resolve_model
-    from .training import main_metric, parse_method, train
+    from .training import main_metric, parse_method, train_isolated
 
     settings = settings_from(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -187,7 +187,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     print(f"== {label}: {settings.steps} steps on {task.name} ({len(task.train)} train examples)",
                           file=sys.stderr, flush=True)
                 adapter_dir = out / "adapters" / (method.replace(":", "-") + ("" if len(seeds) == 1 else f"-s{seed}"))
-                result = train(method, task, settings, model_path, adapter_dir).as_dict()
+                result = train_isolated(method, task, settings, model_path, adapter_dir).as_dict()
                 result["method"] = label
                 result["seed"] = seed
                 results.append(result)
@@ -259,8 +259,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"adapter {args.adapter}: {summary['peft_type']}, {summary['parameters']:,} parameters, "
           f"{len(summary['layers'])} layers")
     for layer in summary["layers"]:
-        print(f"  {layer['layer']}: update {layer['shape'][0]}x{layer['shape'][1]}, numerical rank "
-              f"{layer['numerical_rank']} (r = {layer['r']})")
+        print(f"  {layer['layer']}: update {layer['shape'][0]}x{layer['shape'][1]}, rank {layer['numerical_rank']} "
+              f"(singular values above 1e-6 of the largest; r = {layer['r']}), energy beyond r "
+              f"{layer['energy_beyond_r']:.2e}")
     print(f"spectrum plot: {summary['plot']}")
     return 0
 

