@@ -49,20 +49,24 @@ def tiny_encoder(tokenizer_dir, tmp_path_factory):
     return str(path)
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tokenizer_dir, tmp_path_factory):
+def make_tiny_lm(tokenizer_dir, path, hidden: int = 32, intermediate: int = 48) -> str:
+    """A tiny Llama saved with a real (BERT WordPiece) tokenizer, so the CLI can load it like any model."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     tok.eos_token = "[SEP]"
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    path = tmp_path_factory.mktemp("llama")
+    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_lm(tokenizer_dir, tmp_path_factory):
+    return make_tiny_lm(tokenizer_dir, tmp_path_factory.mktemp("llama"))
 
 
 @pytest.fixture

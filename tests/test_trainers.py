@@ -1,0 +1,97 @@
+"""transformers' Trainer, TRL's SFTTrainer and QLoRA through the command line, with LoRAN adapters."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+
+from peft_loran import LoranConfig
+
+from .conftest import tiny_llama
+from .test_cli import make_tiny_lm, run, tiny_lm, tokenizer_dir  # noqa: F401  (fixtures)
+
+
+def text_dataset(n=16):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"text": [f"story {i}: the quick brown fox jumps over the lazy dog" for i in range(n)]})
+
+
+def test_transformers_trainer_save_reload_generate(tiny_lm, tmp_path):  # noqa: F811
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
+                              TrainingArguments)
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_lm),
+                           LoranConfig(r=4, target_modules=["q_proj", "v_proj"], loran_dropout=0.1))
+    data = text_dataset().map(lambda b: tok(b["text"]), batched=True, remove_columns=["text"])
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=5e-3, report_to=[], save_strategy="no", logging_steps=1,
+                             gradient_accumulation_steps=2, gradient_checkpointing=True, use_cpu=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data,
+                      data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    result = trainer.train()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    assert result.global_step == 4 and len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+    trainer.save_model(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    model.eval()
+    prompt = tok("story 3:", return_tensors="pt")
+    prompt = {k: prompt[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        expected = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded.generate(**prompt, max_new_tokens=6, do_sample=False), expected)
+
+
+def test_trl_sft_trainer_save_reload_generate(tiny_lm, tmp_path):  # noqa: F811
+    trl = pytest.importorskip("trl", reason="TRL is not installed (pip install 'peft-loran[trl]')")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    config = trl.SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=4,
+                           learning_rate=5e-3, report_to=[], save_strategy="no", logging_steps=1, use_cpu=True,
+                           max_length=32)
+    trainer = trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_lm), args=config,
+                             train_dataset=text_dataset(), processing_class=tok,
+                             peft_config=LoranConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert isinstance(trainer.model, PeftModel)
+    assert trainer.model.peft_config["default"].peft_type == "LORAN"
+    trainer.train()
+    assert trainer.state.global_step == 3
+    trainer.save_model(str(tmp_path / "adapter"))
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "adapter").eval()
+    out = reloaded.generate(input_ids=torch.tensor([[101, 2000]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 6)
+
+
+def test_cli_qlora_load_in_4bit(tokenizer_dir, tmp_path):  # noqa: F811
+    pytest.importorskip("bitsandbytes")
+    # every width a multiple of 64: bitsandbytes' 4-bit kernels work in blocks of 64
+    model_dir = make_tiny_lm(tokenizer_dir, tmp_path / "lm128", hidden=128, intermediate=256)
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(json.dumps({"source": f"article {i} about things", "target": f"title {i}"})
+                              for i in range(12)))
+    out = tmp_path / "q"
+    assert run(["train", "--model", model_dir, "--train-file", str(path), "--task-type", "generate", "--steps", "2",
+                "--batch-size", "2", "--max-length", "32", "--load-in-4bit", "--output-dir", str(out),
+                "--quiet"]) == 0
+    assert "rougeL" in json.loads((out / "metrics.json").read_text())["metrics"]
+
+
+def test_loran_model_under_trainer_trains_only_adapter(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = get_peft_model(tiny_llama(0), LoranConfig(target_modules="all-linear"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    ids = torch.arange(1, 13).repeat(8, 1)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, learning_rate=1e-2)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "loran_B" in n)
