@@ -132,6 +132,17 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def _median_seconds(fn, repeats: int, device: str) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def run_child(case: Case) -> dict:
     import torch
 
@@ -145,14 +156,7 @@ def run_child(case: Case) -> dict:
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)
-        base_times = []
-        for _ in range(case.steps):
-            _sync(case.device)
-            t0 = time.perf_counter()
-            model(input_ids=ids)
-            _sync(case.device)
-            base_times.append(time.perf_counter() - t0)
-    result["base_eval_s"] = statistics.median(base_times)
+        result["base_eval_s"] = _median_seconds(lambda: model(input_ids=ids), case.steps, case.device)
 
     model = _adapt(model, case)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -184,26 +188,13 @@ def run_child(case: Case) -> dict:
     model.eval()
     with torch.no_grad():
         model(input_ids=ids)
-        eval_times = []
-        for _ in range(case.steps):
-            _sync(case.device)
-            t0 = time.perf_counter()
-            model(input_ids=ids)
-            _sync(case.device)
-            eval_times.append(time.perf_counter() - t0)
-        result["eval_s"] = statistics.median(eval_times)
+        result["eval_s"] = _median_seconds(lambda: model(input_ids=ids), case.steps, case.device)
         prompt = ids[:1, :16]
         new_tokens = 24
         gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         model.generate(input_ids=prompt, **gen_kwargs)
-        gen_times = []
-        for _ in range(3):
-            _sync(case.device)
-            t0 = time.perf_counter()
-            model.generate(input_ids=prompt, **gen_kwargs)
-            _sync(case.device)
-            gen_times.append(time.perf_counter() - t0)
-        result["gen_tok_s"] = new_tokens / statistics.median(gen_times)
+        result["gen_tok_s"] = new_tokens / _median_seconds(
+            lambda: model.generate(input_ids=prompt, **gen_kwargs), 3, case.device)
     return result
 
 
@@ -251,10 +242,12 @@ def table(results: list[tuple[Case, dict]]) -> str:
 
 
 def layer_table(results: list[tuple[Case, dict]]) -> str:
-    lines = ["| layers | mem LoRA (MB) | mem naive (MB) | mem ours (MB) |", "|---|---|---|---|"]
+    lines = ["| layers | trainable params | mem LoRA (MB) | mem naive (MB) | mem ours (MB) | naive - LoRA (MB) | "
+             "ours - LoRA (MB) |", "|---|---|---|---|---|---|---|"]
     for case, rows in results:
-        lines.append(f"| {case.layers} | {rows['lora']['train_mem_mb']:.0f} | {rows['naive']['train_mem_mb']:.0f} | "
-                     f"{rows['loran']['train_mem_mb']:.0f} |")
+        lora, naive, ours = (rows[m]["train_mem_mb"] for m in ("lora", "naive", "loran"))
+        lines.append(f"| {case.layers} | {rows['loran']['trainable_params']:,} | {lora:.0f} | {naive:.0f} | {ours:.0f} | "
+                     f"{naive - lora:+.0f} | {ours - lora:+.0f} |")
     return "\n".join(lines)
 
 
@@ -278,10 +271,18 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", help="write the markdown tables here (atomically)")
     parser.add_argument("--json", help="also write raw measurements here")
+    parser.add_argument("--from-json", help="re-render the tables from a --json file instead of measuring")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_child(Case(**json.loads(args.child)))))
+        return
+    if args.from_json:
+        with open(args.from_json) as fh:
+            raw = json.load(fh)
+        for name, entries in raw.items():
+            results = [(Case(**e["case"]), e["results"]) for e in entries]
+            print(f"### {name}\n\n{layer_table(results) if name == 'layers' else table(results)}\n")
         return
 
     sections, raw = [], {}

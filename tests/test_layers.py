@@ -271,3 +271,23 @@ def test_layers_are_loran_layers_with_prefixed_parameters():
     assert all(isinstance(getattr(model, t), LoranLayer) for t in ("lin", "conv", "emb"))
     assert "lin.loran_P.default.0" in names and "emb.loran_b.default.0" in names
     assert copy.deepcopy(model).lin.loran_A["default"].shape == (8, 6)
+
+
+def test_merge_only_the_named_adapter():
+    model = make(["lin"])
+    torch.manual_seed(9)
+    inject_adapter_in_model(LoranConfig(target_modules=["lin"], init_weights=False, activation="tanh"), model,
+                            adapter_name="other")
+    layer = model.lin
+    w = layer.get_base_layer().weight.detach().clone()
+    layer.merge(adapter_names=["other"])
+    assert layer.merged_adapters == ["other"]
+    A, B, Ps, bs, s = layer_factors(layer, "other")
+    expected = w.double() + naive_update(A, B, Ps, bs, activation("tanh"), s)
+    torch.testing.assert_close(layer.get_base_layer().weight.double(), expected, atol=1e-6, rtol=1e-6)
+    with pytest.warns(UserWarning, match="All adapters are already merged"):
+        layer.merge(adapter_names=["other"])
+    layer.unmerge()
+    torch.testing.assert_close(layer.get_base_layer().weight, w, atol=1e-6, rtol=0)
+    with pytest.warns(UserWarning, match="Already unmerged"):
+        layer.unmerge()

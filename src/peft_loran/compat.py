@@ -12,8 +12,6 @@ import json
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from typing import Optional
 
 import torch
@@ -71,26 +69,19 @@ def convert_original_checkpoint(source: str, destination: str, overwrite: bool =
     """
     from safetensors.torch import save_file
 
+    from ._atomic import atomic_directory
     from .config import MLoraConfig
 
-    if os.path.exists(destination) and not overwrite:
-        raise FileExistsError(f"{destination} exists; pass overwrite=True to replace it.")
     with open(os.path.join(source, "adapter_config.json")) as fh:
         raw = json.load(fh)
     if raw.get("peft_type") != "MLORA":
         raise ValueError(f"{source} is not an original LoRAN (MLORA) adapter: peft_type={raw.get('peft_type')!r}.")
     config = MLoraConfig.from_pretrained(source)
     tensors = convert_original_state_dict(load_tensors_safely(os.path.join(source, ORIGINAL_WEIGHTS_NAME)))
-    parent = os.path.dirname(os.path.abspath(destination))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".loran-convert-", dir=parent)
     try:
-        config.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, "adapter_model.safetensors"))
-        if os.path.exists(destination):
-            shutil.rmtree(destination)
-        os.replace(tmp, destination)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_directory(destination, overwrite=overwrite) as tmp:
+            config.save_pretrained(tmp)
+            save_file({k: v.contiguous() for k, v in tensors.items()}, os.path.join(tmp, "adapter_model.safetensors"))
+    except FileExistsError:
+        raise FileExistsError(f"{destination} exists; pass overwrite=True to replace it.") from None
     return destination

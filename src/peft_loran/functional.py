@@ -221,7 +221,7 @@ class FusedLoranMatmul(torch.autograd.Function):
         need_factors = any(ctx.needs_input_grad[7:])
         grad_out = grad_out.to(x.dtype)
         acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        grad_x = torch.zeros(x.shape, dtype=acc_dtype, device=x.device) if need_x else None
+        grad_x = None
         grad_B = torch.zeros_like(at_least_float32(B)) if need_factors else None
         grad_A = torch.zeros_like(at_least_float32(A)) if need_factors else None
         grad_flat = [torch.zeros_like(at_least_float32(t)) if t is not None else None
@@ -232,7 +232,13 @@ class FusedLoranMatmul(torch.autograd.Function):
             base_rows = None if weight is None else (weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1])
             update, saved = block_update(base_rows, B[i0:i1], A, stages, activation, scaling, keep=need_factors)
             if need_x:
-                grad_x += (g @ update.to(x.dtype)).to(acc_dtype)
+                update = update.to(x.dtype)
+                if grad_x is None:
+                    grad_x = (g @ update).to(acc_dtype)
+                elif acc_dtype == x.dtype:
+                    grad_x.addmm_(g, update)
+                else:  # half precision: accumulate the blocks in float32
+                    grad_x += (g @ update).to(acc_dtype)
             del update
             if need_factors:
                 grad_h = at_least_float32((g * scaling).T @ x)

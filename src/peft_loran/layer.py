@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import resolve_quantization_backend
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from . import functional as LF
 from .activations import Activation, get_activation
@@ -267,19 +268,21 @@ class Linear(nn.Module, LoranLayer):
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _plain_weight(self) -> Optional[torch.Tensor]:
-        """The base weight (own layout) if the fused path may replace the base layer's own forward."""
+        """The base weight (own layout) if the fused path may replace the base layer's own forward: exactly an
+        ``nn.Linear`` or ``Conv1D`` (a subclass may have its own forward), a plain float32 tensor (not quantized,
+        not a DTensor, not on the meta device), frozen, and no hooks (e.g. accelerate's offloading) on the layer."""
         base = self.get_base_layer()
         weight = getattr(base, "weight", None)
+        if self.quantization_backend is not None or type(base) not in (nn.Linear, Conv1D):
+            return None
         if (
-            self.quantization_backend is not None
-            or not isinstance(weight, torch.Tensor)
+            type(weight) not in (torch.Tensor, nn.Parameter)
             or weight.dtype != torch.float32
             or weight.requires_grad
             or weight.is_meta
             or base._forward_hooks
             or base._forward_pre_hooks
             or hasattr(base, "_hf_hook")
-            or not isinstance(base, (nn.Linear,)) and not _is_conv1d(base)
         ):
             return None
         return weight
@@ -433,8 +436,3 @@ class Embedding(nn.Module, LoranLayer):
             result = result + self._adapter_output(x, adapter_name).to(result.dtype)
         return result
 
-
-def _is_conv1d(module: nn.Module) -> bool:
-    from transformers.pytorch_utils import Conv1D
-
-    return isinstance(module, Conv1D)

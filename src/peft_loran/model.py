@@ -12,10 +12,11 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .compat import convert_original_state_dict
 from .config import LORAN, MLORA, LoranConfig, MLoraConfig
-from .layer import Embedding, Linear, LoranLayer, _is_conv1d
+from .layer import Embedding, Linear, LoranLayer
 
 
 def _adapter_names_pre_forward_hook(target, args, kwargs, adapter_names):
@@ -68,7 +69,7 @@ class LoranModel(BaseTuner):
                 config = copy.copy(config)
                 config.fan_in_fan_out = False
             return Linear(target, adapter_name, config, module_name=module_name)
-        if _is_conv1d(base):
+        if isinstance(base, Conv1D):
             if not config.fan_in_fan_out:
                 warnings.warn(
                     "fan_in_fan_out is set to False but the target module is `Conv1D`. Setting fan_in_fan_out to True."

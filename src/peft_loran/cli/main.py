@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from contextlib import contextmanager
 from dataclasses import fields
@@ -137,24 +135,14 @@ def task_from(args: argparse.Namespace, profile_task: str):
 # -------------------------------------------------------------------------------------------- output dirs
 @contextmanager
 def staged_output(final: str, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; rename it to ``final`` only when the block completes."""
-    target = Path(final).expanduser().resolve()
-    if target.exists() and not overwrite:
-        raise UserError(f"output directory {final} exists; pass --overwrite to replace it")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    """Yield a temporary directory beside ``final``; it becomes ``final`` only when the block completes."""
+    from peft_loran._atomic import atomic_directory
+
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / "previous")
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, target)
+        with atomic_directory(final, overwrite=overwrite) as tmp:
+            yield tmp
+    except FileExistsError:
+        raise UserError(f"output directory {final} exists; pass --overwrite to replace it") from None
 
 
 def _write_json(path: Path, data) -> None:
