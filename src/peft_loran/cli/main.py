@@ -260,6 +260,9 @@ COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .training import quiet_libraries
+
+    quiet_libraries()
     if getattr(args, "quiet", False):
         warnings.filterwarnings("ignore")
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -7,6 +7,7 @@ dropout, targets, step budget and learning rate; only the adapter type differs.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import sys
 import time
@@ -19,6 +20,23 @@ import torch
 from .data import Example, TaskData
 from .errors import UserError
 from .models import default_targets
+
+
+def quiet_libraries() -> None:
+    """Keep the command line's log concise: bitsandbytes' optional-kernel notice on CPU and transformers' load
+    reports (e.g. "classifier.weight MISSING" for the new head, which is expected) are hidden; set
+    TRANSFORMERS_VERBOSITY=info to see them."""
+    import logging
+    import warnings
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    # deprecation notices inside transformers/PEFT/torch are for their developers, not for users of this program
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+quiet_libraries()  # also runs in the spawned per-method processes, which import this module
 
 
 @dataclass
@@ -255,6 +273,7 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
             dataloader_num_workers=0, log_level="error",
         )
         trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate(tokenizer))
+        _keep_progress_bar_only(trainer, settings.quiet)
         before = reset_peak_memory()
         started = time.perf_counter()
         trainer.train()
@@ -278,6 +297,20 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(train, method, task, settings, model_path, save_to).result()
+
+
+def _keep_progress_bar_only(trainer, quiet: bool) -> None:
+    """Trainer prints every logged dict; keep its progress bar (unless quiet) and record the losses silently."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class ProgressBarOnly(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            return None
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if not quiet:
+        trainer.add_callback(ProgressBarOnly)
 
 
 class _scratch_dir:
