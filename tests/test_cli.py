@@ -236,6 +236,15 @@ def test_adapter_that_is_not_a_directory(tmp_path, capsys):
     assert "not an adapter directory" in error_line(capsys)
 
 
+def test_epochs_instead_of_steps(tiny_encoder, cls_file, tmp_path):
+    out = tmp_path / "ep"
+    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--epochs", "1", "--batch-size", "4",
+                "--output-dir", str(out), "--quiet"]) == 0
+    curve = json.loads((out / "metrics.json").read_text())["loss_curve"]
+    # 3 labels x 12 rows, split 80/10/10 per label -> 3 x 10 = 30 train rows; batch 4: one epoch is 8 steps
+    assert curve[-1][0] == 8
+
+
 def test_python_dash_m_entry_point():
     import subprocess
     import sys

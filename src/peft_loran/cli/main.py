@@ -56,6 +56,7 @@ def _add_common(p: argparse.ArgumentParser, with_methods: bool = False) -> None:
     p.add_argument("--dropout", type=float)
     p.add_argument("--targets", help="comma-separated module names (default: the model's q/v projections)")
     p.add_argument("--steps", type=int, help="optimizer steps per method")
+    p.add_argument("--epochs", type=float, help="passes over the training data per method (instead of --steps)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--max-length", type=int)
@@ -172,7 +173,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             for method in methods:
                 label = method if len(seeds) == 1 else f"{method} (seed {seed})"
                 if not settings.quiet:
-                    print(f"== {label}: {settings.steps} steps on {task.name} ({len(task.train)} train examples)",
+                    budget = f"{settings.epochs:g} epochs" if settings.epochs else f"{settings.steps} steps"
+                    print(f"== {label}: {budget} on {task.name} ({len(task.train)} train examples)",
                           file=sys.stderr, flush=True)
                 adapter_dir = out / "adapters" / (method.replace(":", "-") + ("" if len(seeds) == 1 else f"-s{seed}"))
                 result = train_isolated(method, task, settings, model_path, adapter_dir).as_dict()

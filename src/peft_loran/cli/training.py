@@ -49,6 +49,7 @@ class Settings:
     dropout: float = 0.05
     targets: Optional[list[str]] = None
     steps: int = 60
+    epochs: Optional[float] = None  # when given, train this many passes over the data instead of `steps`
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 128
@@ -68,6 +69,8 @@ class Settings:
             raise UserError(f"--rank must be a positive integer, got {self.rank}")
         if not 0 <= self.dropout < 1:
             raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise UserError(f"--epochs must be a positive number, got {self.epochs}")
         for name in ("steps", "batch_size", "max_length", "grad_accum", "gen_tokens"):
             if getattr(self, name) <= 0:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
@@ -264,10 +267,14 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set = Encoded(task.train, tokenizer, task.kind, settings.max_length)
     with _scratch_dir() as scratch:
+        budget = (dict(num_train_epochs=settings.epochs, max_steps=-1) if settings.epochs
+                  else dict(max_steps=settings.steps))
+        steps = settings.steps if not settings.epochs else max(1, int(
+            settings.epochs * len(train_set) / (settings.batch_size * settings.grad_accum)))
         args = TrainingArguments(
-            output_dir=scratch, max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+            output_dir=scratch, **budget, per_device_train_batch_size=settings.batch_size,
             gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr, seed=settings.seed,
-            data_seed=settings.seed, logging_steps=max(1, settings.steps // 30), save_strategy="no", report_to=[],
+            data_seed=settings.seed, logging_steps=max(1, steps // 30), save_strategy="no", report_to=[],
             disable_tqdm=settings.quiet, bf16=settings.bf16, lr_scheduler_type="linear", warmup_steps=0,
             gradient_checkpointing=settings.gradient_checkpointing, remove_unused_columns=False,
             dataloader_num_workers=0, log_level="error",
