@@ -33,9 +33,6 @@ class Activation:
     offset: float = 0.0
     #: optional ``x -> (f(x), f'(x))`` sharing work between the two (Sinter computes sin and cos once)
     both: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
-    #: optional ``(base, x, alpha) -> (base + alpha f(x), f'(x) or None)`` in as few passes over memory as
-    #: possible (``base`` may be None, ``x`` may be overwritten)
-    scaled_add_fn: Optional[Callable] = None
     #: optional ``(base, B_rows, A, alpha, with_derivative) -> (base + alpha f(B_rows A), apply)`` where
     #: ``apply(g)`` returns ``g * f'(B_rows A)`` (may overwrite ``g``): the fused path's hot loop, free to
     #: rearrange the product (Sinter folds ``w`` into ``A``)
@@ -66,15 +63,15 @@ class Activation:
     def scaled_add(
         self, base: Optional[torch.Tensor], x: torch.Tensor, alpha: float, with_derivative: bool = False
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(base + alpha * f(x), f'(x) if with_derivative)``; ``base`` None means 0. May overwrite ``x``."""
-        if self.scaled_add_fn is not None and not self.offset:
-            return self.scaled_add_fn(base, x, alpha, with_derivative)
+        """``(base + alpha * f(x), f'(x) if with_derivative)``; ``base`` None means 0. Leaves ``x`` unchanged
+        (the backward of activations without an analytic derivative still needs it)."""
         if with_derivative:
             y, d = self.value_and_derivative(x)
         else:
             y, d = self(x), None
-        out = y.mul_(alpha) if base is None else torch.add(base, y, alpha=alpha)
-        return out, d
+        if base is not None:
+            return torch.add(base, y, alpha=alpha), d
+        return (y * alpha if y is x else y.mul_(alpha)), d
 
     def value_at_zero(self) -> float:
         return float(self.fn(torch.zeros((), dtype=torch.float32)))
@@ -83,7 +80,7 @@ class Activation:
         """The same activation shifted so that ``f(0) == 0`` (an all-zero ``B`` then gives an all-zero update)."""
         offset = self.value_at_zero()
         return Activation(self.name, self.fn, self.derivative, offset=offset, both=self.both,
-                          scaled_add_fn=self.scaled_add_fn, block_fn=self.block_fn if not offset else None)
+                          block_fn=self.block_fn if not offset else None)
 
 
 # A factory builds an Activation from the two Sinter-style parameters (ignored by most activations).
@@ -111,17 +108,6 @@ def _sinter(amplitude: float, frequency: float) -> Activation:
         value = one_plus * x
         return value, one_plus.addcmul_(wx, torch.cos(wx), value=a)
 
-    def scaled_add(base, x, alpha, with_derivative):
-        # base + alpha * x * (1 + a sin(w x)) = base + alpha x + alpha a x sin(w x)
-        if not with_derivative:
-            s = torch.sin(x * w)
-            out = x * alpha if base is None else torch.add(base, x, alpha=alpha)
-            return out.addcmul_(x, s, value=alpha * a), None
-        wx = x * w
-        one_plus = torch.sin(wx).mul_(a).add_(1)
-        out = (x * one_plus).mul_(alpha) if base is None else torch.addcmul(base, x, one_plus, value=alpha)
-        return out, one_plus.addcmul_(wx, torch.cos(wx), value=a)
-
     def block(base, B_rows, A, alpha, with_derivative):
         # work on u = w B A (w folded into the small A): base + alpha f(BA) = base + k u + k a u sin(u), k = alpha/w
         u = B_rows @ (A * w)
@@ -139,7 +125,7 @@ def _sinter(amplitude: float, frequency: float) -> Activation:
 
         return out, apply_derivative
 
-    return Activation("sinter", fn, derivative, both=both, scaled_add_fn=scaled_add, block_fn=block)
+    return Activation("sinter", fn, derivative, both=both, block_fn=block)
 
 
 def _cosinter(amplitude: float, frequency: float) -> Activation:

@@ -131,7 +131,8 @@ def block_update(
 ) -> tuple[torch.Tensor, list[tuple]]:
     """``base_rows + scaling * H`` (``base_rows`` None: just the scaled update) for a block of rows, plus what
     :func:`chain_rows_backward` needs when ``keep``. The plain case goes through the activation's fused
-    ``scaled_add`` (fewest passes over memory); chains through :func:`chain_rows`."""
+    ``block_fn`` where it has one (fewest passes over memory), else its ``scaled_add``; chains through
+    :func:`chain_rows`."""
     if is_plain(stages) and activation.block_fn is not None:
         out, apply_derivative = activation.block_fn(
             base_rows, at_least_float32(B_rows), at_least_float32(A), scaling, keep
