@@ -63,15 +63,14 @@ class Activation:
     def scaled_add(
         self, base: Optional[torch.Tensor], x: torch.Tensor, alpha: float, with_derivative: bool = False
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(base + alpha * f(x), f'(x) if with_derivative)``; ``base`` None means 0. Leaves ``x`` unchanged
-        (the backward of activations without an analytic derivative still needs it)."""
+        """``(base + alpha * f(x), f'(x) if with_derivative)``; ``base`` None means 0. Overwrites ``x`` only if
+        ``f`` returns ``x`` itself (the identity, whose derivative does not depend on ``x``)."""
         if with_derivative:
             y, d = self.value_and_derivative(x)
         else:
             y, d = self(x), None
-        if base is not None:
-            return torch.add(base, y, alpha=alpha), d
-        return (y * alpha if y is x else y.mul_(alpha)), d
+        out = y.mul_(alpha) if base is None else torch.add(base, y, alpha=alpha)
+        return out, d
 
     def value_at_zero(self) -> float:
         return float(self.fn(torch.zeros((), dtype=torch.float32)))
