@@ -275,3 +275,25 @@ def test_convert_original_checkpoint_gives_same_outputs(tmp_path):
     torch.testing.assert_close(logits(model, expected["input_ids"]), expected["adapter_logits"], atol=1e-5, rtol=1e-4)
     with pytest.raises(FileExistsError):
         peft_loran.convert_original_checkpoint(str(case / "adapter"), out)
+
+
+def test_layers_to_transform_and_exclude_modules():
+    model = loran_llama(target_modules=["q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers")
+    adapted = {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert adapted == {"base_model.model.model.layers.1.self_attn.q_proj",
+                       "base_model.model.model.layers.1.self_attn.v_proj"}
+    model = loran_llama(target_modules="all-linear", exclude_modules=["down_proj", "o_proj"])
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    assert names == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+
+
+def test_half_precision_base_gets_float32_adapters_and_runs():
+    base = tiny_llama(0).to(torch.bfloat16)
+    model = get_peft_model(base, LoranConfig(chain_dims=[8], use_P=True, use_b=True, init_weights=False))
+    dtypes = {p.dtype for n, p in model.named_parameters() if "loran_" in n}
+    assert dtypes == {torch.float32}  # PEFT's autocast_adapter_dtype, P and b lists included
+    out = model(input_ids=IDS, labels=IDS)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.loran_P["default"][0].grad.dtype == torch.float32
