@@ -41,6 +41,8 @@ class Case:
     device: str = "cpu"
     dtype: str = "float32"
     dropout: float = 0.0
+    gen_tokens: int = 24
+    gen_repeats: int = 3
 
 
 # ------------------------------------------------------------------------------------------------ child process
@@ -154,9 +156,14 @@ def run_child(case: Case) -> dict:
 
     # eval forward of the bare base model, in this same process, as the yardstick for the adapted eval forward
     model.eval()
+    prompt = ids[:1, :16]
+    gen_kwargs = dict(max_new_tokens=case.gen_tokens, min_new_tokens=case.gen_tokens, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         model(input_ids=ids)
         result["base_eval_s"] = _median_seconds(lambda: model(input_ids=ids), case.steps, case.device)
+        model.generate(input_ids=prompt, **gen_kwargs)
+        result["base_gen_tok_s"] = case.gen_tokens / _median_seconds(
+            lambda: model.generate(input_ids=prompt, **gen_kwargs), case.gen_repeats, case.device)
 
     model = _adapt(model, case)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -189,12 +196,9 @@ def run_child(case: Case) -> dict:
     with torch.no_grad():
         model(input_ids=ids)
         result["eval_s"] = _median_seconds(lambda: model(input_ids=ids), case.steps, case.device)
-        prompt = ids[:1, :16]
-        new_tokens = 24
-        gen_kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         model.generate(input_ids=prompt, **gen_kwargs)
-        result["gen_tok_s"] = new_tokens / _median_seconds(
-            lambda: model.generate(input_ids=prompt, **gen_kwargs), 3, case.device)
+        result["gen_tok_s"] = case.gen_tokens / _median_seconds(
+            lambda: model.generate(input_ids=prompt, **gen_kwargs), case.gen_repeats, case.device)
     return result
 
 
@@ -241,6 +245,10 @@ def table(results: list[tuple[Case, dict]]) -> str:
     return "\n".join(lines)
 
 
+def render(name: str, results: list[tuple[Case, dict]]) -> str:
+    return {"layers": layer_table, "generation": generation_table}.get(name, table)(results)
+
+
 def layer_table(results: list[tuple[Case, dict]]) -> str:
     lines = ["| layers | trainable params | mem LoRA (MB) | mem naive (MB) | mem ours (MB) | naive - LoRA (MB) | "
              "ours - LoRA (MB) |", "|---|---|---|---|---|---|---|"]
@@ -248,6 +256,19 @@ def layer_table(results: list[tuple[Case, dict]]) -> str:
         lora, naive, ours = (rows[m]["train_mem_mb"] for m in ("lora", "naive", "loran"))
         lines.append(f"| {case.layers} | {rows['loran']['trainable_params']:,} | {lora:.0f} | {naive:.0f} | {ours:.0f} | "
                      f"{naive - lora:+.0f} | {ours - lora:+.0f} |")
+    return "\n".join(lines)
+
+
+def generation_table(results: list[tuple[Case, dict]]) -> str:
+    lines = ["| hidden | layers | targets | new tokens | base tok/s | LoRA tok/s | ours tok/s | ours / LoRA | "
+             "LoRA / its base | ours / its base |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for case, rows in results:
+        lora, ours = rows["lora"], rows["loran"]
+        lines.append(f"| {case.hidden} | {case.layers} | {case.targets} | {case.gen_tokens} | "
+                     f"{ours['base_gen_tok_s']:.1f} | {lora['gen_tok_s']:.1f} | {ours['gen_tok_s']:.1f} | "
+                     f"{fmt_ratio(ours['gen_tok_s'], lora['gen_tok_s'])} | "
+                     f"{fmt_ratio(lora['gen_tok_s'], lora['base_gen_tok_s'])} | "
+                     f"{fmt_ratio(ours['gen_tok_s'], ours['base_gen_tok_s'])} |")
     return "\n".join(lines)
 
 
@@ -260,13 +281,14 @@ def presets(name: str, device: str, dtype: str) -> dict[str, list[Case]]:
     layers = [Case(**common, hidden=512, layers=n, tokens=128, targets="all") for n in (2, 4, 8)]
     if device == "cuda":  # a realistic width where a GPU is available
         headline += [Case(**common, hidden=4096, layers=4, tokens=512, targets=t, steps=5) for t in ("qv", "all")]
-    chosen = {"headline": headline, "grid": grid, "layers": layers}
+    generation = [Case(**common, targets=t, steps=1, gen_tokens=64, gen_repeats=5) for t in ("qv", "all")]
+    chosen = {"headline": headline, "grid": grid, "layers": layers, "generation": generation}
     return chosen if name == "all" else {name: chosen[name]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="headline", choices=["headline", "grid", "layers", "all"])
+    parser.add_argument("--preset", default="headline", choices=["headline", "grid", "layers", "generation", "all"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", help="write the markdown tables here (atomically)")
@@ -282,7 +304,7 @@ def main() -> None:
             raw = json.load(fh)
         for name, entries in raw.items():
             results = [(Case(**e["case"]), e["results"]) for e in entries]
-            print(f"### {name}\n\n{layer_table(results) if name == 'layers' else table(results)}\n")
+            print(f"### {name}\n\n{render(name, results)}\n")
         return
 
     sections, raw = [], {}
@@ -293,7 +315,7 @@ def main() -> None:
             print(f"[{name}] {case}", file=sys.stderr, flush=True)
             results.append((case, compare(case)))
         raw[name] = [{"case": asdict(c), "results": r} for c, r in results]
-        sections.append((name, layer_table(results) if name == "layers" else table(results)))
+        sections.append((name, render(name, results)))
 
     import torch
 

@@ -144,8 +144,14 @@ class LoranLayer(BaseTunerLayer):
         ]
 
     def _factors(self, adapter_name: str) -> list[torch.Tensor]:
-        return [self.loran_A[adapter_name], self.loran_B[adapter_name], *self.loran_P[adapter_name],
-                *self.loran_b[adapter_name]]
+        """``[A, B, *P, *b]`` of an adapter. Read from the containers' parameter dicts directly: this runs on
+        every cached no-grad call (each generated token), where nn.Module attribute look-ups dominate."""
+        modules = self._modules
+        A = modules["loran_A"]._parameters[adapter_name]
+        B = modules["loran_B"]._parameters[adapter_name]
+        Ps = modules["loran_P"]._modules[adapter_name]._parameters.values()
+        bs = modules["loran_b"]._modules[adapter_name]._parameters.values()
+        return [A, B, *Ps, *bs]
 
     def dense_update(self, adapter_name: str) -> torch.Tensor:
         """``s * f-chain(B A)`` as a float32 ``(rows, cols)`` matrix."""
@@ -267,12 +273,11 @@ class Linear(nn.Module, LoranLayer):
         self.update_layer(adapter_name, config, module_name=module_name)
 
     # ------------------------------------------------------------------------------------------------ helpers
-    def _plain_weight(self) -> Optional[torch.Tensor]:
+    def _plain_weight(self, base: nn.Module) -> Optional[torch.Tensor]:
         """The base weight (own layout) if the fused path may replace the base layer's own forward: exactly an
         ``nn.Linear`` or ``Conv1D`` (a subclass may have its own forward), a plain float32 tensor (not quantized,
         not a DTensor, not on the meta device), frozen, and no hooks (e.g. accelerate's offloading) on the layer."""
-        base = self.get_base_layer()
-        weight = getattr(base, "weight", None)
+        weight = base._parameters.get("weight")
         if self.quantization_backend is not None or type(base) not in (nn.Linear, Conv1D):
             return None
         if (
@@ -287,8 +292,9 @@ class Linear(nn.Module, LoranLayer):
             return None
         return weight
 
-    def _base_bias(self) -> Optional[torch.Tensor]:
-        return getattr(self.get_base_layer(), "bias", None)
+    @staticmethod
+    def _base_bias(base: nn.Module) -> Optional[torch.Tensor]:
+        return getattr(base, "bias", None)
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter's own contribution ``s * dropout(x) @ f(BA)^T`` (cached when no gradient is needed)."""
@@ -320,11 +326,10 @@ class Linear(nn.Module, LoranLayer):
 
         return self._cached(("weight", tuple(adapters)), self._fingerprint(tensors), build)
 
-    def _base_op(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def _base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The base layer's own computation with ``weight`` in place of its weight (Linear or Conv1D)."""
         if not self.fan_in_fan_out:
-            return F.linear(x, weight, self._base_bias())
-        bias = self._base_bias()
+            return F.linear(x, weight, bias)
         out = x.reshape(-1, x.shape[-1])
         out = torch.addmm(bias, out, weight) if bias is not None else out @ weight
         return out.reshape(*x.shape[:-1], weight.shape[1])
@@ -343,18 +348,20 @@ class Linear(nn.Module, LoranLayer):
         if self.merged or not adapters:
             return self.base_layer(x, *args, **kwargs)
 
-        weight = self._plain_weight() if not args and not kwargs else None
+        base = self.get_base_layer()
+        weight = self._plain_weight(base) if not args and not kwargs else None
         # a weight can absorb the adapters whose input is x itself (no dropout active)
         foldable = [a for a in adapters if not self._dropout_active(a)] if weight is not None else []
         if foldable and LF.compute_dtype_for(x) == torch.float32:
+            bias = self._base_bias(base)
             if self.eval_cache and not self._grad_needed(x, foldable):
-                result = self._base_op(x, self._effective_weight(weight, foldable))
+                result = self._base_op(x, self._effective_weight(weight, foldable), bias)
                 rest = [a for a in adapters if a not in foldable]
             else:
                 first = foldable[0]
                 result = LF.loran_matmul(
                     x, self.loran_A[first], self.loran_B[first], self.stages(first), self.loran_activation[first],
-                    self.loran_scaling[first], weight=weight, bias=self._base_bias(),
+                    self.loran_scaling[first], weight=weight, bias=bias,
                     weight_in_out=self.fan_in_fan_out, block_rows=self.loran_block_rows[first],
                 )
                 rest = [a for a in adapters if a != first]
