@@ -46,19 +46,6 @@ class Case:
 
 
 # ------------------------------------------------------------------------------------------------ child process
-def _rss_now_and_reset_peak() -> float:
-    with open("/proc/self/status") as fh:
-        rss = next(int(line.split()[1]) for line in fh if line.startswith("VmRSS"))
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")  # reset VmHWM (peak RSS) to the current RSS
-    return rss / 1024
-
-
-def _peak_rss() -> float:
-    with open("/proc/self/status") as fh:
-        return next(int(line.split()[1]) for line in fh if line.startswith("VmHWM")) / 1024
-
-
 class NaiveLoran:
     """The original's way: ``base(x) + s * dropout(x) @ f(B A)^T`` with the dense matrix through autograd."""
 
@@ -145,37 +132,41 @@ def _median_seconds(fn, repeats: int, device: str) -> float:
     return statistics.median(times)
 
 
+def _eval_and_generate(model, ids, case: Case) -> tuple[float, float]:
+    """Median no-grad forward time on ``ids`` and greedy-generation tokens/s from its first 16 tokens."""
+    import torch
+
+    prompt = ids[:1, :16]
+    gen_kwargs = dict(max_new_tokens=case.gen_tokens, min_new_tokens=case.gen_tokens, do_sample=False, pad_token_id=0)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids)  # warm-up (and, for LoRAN, building the eval cache)
+        eval_s = _median_seconds(lambda: model(input_ids=ids), case.steps, case.device)
+        model.generate(input_ids=prompt, **gen_kwargs)
+        gen_s = _median_seconds(lambda: model.generate(input_ids=prompt, **gen_kwargs), case.gen_repeats, case.device)
+    return eval_s, case.gen_tokens / gen_s
+
+
 def run_child(case: Case) -> dict:
     import torch
 
+    from peft_loran.cli.training import peak_memory, reset_peak_memory
+
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    cuda = case.device == "cuda"
     model = _build(case)
     ids = torch.randint(0, 4096, (case.batch, case.tokens), device=case.device)
     result: dict = {}
 
-    # eval forward of the bare base model, in this same process, as the yardstick for the adapted eval forward
-    model.eval()
-    prompt = ids[:1, :16]
-    gen_kwargs = dict(max_new_tokens=case.gen_tokens, min_new_tokens=case.gen_tokens, do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        model(input_ids=ids)
-        result["base_eval_s"] = _median_seconds(lambda: model(input_ids=ids), case.steps, case.device)
-        model.generate(input_ids=prompt, **gen_kwargs)
-        result["base_gen_tok_s"] = case.gen_tokens / _median_seconds(
-            lambda: model.generate(input_ids=prompt, **gen_kwargs), case.gen_repeats, case.device)
+    # the bare base model, in this same process, is the yardstick for the adapted eval forward and generation
+    result["base_eval_s"], result["base_gen_tok_s"] = _eval_and_generate(model, ids, case)
 
     model = _adapt(model, case)
     trainable = [p for p in model.parameters() if p.requires_grad]
     result["trainable_params"] = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-    else:
-        before = _rss_now_and_reset_peak()
+    _sync(case.device)
+    before = reset_peak_memory(case.device)  # as `peft-loran compare` measures: peak RSS, or CUDA allocations
     times = []
     for step in range(case.steps + 1):
         _sync(case.device)
@@ -188,17 +179,8 @@ def run_child(case: Case) -> dict:
         if step:  # the first step allocates optimizer state
             times.append(time.perf_counter() - t0)
     result["train_step_s"] = statistics.median(times)
-    result["train_mem_mb"] = (
-        (torch.cuda.max_memory_allocated() - before) / 2**20 if cuda else _peak_rss() - before
-    )
-
-    model.eval()
-    with torch.no_grad():
-        model(input_ids=ids)
-        result["eval_s"] = _median_seconds(lambda: model(input_ids=ids), case.steps, case.device)
-        model.generate(input_ids=prompt, **gen_kwargs)
-        result["gen_tok_s"] = case.gen_tokens / _median_seconds(
-            lambda: model.generate(input_ids=prompt, **gen_kwargs), case.gen_repeats, case.device)
+    result["train_mem_mb"] = peak_memory(case.device)[0] - before
+    result["eval_s"], result["gen_tok_s"] = _eval_and_generate(model, ids, case)
     return result
 
 

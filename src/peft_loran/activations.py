@@ -97,15 +97,15 @@ def _sinter(amplitude: float, frequency: float) -> Activation:
         # x * (1 + a sin(w x)), in three passes over x
         return torch.sin(x * w).mul_(a).add_(1).mul_(x)
 
-    def derivative(x: torch.Tensor) -> torch.Tensor:
-        wx = w * x
-        return torch.sin(wx).mul_(a).add_(1).addcmul_(wx, torch.cos(wx), value=a)
-
     def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """f(x) and f'(x) = 1 + a sin(wx) + a wx cos(wx), sharing 1 + a sin(wx)."""
         wx = w * x
-        one_plus = torch.sin(wx).mul_(a).add_(1)  # 1 + a sin(wx)
+        one_plus = torch.sin(wx).mul_(a).add_(1)
         value = one_plus * x
         return value, one_plus.addcmul_(wx, torch.cos(wx), value=a)
+
+    def derivative(x: torch.Tensor) -> torch.Tensor:
+        return both(x)[1]
 
     def block(base, B_rows, A, alpha, with_derivative):
         # work on u = w B A (w folded into the small A): base + alpha f(BA) = base + k u + k a u sin(u), k = alpha/w

@@ -13,9 +13,10 @@ import warnings
 from dataclasses import InitVar, dataclass, field
 from typing import Literal, Optional, Union
 
+import torch
 from peft.config import PeftConfig
 
-from .activations import canonical_name, get_activation
+from .activations import Activation, canonical_name, get_activation
 
 
 class ExternalPeftType(str):
@@ -139,8 +140,8 @@ class LoranConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         self.activation = canonical_name(self.activation)
-        act = get_activation(self.activation, self.sinter_amplitude, self.sinter_frequency)
-        if self.init_weights and self.zero_centered and float(act.grad(_zero(), _one())) == 0.0:
+        act = self.build_activation()
+        if self.init_weights and self.zero_centered and float(act.grad(torch.zeros(()), torch.ones(()))) == 0.0:
             warnings.warn(
                 f"activation={self.activation!r} has f'(0) = 0: with init_weights=True (B = 0) no gradient reaches "
                 "A or B and they never train. Use init_weights=False or another activation.",
@@ -151,17 +152,10 @@ class LoranConfig(PeftConfig):
     def scaling(self) -> float:
         return self.loran_alpha / self.r
 
-
-def _zero():
-    import torch
-
-    return torch.zeros(())
-
-
-def _one():
-    import torch
-
-    return torch.ones(())
+    def build_activation(self) -> Activation:
+        """The configured ``f``, shifted to ``f(x) - f(0)`` when ``zero_centered``: what every layer applies."""
+        act = get_activation(self.activation, self.sinter_amplitude, self.sinter_frequency)
+        return act.centered() if self.zero_centered else act
 
 
 # The original implementation's names and defaults (its defaults differ from the paper's Sinter setting).

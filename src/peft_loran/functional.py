@@ -230,7 +230,10 @@ class FusedLoranMatmul(torch.autograd.Function):
 
         for i0, i1 in row_blocks(B.shape[0], x.shape[-1], ctx.block_rows, x.device):
             g = grad_out[:, i0:i1]
-            base_rows = None if weight is None else (weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1])
+            # W + s f(BA) is only needed for dx; the factor gradients need only f' (kept in `saved`)
+            base_rows = None
+            if need_x and weight is not None:
+                base_rows = weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1]
             update, saved = block_update(base_rows, B[i0:i1], A, stages, activation, scaling, keep=need_factors)
             if need_x:
                 update = update.to(x.dtype)

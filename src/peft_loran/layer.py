@@ -28,7 +28,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import functional as LF
-from .activations import Activation, get_activation
+from .activations import Activation
 from .config import LoranConfig
 
 BASE_ADAPTER_NAME = "__base__"
@@ -44,13 +44,11 @@ class LoranLayer(BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = ("loran_A", "loran_B", "loran_P", "loran_b")
     other_param_names: tuple[str, ...] = (
-        "loran_r", "loran_alpha", "loran_scaling", "loran_dropout", "loran_activation", "loran_dims",
+        "loran_scaling", "loran_dropout", "loran_activation", "loran_dims", "loran_block_rows",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         self.base_layer = base_layer
-        self.loran_r: dict[str, int] = {}
-        self.loran_alpha: dict[str, float] = {}
         self.loran_scaling: dict[str, float] = {}
         self.loran_activation: dict[str, Activation] = {}
         self.loran_dims: dict[str, list[int]] = {}
@@ -95,14 +93,11 @@ class LoranLayer(BaseTunerLayer):
                 "use_P=True (mlora_use_P=True) to map the widths with P matrices."
             )
         outs = dims[1:] + [cols] if config.use_P else dims
-        self.loran_r[adapter_name] = r
-        self.loran_alpha[adapter_name] = config.loran_alpha
-        self.loran_scaling[adapter_name] = config.loran_alpha / r
+        self.loran_scaling[adapter_name] = config.scaling
         self.loran_dims[adapter_name] = dims
         self.loran_block_rows[adapter_name] = config.block_rows
         self.eval_cache = config.eval_cache
-        act = get_activation(config.activation, config.sinter_amplitude, config.sinter_frequency)
-        self.loran_activation[adapter_name] = act.centered() if config.zero_centered else act
+        self.loran_activation[adapter_name] = config.build_activation()
         self.loran_dropout[adapter_name] = (
             nn.Dropout(p=config.loran_dropout) if config.loran_dropout > 0 else nn.Identity()
         )
@@ -163,7 +158,7 @@ class LoranLayer(BaseTunerLayer):
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The update in the base weight's layout and dtype (transposed for ``fan_in_fan_out``)."""
         delta = self.dense_update(adapter_name)
-        if getattr(self, "fan_in_fan_out", False):
+        if self.fan_in_fan_out:
             delta = delta.T
         base_weight = self.get_base_layer().weight
         dtype = base_weight.dtype if base_weight.dtype.is_floating_point else torch.float32
@@ -181,12 +176,7 @@ class LoranLayer(BaseTunerLayer):
                 continue
             if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
                 raise TypeError(f"Merging is not supported for {self.quantization_backend.backend_name} layers.")
-            weight = self.get_base_weight()
-            delta = self.get_delta_weight(name).to(device=weight.device)
-            merged = weight.to(delta.dtype) + delta
-            if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs or infs detected in the merged weights. The adapter {name} seems to be broken.")
-            self.set_base_weight(merged.to(weight.dtype))
+            self._shift_base_weight(name, +1.0, check_finite=safe_merge)
             self.merged_adapters.append(name)
         self._loran_cache.clear()
 
@@ -198,10 +188,20 @@ class LoranLayer(BaseTunerLayer):
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             if name in self.loran_A:
-                weight = self.get_base_weight()
-                delta = self.get_delta_weight(name).to(device=weight.device)
-                self.set_base_weight((weight.to(delta.dtype) - delta).to(weight.dtype))
+                self._shift_base_weight(name, -1.0)
         self._loran_cache.clear()
+
+    def _shift_base_weight(self, adapter_name: str, sign: float, check_finite: bool = False) -> None:
+        """``W <- W + sign * delta`` (dequantized and re-quantized for bitsandbytes by PEFT's backend); the new
+        weight is built beside the old one, so a refused (non-finite) merge leaves ``W`` untouched."""
+        weight = self.get_base_weight()
+        delta = self.get_delta_weight(adapter_name).to(device=weight.device)
+        shifted = torch.add(weight.to(delta.dtype), delta, alpha=sign)
+        if check_finite and not torch.isfinite(shifted).all():
+            raise ValueError(
+                f"NaNs or infs detected in the merged weights. The adapter {adapter_name} seems to be broken."
+            )
+        self.set_base_weight(shifted.to(weight.dtype))
 
     # ------------------------------------------------------------------------------------- state & caching
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
@@ -210,7 +210,6 @@ class LoranLayer(BaseTunerLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.loran_block_rows.pop(adapter_name, None)
         self._loran_cache.clear()
 
     def train(self, mode: bool = True):
@@ -256,6 +255,39 @@ class LoranLayer(BaseTunerLayer):
 
     def _active_here(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.loran_A]
+
+    # ---------------------------------------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The PEFT-wide cases (disabled, mixed batch, merged, nothing active) here; the adapted case in
+        each layer's ``_adapted_forward``."""
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            result = self.base_layer(x, *args, **kwargs)
+            for adapter_name in sorted(set(adapter_names)):
+                if adapter_name == BASE_ADAPTER_NAME or adapter_name not in self.loran_A:
+                    continue
+                rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
+                result[rows] += self._adapter_output(x[rows], adapter_name).to(result.dtype)
+            return result
+        adapters = self._active_here()
+        if self.merged or not adapters:
+            return self.base_layer(x, *args, **kwargs)
+        return self._adapted_forward(x, adapters, *args, **kwargs)
+
+    def _adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus each active adapter's contribution (layers override this with something cheaper)."""
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter_name in adapters:
+            result = result + self._adapter_output(x, adapter_name).to(result.dtype)
+        return result
+
+    def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         return "loran." + super().__repr__()
@@ -317,12 +349,11 @@ class Linear(nn.Module, LoranLayer):
         anything it depends on changes)."""
         tensors = [weight] + [t for a in adapters for t in self._factors(a)]
 
-        def build():
-            total = weight.float().clone()
+        def build():  # the fold only applies to float32 weights, so the deltas need no casting
+            total = weight.clone()
             for a in adapters:
-                update = self.dense_update(a)
-                total += update.T if self.fan_in_fan_out else update
-            return total.to(weight.dtype)
+                total += self.get_delta_weight(a)
+            return total
 
         return self._cached(("weight", tuple(adapters)), self._fingerprint(tensors), build)
 
@@ -335,19 +366,9 @@ class Linear(nn.Module, LoranLayer):
         return out.reshape(*x.shape[:-1], weight.shape[1])
 
     # ---------------------------------------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
-        adapters = self._active_here()
-        if self.merged or not adapters:
-            return self.base_layer(x, *args, **kwargs)
+    forward = LoranLayer.forward  # nn.Module comes first in the bases and would shadow it
 
+    def _adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         weight = self._plain_weight(base) if not args and not kwargs else None
         # a weight can absorb the adapters whose input is x itself (no dropout active)
@@ -372,15 +393,6 @@ class Linear(nn.Module, LoranLayer):
             result = self.quantization_backend.maybe_clone_base_result(result)
         for adapter_name in rest:
             result = result + self._adapter_output(x, adapter_name).to(result.dtype)
-        return result
-
-    def _mixed_batch_forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any):
-        result = self.base_layer(x, *args, **kwargs)
-        for adapter_name in sorted(set(adapter_names)):
-            if adapter_name == BASE_ADAPTER_NAME or adapter_name not in self.loran_A:
-                continue
-            rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
-            result[rows] += self._adapter_output(x[rows], adapter_name).to(result.dtype)
         return result
 
 
@@ -422,24 +434,4 @@ class Embedding(nn.Module, LoranLayer):
         embed_scale = self._get_embed_scale()
         return out * embed_scale.to(out.dtype) if embed_scale is not None else out
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self._check_forward_args(x, *args, **kwargs)
-        adapter_names = kwargs.pop("adapter_names", None)
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
-        if adapter_names is not None:
-            for adapter_name in sorted(set(adapter_names)):
-                if adapter_name == BASE_ADAPTER_NAME or adapter_name not in self.loran_A:
-                    continue
-                rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
-                result[rows] += self._adapter_output(x[rows], adapter_name).to(result.dtype)
-            return result
-        if self.merged:
-            return result
-        for adapter_name in self._active_here():
-            result = result + self._adapter_output(x, adapter_name).to(result.dtype)
-        return result
-
+    forward = LoranLayer.forward  # nn.Module comes first in the bases and would shadow it

@@ -50,61 +50,53 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ inspect
-def load_adapter(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config dict, tensors) of a PEFT adapter directory: ours, PEFT LoRA, or the original's MLORA format."""
+def load_adapter(path: str):
+    """(peft_type as written, config object, tensors) of an adapter directory: ours, PEFT LoRA, or the original's
+    MLORA format (its config becomes a LoRAN config, its pickle is read as plain tensors only)."""
+    from peft import PeftConfig
     from safetensors.torch import load_file
 
+    import peft_loran  # noqa: F401  (registers LORAN and MLORA with PEFT)
     from peft_loran.compat import convert_original_state_dict, load_tensors_safely
 
     root = Path(path)
     config_path = root / "adapter_config.json"
     if not config_path.exists():
         raise UserError(f"{path} is not an adapter directory (no adapter_config.json)")
-    config = json.loads(config_path.read_text())
-    if (root / "adapter_model.safetensors").exists():
-        tensors = load_file(root / "adapter_model.safetensors")
-    elif (root / "adapter_model.bin").exists():
-        try:
+    written_type = json.loads(config_path.read_text()).get("peft_type")
+    try:
+        config = PeftConfig.from_pretrained(str(root))
+        if (root / "adapter_model.safetensors").exists():
+            tensors = load_file(root / "adapter_model.safetensors")
+        elif (root / "adapter_model.bin").exists():
             tensors = load_tensors_safely(str(root / "adapter_model.bin"))
-        except ValueError as exc:
-            raise UserError(str(exc)) from None
-    else:
-        raise UserError(f"{path} has no adapter_model.safetensors or adapter_model.bin")
-    return config, convert_original_state_dict(tensors)
+        else:
+            raise UserError(f"{path} has no adapter_model.safetensors or adapter_model.bin")
+    except (ValueError, KeyError) as exc:
+        raise UserError(f"{path}: {str(exc).splitlines()[0]}") from None
+    return written_type, config, convert_original_state_dict(tensors)
 
 
-def layer_updates(config: dict, tensors: dict[str, torch.Tensor]):
+def layer_updates(config, tensors: dict[str, torch.Tensor]):
     """Yield (layer name, rank r, dense update s*f(BA) or s*BA) for each adapted layer."""
     from peft_loran import functional as LF
-    from peft_loran.activations import get_activation
+    from peft_loran.config import LoranConfig
 
-    peft_type = config.get("peft_type")
-    if peft_type in ("LORAN", "MLORA"):
-        from peft import PeftConfig
-
-        from peft_loran.config import LoranConfig, MLoraConfig
-
-        cls = MLoraConfig if peft_type == "MLORA" else LoranConfig
-        known = {k: v for k, v in config.items() if k in cls.__dataclass_fields__ or k.startswith("mlora_")
-                 or k == "init_mlora_weights"}
-        cfg = cls(**known)
-        act = get_activation(cfg.activation, cfg.sinter_amplitude, cfg.sinter_frequency)
-        act = act.centered() if cfg.zero_centered else act
+    if isinstance(config, LoranConfig):
+        act = config.build_activation()
         for key in sorted(k for k in tensors if k.endswith("loran_A")):
             layer = key[: -len(".loran_A")]
             A, B = tensors[key].float(), tensors[layer + ".loran_B"].float()
-            stages = []
-            for k in range(len(cfg.chain_dims or [A.shape[1]])):
-                stages.append((tensors.get(f"{layer}.loran_P.{k}"), tensors.get(f"{layer}.loran_b.{k}")))
-            yield layer, cfg.r, LF.delta_weight(A, B, stages, act, cfg.scaling)
-        _ = PeftConfig
-    elif peft_type == "LORA":
-        scaling = config["lora_alpha"] / config["r"]
+            stages = [(tensors.get(f"{layer}.loran_P.{k}"), tensors.get(f"{layer}.loran_b.{k}"))
+                      for k in range(len(config.chain_dims or [A.shape[1]]))]
+            yield layer, config.r, LF.delta_weight(A, B, stages, act, config.scaling)
+    elif getattr(config, "peft_type", None) == "LORA":
+        scaling = config.lora_alpha / config.r
         for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
             layer = key[: -len(".lora_A.weight")]
-            yield layer, config["r"], scaling * tensors[layer + ".lora_B.weight"].float() @ tensors[key].float()
+            yield layer, config.r, scaling * tensors[layer + ".lora_B.weight"].float() @ tensors[key].float()
     else:
-        raise UserError(f"cannot inspect adapters of type {peft_type}; LoRAN, MLORA and LoRA are supported")
+        raise UserError(f"cannot inspect adapters of type {config.peft_type}; LoRAN, MLORA and LoRA are supported")
 
 
 def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
@@ -115,13 +107,14 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     import matplotlib.pyplot as plt
     from tqdm.auto import tqdm
 
-    config, tensors = load_adapter(path)
+    from peft_loran.config import LoranConfig
+
+    written_type, config, tensors = load_adapter(path)
     layers = list(tqdm(layer_updates(config, tensors), desc="spectra", disable=quiet, leave=False))
     if not layers:
         raise UserError(f"{path}: no adapter layers found in the weights")
-    summary = {"peft_type": config.get("peft_type"), "parameters": sum(t.numel() for t in tensors.values()),
-               "layers": []}
-    has_activation = config.get("peft_type") in ("LORAN", "MLORA")
+    summary = {"peft_type": written_type, "parameters": sum(t.numel() for t in tensors.values()), "layers": []}
+    has_activation = isinstance(config, LoranConfig)
     fig, axes = plt.subplots(1, 2 if has_activation else 1, figsize=(12 if has_activation else 7, 4.5))
     spec_ax = axes[0] if has_activation else axes
     for name, r, delta in layers:
@@ -141,16 +134,12 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     unique = dict(zip(labels, handles))
     spec_ax.legend(unique.values(), unique.keys(), fontsize=8)
     if has_activation:
-        from peft_loran.activations import get_activation
-
-        act = get_activation(config.get("activation") or config.get("mlora_af", "sigmoid"),
-                             config.get("sinter_amplitude", config.get("mlora_af_sin_A", 5e-5)),
-                             config.get("sinter_frequency", config.get("mlora_af_sin_omega", 1e4)))
+        act = config.build_activation()
         A_keys = [k for k in tensors if k.endswith("loran_A")]
         B0 = tensors[A_keys[0][: -len("A")] + "B"].float()
         span = float((B0 @ tensors[A_keys[0]].float()).abs().max()) or 1.0
         x = torch.linspace(-span, span, 2001)
-        axes[1].plot(x, act.fn(x) - x, label="f(x) - x")
+        axes[1].plot(x, act(x) - x, label="f(x) - x")
         axes[1].set_title(f"{act.name}: f(x) - x over the range of BA")
         axes[1].set_xlabel("x")
         axes[1].grid(alpha=0.3)

@@ -10,6 +10,7 @@ import math
 import os
 import resource
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -108,7 +109,7 @@ def parse_method(method: str) -> tuple[str, Optional[str]]:
     return kind, activation or None
 
 
-def peft_config(method: str, settings: Settings, task_kind: str, model_type: str, num_layers: int):
+def peft_config(method: str, settings: Settings, task_kind: str, model_type: str):
     from peft import LoraConfig, TaskType
 
     from peft_loran import LoranConfig
@@ -225,9 +226,14 @@ def collate(tokenizer):
 
 
 # ----------------------------------------------------------------------------------------------------- memory
-def reset_peak_memory() -> float:
-    """Reset the process's peak-memory counter where the OS allows; returns the current level in MB."""
-    if torch.cuda.is_available():
+def _on_cuda(device: Optional[str]) -> bool:
+    return torch.cuda.is_available() if device is None else device == "cuda"
+
+
+def reset_peak_memory(device: Optional[str] = None) -> float:
+    """Reset the peak-memory counter (CUDA allocations, else the process's peak RSS where the OS allows);
+    returns the current level in MB. ``device`` None: CUDA when available, as the Trainer does."""
+    if _on_cuda(device):
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated() / 2**20
     try:
@@ -240,8 +246,9 @@ def reset_peak_memory() -> float:
         return 0.0
 
 
-def peak_memory() -> tuple[float, str]:
-    if torch.cuda.is_available():
+def peak_memory(device: Optional[str] = None) -> tuple[float, str]:
+    """(peak in MB since :func:`reset_peak_memory`, what was measured)."""
+    if _on_cuda(device):
         return torch.cuda.max_memory_allocated() / 2**20, "cuda max_memory_allocated"
     try:
         with open("/proc/self/status") as fh:
@@ -258,15 +265,14 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
 
     set_seed(settings.seed)
     model, tokenizer = load_base(model_path, task, settings)
-    config = peft_config(method, settings, task.kind, model.config.model_type,
-                         getattr(model.config, "num_hidden_layers", 0))
+    config = peft_config(method, settings, task.kind, model.config.model_type)
     try:
         model = get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"{method}: {str(exc).splitlines()[0]}") from None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set = Encoded(task.train, tokenizer, task.kind, settings.max_length)
-    with _scratch_dir() as scratch:
+    with tempfile.TemporaryDirectory(prefix="peft-loran-trainer-") as scratch:  # we save adapters ourselves
         budget = (dict(num_train_epochs=settings.epochs, max_steps=-1) if settings.epochs
                   else dict(max_steps=settings.steps))
         steps = settings.steps if not settings.epochs else max(1, int(
@@ -318,21 +324,6 @@ def _keep_progress_bar_only(trainer, quiet: bool) -> None:
     trainer.remove_callback(ProgressCallback)
     if not quiet:
         trainer.add_callback(ProgressBarOnly)
-
-
-class _scratch_dir:
-    """A throw-away Trainer output directory (we save adapters ourselves)."""
-
-    def __enter__(self) -> str:
-        import tempfile
-
-        self.path = tempfile.mkdtemp(prefix="peft-loran-trainer-")
-        return self.path
-
-    def __exit__(self, *exc) -> None:
-        import shutil
-
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------------------- evaluation
