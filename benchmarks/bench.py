@@ -165,18 +165,29 @@ def run_child(case: Case) -> dict:
     result["trainable_params"] = sum(p.numel() for p in trainable)
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     model.train()
+
+    def train_step(input_ids):
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    # One-time costs first, on 8 tokens so that little training memory is touched: compiling LoRAN's kernels
+    # (their shapes depend on the layers, not the tokens) and the optimizer state. Reported, not in the figures.
     _sync(case.device)
+    warm_before = reset_peak_memory(case.device)
+    t0 = time.perf_counter()
+    train_step(ids[:, :8])
+    _sync(case.device)
+    result["warmup_s"] = time.perf_counter() - t0
+    result["warmup_mem_mb"] = peak_memory(case.device)[0] - warm_before
     before = reset_peak_memory(case.device)  # as `peft-loran compare` measures: peak RSS, or CUDA allocations
     times = []
     for step in range(case.steps + 1):
         _sync(case.device)
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(ids)
         _sync(case.device)
-        if step:  # the first step allocates optimizer state
+        if step:  # the first full-size step allocates the allocator's working set
             times.append(time.perf_counter() - t0)
     result["train_step_s"] = statistics.median(times)
     result["train_mem_mb"] = peak_memory(case.device)[0] - before
@@ -185,10 +196,15 @@ def run_child(case: Case) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- orchestrator
+#: ``loran_eager`` is ours with the compiled kernels switched off (PEFT_LORAN_COMPILE=0): what they buy.
+METHODS = ("lora", "naive", "loran", "loran_eager")
+
+
 def measure(case: Case) -> dict:
     """Run one case in a fresh interpreter and return its measurements."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(asdict(case))]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    env = {**os.environ, "PEFT_LORAN_COMPILE": "0"} if case.method == "loran_eager" else None
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed for {case}:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -197,7 +213,7 @@ def measure(case: Case) -> dict:
 def compare(base: Case) -> dict:
     """LoRA, naive LoRAN and ours on the same shape, one after the other; ratios against LoRA / the base model."""
     rows = {}
-    for method in ("lora", "naive", "loran"):
+    for method in METHODS:
         case = Case(**{**asdict(base), "method": method})
         rows[method] = measure(case)
         print(f"  {method:6s} {json.dumps(rows[method])}", file=sys.stderr, flush=True)
@@ -210,16 +226,18 @@ def fmt_ratio(a: float, b: float) -> str:
 
 def table(results: list[tuple[Case, dict]]) -> str:
     head = ("| hidden | layers | tokens | r | targets | dropout | step LoRA (s) | step naive / LoRA | step ours / LoRA | "
-            "mem LoRA (MB) | mem naive / LoRA | mem ours / LoRA | eval ours / base | eval LoRA / base | "
-            "eval naive / base | gen tok/s ours / LoRA |")
+            "step ours, eager kernels / LoRA | mem LoRA (MB) | mem naive / LoRA | mem ours / LoRA | "
+            "eval ours / base | eval LoRA / base | eval naive / base | gen tok/s ours / LoRA |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for case, rows in results:
         lora, naive, ours = rows["lora"], rows["naive"], rows["loran"]
+        eager = rows.get("loran_eager")  # absent from runs made before the compiled kernels
         lines.append(
             f"| {case.hidden} | {case.layers} | {case.tokens} | {case.rank} | {case.targets} | {case.dropout} | "
             f"{lora['train_step_s']:.3f} | {fmt_ratio(naive['train_step_s'], lora['train_step_s'])} | "
-            f"{fmt_ratio(ours['train_step_s'], lora['train_step_s'])} | {lora['train_mem_mb']:.0f} | "
-            f"{fmt_ratio(naive['train_mem_mb'], lora['train_mem_mb'])} | "
+            f"{fmt_ratio(ours['train_step_s'], lora['train_step_s'])} | "
+            f"{fmt_ratio(eager['train_step_s'], lora['train_step_s']) if eager else 'n/a'} | "
+            f"{lora['train_mem_mb']:.0f} | {fmt_ratio(naive['train_mem_mb'], lora['train_mem_mb'])} | "
             f"{fmt_ratio(ours['train_mem_mb'], lora['train_mem_mb'])} | "
             f"{fmt_ratio(ours['eval_s'], ours['base_eval_s'])} | {fmt_ratio(lora['eval_s'], lora['base_eval_s'])} | "
             f"{fmt_ratio(naive['eval_s'], naive['base_eval_s'])} | {fmt_ratio(ours['gen_tok_s'], lora['gen_tok_s'])} |"
@@ -227,8 +245,24 @@ def table(results: list[tuple[Case, dict]]) -> str:
     return "\n".join(lines)
 
 
+def warmup_table(results: list[tuple[Case, dict]]) -> str:
+    """One-time costs (the 8-token warm-up step: kernel compilation, optimizer state), not in the ratios."""
+    lines = ["| hidden | tokens | r | targets | dropout | " + " | ".join(f"{m} warm-up s / MB" for m in METHODS) + " |",
+             "|---|---|---|---|---|" + "---|" * len(METHODS)]
+    for case, rows in results:
+        cells = [f"{rows[m]['warmup_s']:.1f} / {rows[m]['warmup_mem_mb']:.0f}" if "warmup_s" in rows.get(m, {})
+                 else "n/a" for m in METHODS]
+        lines.append(f"| {case.hidden} | {case.tokens} | {case.rank} | {case.targets} | {case.dropout} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(name: str, results: list[tuple[Case, dict]]) -> str:
-    return {"layers": layer_table, "generation": generation_table}.get(name, table)(results)
+    if name in ("layers", "generation"):
+        return {"layers": layer_table, "generation": generation_table}[name](results)
+    if not any("warmup_s" in row for _, rows in results for row in rows.values()):
+        return table(results)
+    return f"{table(results)}\n\nOne-time costs:\n\n{warmup_table(results)}"
 
 
 def layer_table(results: list[tuple[Case, dict]]) -> str:

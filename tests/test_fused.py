@@ -35,6 +35,11 @@ class One(nn.Module):
     conv=st.booleans(), dropout=st.sampled_from([0.0, 0.3]), tokens=st.integers(1, 7), seed=st.integers(0, 10_000),
 )
 def test_fused_equals_reference(in_f, out_f, r, act, chain, block, conv, dropout, tokens, seed):
+    check_fused_layer_against_reference(in_f, out_f, r, act, chain, block, conv, dropout, tokens, seed)
+
+
+def check_fused_layer_against_reference(in_f, out_f, r, act, chain, block, conv, dropout, tokens, seed):
+    """One adapted layer's output and gradients (input, A, B, P, b) against the plain float64 reference."""
     torch.manual_seed(seed)
     chains = {"plain": {}, "P": dict(chain_dims=[5], use_P=True),
               "Pb2": dict(chain_dims=[3, 4], use_P=True, use_b=True), "b": dict(use_b=True)}

@@ -22,6 +22,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from . import kernels
 from .activations import Activation
 
 # A stage of the chain: (P or None, b or None).
@@ -133,6 +134,10 @@ def block_update(
     :func:`chain_rows_backward` needs when ``keep``. The plain case goes through the activation's fused
     ``block_fn`` where it has one (fewest passes over memory), else its ``scaled_add``; chains through
     :func:`chain_rows`."""
+    if is_plain(stages) and not keep:
+        fused = kernels.value(activation, base_rows, at_least_float32(B_rows), at_least_float32(A), scaling)
+        if fused is not None:
+            return fused, []
     if is_plain(stages) and activation.block_fn is not None:
         out, apply_derivative = activation.block_fn(
             base_rows, at_least_float32(B_rows), at_least_float32(A), scaling, keep
@@ -146,6 +151,34 @@ def block_update(
         return out, [(None, None, fprime)] if keep else []
     h, saved = chain_rows(B_rows, A, stages, activation, keep=keep)
     return (h.mul_(scaling) if base_rows is None else torch.add(base_rows, h, alpha=scaling)), saved
+
+
+def block_update_and_grads(
+    base_rows: Optional[torch.Tensor],
+    B_rows: torch.Tensor,
+    A: torch.Tensor,
+    stages: Sequence[Stage],
+    activation: Activation,
+    scaling: float,
+    grad_h: Optional[torch.Tensor],
+    need_update: bool = True,
+) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
+    """One block of the backward: the update as :func:`block_update` builds it (when ``need_update``; it feeds
+    ``dx``) and, given ``grad_h`` (the gradient of the block's ``H_K`` rows), :func:`chain_rows_backward`'s
+    ``(grad_B_rows, grad_A, grad_P, grad_b)``. The plain case runs as one compiled kernel where available
+    (:mod:`peft_loran.kernels`), which is why ``grad_h`` comes in before the update is built."""
+    if grad_h is None:
+        update = block_update(base_rows, B_rows, A, stages, activation, scaling)[0] if need_update else None
+        return update, None
+    B32, A32 = at_least_float32(B_rows), at_least_float32(A)
+    if is_plain(stages):
+        fused = kernels.value_and_grad(activation, base_rows, B32, A32, scaling, grad_h, need_update)
+        if fused is not None:
+            update, grad_z = fused
+            return update, (grad_z @ A32.T, B32.T @ grad_z, [None], [None])
+    update, saved = block_update(base_rows, B_rows, A, stages, activation, scaling, keep=True)
+    grads = chain_rows_backward(grad_h, B_rows, A, stages, activation, saved)
+    return (update if need_update else None), grads
 
 
 def delta_weight(
@@ -230,11 +263,15 @@ class FusedLoranMatmul(torch.autograd.Function):
 
         for i0, i1 in row_blocks(B.shape[0], x.shape[-1], ctx.block_rows, x.device):
             g = grad_out[:, i0:i1]
-            # W + s f(BA) is only needed for dx; the factor gradients need only f' (kept in `saved`)
+            # W + s f(BA) is only needed for dx; the factor gradients need only f'
             base_rows = None
             if need_x and weight is not None:
                 base_rows = weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1]
-            update, saved = block_update(base_rows, B[i0:i1], A, stages, activation, scaling, keep=need_factors)
+            grad_h = at_least_float32((g * scaling).T @ x) if need_factors else None
+            update, block_grads = block_update_and_grads(
+                base_rows, B[i0:i1], A, stages, activation, scaling, grad_h, need_update=need_x
+            )
+            del grad_h
             if need_x:
                 update = update.to(x.dtype)
                 if grad_x is None:
@@ -245,9 +282,8 @@ class FusedLoranMatmul(torch.autograd.Function):
                     grad_x += (g @ update).to(acc_dtype)
             del update
             if need_factors:
-                grad_h = at_least_float32((g * scaling).T @ x)
-                dB, dA, dP, db = chain_rows_backward(grad_h, B[i0:i1], A, stages, activation, saved)
-                del grad_h, saved
+                dB, dA, dP, db = block_grads
+                del block_grads
                 grad_B[i0:i1] = dB
                 grad_A += dA
                 for k, (gp, gb) in enumerate(zip(dP, db)):

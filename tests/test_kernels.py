@@ -1,0 +1,134 @@
+"""The compiled element-wise kernels (peft_loran.kernels) against the plain float64 reference, the fused layer
+with the kernels switched on, and the fall-back to the eager kernels."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from peft import inject_adapter_in_model
+
+from peft_loran import LoranConfig, get_activation, kernels, set_kernel_compilation
+
+from .reference import activation, layer_factors, naive_linear_output
+from .test_fused import One, check_fused_layer_against_reference
+
+# (name, a, w): Sinter at the paper's setting and a strong one, plus activations with an offset (sigmoid: zero-centred)
+SETTINGS = [("sinter", 0.5, 3.0), ("sinter", 5e-5, 1e4), ("tanh", 0, 0), ("sigmoid", 0, 0), ("gaussian", 0, 0),
+            ("cosinter", 0.5, 3.0)]
+
+
+@pytest.fixture(autouse=True)
+def compiled_kernels():
+    set_kernel_compilation("1")  # every block size, so these small tensors use the compiled kernels
+    yield
+    set_kernel_compilation("auto")
+
+
+def reference_value_and_derivative(name, a, w, B, A, centered):
+    f = activation(name, a, w)
+    z = (B.double() @ A.double()).requires_grad_(True)
+    y = f(z) - (f(torch.zeros((), dtype=torch.float64)) if centered else 0)
+    (d,) = torch.autograd.grad(y.sum(), z)
+    return y.detach(), d
+
+
+@pytest.mark.parametrize("rank", [1, 8, 12])  # the product formed inside the kernel (r <= 8) and as a GEMM
+def test_kernels_equal_the_float64_reference(rank):
+    torch.manual_seed(rank)
+    rows, cols, scaling = 24, 40, 1.7
+    # every setting in turn in one process: a kernel compiled for one setting must never serve another
+    for name, a, w in SETTINGS:
+        act = get_activation(name, a or 5e-5, w or 1e4)
+        centered = act.value_at_zero() != 0
+        act = act.centered() if centered else act
+        B = torch.randn(rows, rank) * (0.03 if w == 1e4 else 0.5)  # Sinter at w = 1e4: |BA| ~ 1e-3, as in training
+        A = torch.randn(rank, cols) * (0.03 if w == 1e4 else 0.5)
+        base, grad_h = torch.randn(rows, cols), torch.randn(rows, cols)
+        f_ref, d_ref = reference_value_and_derivative(name, a, w, B, A, centered)
+        with torch.no_grad():
+            value = kernels.value(act, base, B, A, scaling)
+            update, grad = kernels.value_and_grad(act, None, B, A, scaling, grad_h, True)
+            none, grad_only = kernels.value_and_grad(act, base, B, A, scaling, grad_h, False)
+        assert none is None and kernels.kernel_compilation() == "1", f"{name}: compiled kernels were not used"
+        torch.testing.assert_close(value.double(), base.double() + scaling * f_ref, atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(update.double(), scaling * f_ref, atol=2e-6, rtol=1e-5)
+        for g in (grad, grad_only):
+            torch.testing.assert_close(g.double(), grad_h.double() * d_ref, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_kernels_are_not_used_where_autograd_is_wanted_or_blocks_are_small():
+    act = get_activation("tanh")
+    B, A = torch.randn(4, 2, requires_grad=True), torch.randn(2, 5)
+    assert kernels.value(act, None, B, A, 1.0) is None  # grad enabled: the caller differentiates the eager ops
+    set_kernel_compilation("auto")
+    with torch.no_grad():
+        assert kernels.value(act, None, B, A, 1.0) is None  # 20 elements: below MIN_ELEMENTS
+    set_kernel_compilation(False)
+    with torch.no_grad():
+        assert kernels.value(act, None, torch.randn(512, 2), torch.randn(2, 512), 1.0) is None
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    in_f=st.integers(2, 24), out_f=st.integers(2, 24), r=st.integers(2, 12), act=st.sampled_from(["sinter", "tanh"]),
+    block=st.one_of(st.none(), st.integers(2, 9)), conv=st.booleans(), dropout=st.sampled_from([0.0, 0.3]),
+    tokens=st.integers(1, 7), seed=st.integers(0, 10_000),
+)
+def test_fused_layer_with_compiled_kernels_equals_reference(in_f, out_f, r, act, block, conv, dropout, tokens, seed):
+    check_fused_layer_against_reference(in_f, out_f, r, act, "plain", block, conv, dropout, tokens, seed)
+
+
+def test_large_layer_uses_the_kernels_in_auto_mode_and_matches_the_reference():
+    """A layer above the size threshold, default mode: the training step equals the float64 reference."""
+    set_kernel_compilation("auto")
+    torch.manual_seed(0)
+    config = LoranConfig(target_modules=["layer"], r=8, init_weights=False, sinter_amplitude=0.5,
+                         sinter_frequency=3.0)
+    layer = inject_adapter_in_model(config, One(256, 192, conv=False)).layer  # 49,152 elements >= MIN_ELEMENTS
+    with torch.no_grad():
+        layer.loran_B["default"].mul_(0.3)
+    layer.train()
+    x = torch.randn(2, 5, 256, requires_grad=True)
+    calls = []
+    original = kernels._run
+    kernels._run = lambda *args: calls.append(args[1]) or original(*args)
+    try:
+        y = layer(x)
+        grad = torch.randn_like(y)
+        A, B, Ps, bs, s = layer_factors(layer)
+        params = [x, A, B]
+        got = torch.autograd.grad(y, params, grad)
+    finally:
+        kernels._run = original
+    assert {"value", "value_and_grad"} <= set(calls)
+    base = layer.get_base_layer()
+    ref = naive_linear_output(x, base.weight, base.bias, A, B, Ps, bs, activation("sinter", 0.5, 3.0), s)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+    for g, w in zip(got, torch.autograd.grad(ref, params, grad.double())):
+        torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_failing_compiler_falls_back_to_the_eager_kernels(monkeypatch):
+    def broken(activation):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(kernels, "_build", broken)
+    monkeypatch.setattr(kernels, "_kernels", {})
+    torch.manual_seed(0)
+    layer = inject_adapter_in_model(LoranConfig(target_modules=["layer"], r=4, init_weights=False,
+                                                activation="tanh"), One(12, 10, conv=False)).layer
+    x = torch.randn(3, 12)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        y = layer(x)
+    assert kernels.kernel_compilation() == "0"
+    A, B, Ps, bs, s = layer_factors(layer)
+    base = layer.get_base_layer()
+    ref = naive_linear_output(x, base.weight, base.bias, A, B, Ps, bs, activation("tanh"), s)
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_mode_names_the_parameter():
+    with pytest.raises(ValueError, match="`mode`"):
+        set_kernel_compilation("sometimes")
