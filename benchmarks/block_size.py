@@ -1,6 +1,7 @@
-"""Time of one fused LoRAN layer (forward + backward) by block size, next to the plain base layer.
+"""Time of one fused LoRAN layer (forward + backward) by block size, with the compiled and with the eager
+element-wise kernels, next to the plain base layer.
 
-    python benchmarks/block_size.py            # prints a markdown table
+    python benchmarks/block_size.py            # prints a markdown table: "compiled / eager" milliseconds
 
 The block budget (elements of one ``(rows, in)`` block) trades cache locality of the element-wise passes against
 GEMM width; ``PEFT_LORAN_BLOCK_ELEMENTS`` / ``LoranConfig(block_rows=...)`` set it.
@@ -15,7 +16,7 @@ import time
 import torch
 
 from peft_loran import functional as LF
-from peft_loran import get_activation
+from peft_loran import get_activation, set_kernel_compilation
 
 SHAPES = [(1024, 1024), (2816, 1024), (1024, 2816)]
 EXPONENTS = [16, 17, 18, 19, 20]
@@ -55,7 +56,11 @@ def main() -> None:
                 y = LF.loran_matmul(x, A, B, [(None, None)], act, 2.0, weight=W, block_rows=rows)
                 y.backward(torch.ones_like(y))
 
-            cells.append(f"{timed(fused):.1f}")
+            times = []
+            for mode in ("auto", "0"):
+                set_kernel_compilation(mode)
+                times.append(timed(fused))
+            cells.append(" / ".join(f"{t:.1f}" for t in times))
         print(f"| {out_f} x {in_f} | {timed(base):.1f} | " + " | ".join(cells) + " |")
 
 

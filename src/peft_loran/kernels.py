@@ -66,6 +66,12 @@ def _auto_device(device: torch.device) -> bool:
     return _device_ok[device.type]
 
 
+def compiled_on(device: torch.device) -> bool:
+    """Whether large blocks on ``device`` run through the compiled kernels (as far as can be known before trying)."""
+    mode = kernel_compilation()
+    return mode == "1" or (mode == "auto" and _auto_device(device))
+
+
 def _usable(activation: Activation, reference: torch.Tensor, numel: int, need_derivative: bool) -> bool:
     mode = kernel_compilation()
     # Only in no-grad code (the fused Function's forward/backward, merges, the eval cache): with grad enabled the
