@@ -3,6 +3,8 @@ with the kernels switched on, and the fall-back to the eager kernels."""
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -115,7 +117,7 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernels(monkeypatch):
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(kernels, "_build", broken)
-    monkeypatch.setattr(kernels, "_kernels", {})
+    monkeypatch.setattr(kernels, "_kernels", weakref.WeakKeyDictionary())
     torch.manual_seed(0)
     layer = inject_adapter_in_model(LoranConfig(target_modules=["layer"], r=4, init_weights=False,
                                                 activation="tanh"), One(12, 10, conv=False)).layer

@@ -29,10 +29,11 @@ from .activations import Activation
 Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
 #: Elements of one transient ``(rows, in)`` float32 block; backward keeps about five such temporaries alive. On CPU
-#: 2**18 (1 MiB) keeps the eager kernels' element-wise passes in cache, while the compiled kernels (one pass per
-#: block) are fastest at 2**20 (docs/benchmarks.md, "Block size"); on GPUs 2**22 (16 MiB) keeps the GEMMs wide.
-#: Override per layer with ``LoranConfig(block_rows=...)`` or for the process with ``PEFT_LORAN_BLOCK_ELEMENTS``.
-BLOCK_ELEMENTS_CPU = {"eager": 2**18, "compiled": 2**20}
+#: 2**18 (1 MiB) keeps the element-wise passes in cache and the transient memory small (2**20 was a few percent
+#: faster with the compiled kernels but cost up to 100 MB more peak RSS, docs/benchmarks.md); on GPUs 2**22
+#: (16 MiB) keeps the GEMMs wide. Override per layer with ``LoranConfig(block_rows=...)`` or for the process with
+#: the environment variable ``PEFT_LORAN_BLOCK_ELEMENTS``.
+BLOCK_ELEMENTS = {"cpu": 2**18}
 DEFAULT_BLOCK_ELEMENTS_ACCELERATOR = 2**22
 _ENV_BLOCK_ELEMENTS = os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS")
 
@@ -40,9 +41,7 @@ _ENV_BLOCK_ELEMENTS = os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS")
 def block_elements(device: torch.device) -> int:
     if _ENV_BLOCK_ELEMENTS:
         return int(_ENV_BLOCK_ELEMENTS)
-    if device.type == "cpu":
-        return BLOCK_ELEMENTS_CPU["compiled" if kernels.compiled_on(device) else "eager"]
-    return DEFAULT_BLOCK_ELEMENTS_ACCELERATOR
+    return BLOCK_ELEMENTS.get(device.type, DEFAULT_BLOCK_ELEMENTS_ACCELERATOR)
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 Why this exists: per block, the fused path's dense work is the rank-r product ``u = B A``, ``f(u)``, ``f'(u)``
 and a few element-wise combinations with the base weight and the gradient. In eager PyTorch each of those is a
-separate pass over the block (and ``B A`` with a tiny inner dimension is a GEMM that BLAS does badly), which on a
-2-core CPU cost about as much as one extra full GEMM per layer. ``torch.compile`` (inductor) turns the whole
-sequence into one loop: a 256 x 1024 backward block went from 1.1 ms to 0.23 ms here (docs/benchmarks.md).
+separate pass over the block (and ``B A`` with a tiny inner dimension is a GEMM that BLAS does badly).
+``torch.compile`` (inductor) turns the whole sequence into one loop; on 2 CPU cores this took all seven
+projections of the headline benchmark from 1.70x to 1.48x LoRA's step time (docs/benchmarks.md).
 
 The kernels are built from the activation's own ``fn`` and ``derivative``, so every activation with an analytic
 derivative gets them; chains with ``P``/``b`` stay on the eager path (``P`` mixes columns). They are used only for
@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
+import weakref
 from typing import Callable, Optional
 
 import torch
@@ -37,7 +38,7 @@ if _mode not in _MODES:
     warnings.warn(f"PEFT_LORAN_COMPILE={_mode!r} is not one of {_MODES}; using 'auto'.", RuntimeWarning, stacklevel=1)
     _mode = "auto"
 _failed: Optional[str] = None
-_kernels: dict[Activation, dict[str, Callable]] = {}
+_kernels: "weakref.WeakKeyDictionary[Activation, dict[str, Callable]]" = weakref.WeakKeyDictionary()
 _device_ok: dict[str, bool] = {}
 
 
@@ -66,12 +67,6 @@ def _auto_device(device: torch.device) -> bool:
     return _device_ok[device.type]
 
 
-def compiled_on(device: torch.device) -> bool:
-    """Whether large blocks on ``device`` run through the compiled kernels (as far as can be known before trying)."""
-    mode = kernel_compilation()
-    return mode == "1" or (mode == "auto" and _auto_device(device))
-
-
 def _usable(activation: Activation, reference: torch.Tensor, numel: int, need_derivative: bool) -> bool:
     mode = kernel_compilation()
     # Only in no-grad code (the fused Function's forward/backward, merges, the eval cache): with grad enabled the
@@ -91,7 +86,8 @@ INLINE_PRODUCT_MAX_RANK = 8
 
 
 def _low_rank_product(B_rows: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    if B_rows.shape[1] <= INLINE_PRODUCT_MAX_RANK:
+    # the broadcast form is only cheap once inductor fuses it; run eagerly it would materialise (rows, r, cols)
+    if B_rows.shape[1] <= INLINE_PRODUCT_MAX_RANK and torch.compiler.is_compiling():
         return (B_rows[:, :, None] * A[None, :, :]).sum(1)
     return B_rows @ A
 
@@ -128,7 +124,9 @@ def _run(activation: Activation, name: str, *args):
         # Float constants (Sinter's a and w, the scaling) go into the graph as constants. With torch 2.13's default
         # (floats as symbolic inputs) the inductor caches handed a kernel traced for one Sinter setting to another
         # (its derivative off by 3e3 here): specialising keys every compiled kernel on its constants.
-        with torch._dynamo.config.patch(specialize_float=True):
+        # All layers share these kernels' code objects, so dynamo compiles once per setting and shape pattern;
+        # the recompile limit is raised from 8 so that a process with many settings (tests) keeps them compiled.
+        with torch._dynamo.config.patch(specialize_float=True, recompile_limit=64):
             return _kernels[activation][name](*args)
     except Exception as exc:  # no compiler, unsupported backend, ...: the eager kernels compute the same thing
         _failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
