@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import statistics
 import time
 
 import torch
 
-from bench import TARGETS, Case, _build
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import TARGETS, Case, _build  # noqa: E402
 
 
 def main() -> None:
