@@ -95,16 +95,16 @@ def _low_rank_product(B_rows: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 def _build(activation: Activation) -> dict[str, Callable]:
     fn, derivative, offset = activation.fn, activation.derivative, activation.offset
 
-    def value(base: Optional[torch.Tensor], B_rows: torch.Tensor, A: torch.Tensor, scaling: float):
-        u = _low_rank_product(B_rows, A)
+    def update_from(base: Optional[torch.Tensor], u: torch.Tensor, scaling: float) -> torch.Tensor:
         y = fn(u) - offset if offset else fn(u)
         return y * scaling if base is None else base + scaling * y
 
+    def value(base, B_rows, A, scaling):
+        return update_from(base, _low_rank_product(B_rows, A), scaling)
+
     def value_and_grad(base, B_rows, A, scaling, grad_h):
         u = _low_rank_product(B_rows, A)
-        y = fn(u) - offset if offset else fn(u)
-        update = y * scaling if base is None else base + scaling * y
-        return update, grad_h * derivative(u)
+        return update_from(base, u, scaling), grad_h * derivative(u)
 
     def grad_only(B_rows, A, grad_h):
         return grad_h * derivative(_low_rank_product(B_rows, A))
