@@ -248,3 +248,85 @@ def test_torch_compile_gives_same_outputs_and_gradients(backend):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=IDS).logits, expected.detach(), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------- page-aligned weights (decoding)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_empty_page_aligned_starts_on_a_page(dtype):
+    keep = [torch.empty(1000 + k) for k in range(5)]  # perturb the heap so the allocator hands out odd offsets
+    for shape in [(7, 13), (300, 1024), (0, 5)]:
+        t = LF.empty_page_aligned(shape, dtype, torch.device("cpu"))
+        assert t.shape == shape and t.dtype == dtype and t.is_contiguous()
+        assert t.data_ptr() % LF.PAGE_BYTES == 0
+        t.fill_(1)
+        assert (t == 1).all()
+    copied = LF.page_aligned_copy(torch.arange(12.0).view(3, 4).T, torch.float64)
+    assert copied.data_ptr() % LF.PAGE_BYTES == 0 and copied.dtype == torch.float64
+    assert torch.equal(copied, torch.arange(12.0, dtype=torch.float64).view(3, 4).T)
+    del keep
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("chain", ["plain", "Pb"])
+def test_delta_weight_added_in_place_matches_reference(transposed, chain):
+    """``W += s f-chain(BA)`` block by block (blocks that do not divide the rows), also on a transposed view."""
+    torch.manual_seed(0)
+    A, B = torch.randn(3, 12), torch.randn(20, 3)
+    Ps, bs = ([torch.randn(12, 12)], [torch.randn(12)]) if chain == "Pb" else ([], [])
+    stages = [(Ps[0], bs[0])] if chain == "Pb" else [(None, None)]
+    W = torch.randn(12, 20) if transposed else torch.randn(20, 12)
+    expected = (W.T if transposed else W).double() + naive_update(A, B, Ps, bs, activation("tanh"), 0.7)
+    from peft_loran import get_activation
+
+    target = W.clone()
+    LF.delta_weight(A, B, stages, get_activation("tanh"), 0.7, block_rows=7, add_to=target.T if transposed else target)
+    torch.testing.assert_close((target.T if transposed else target).double(), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="`add_to` has shape"):
+        LF.delta_weight(A, B, stages, get_activation("tanh"), 0.7, add_to=torch.zeros(20, 11))
+
+
+def test_cache_and_merged_weights_are_page_aligned():
+    """The decode-speed fix: every weight read on each generated token starts on a page (CPU)."""
+    model = cached_model()
+    run(model)
+    cached = [value for m in model.modules() for _, value in getattr(m, "_loran_cache", {}).values()]
+    assert cached and all(t.data_ptr() % LF.PAGE_BYTES == 0 for t in cached)
+    model.merge_adapter()
+    merged = [q_proj(model).get_base_layer().weight, model.base_model.model.model.layers[1].self_attn.v_proj.weight]
+    assert all(w.data_ptr() % LF.PAGE_BYTES == 0 for w in merged)
+
+
+def test_merged_model_saves_and_reloads(tmp_path):
+    """Merged weights are views into slightly larger storage; save_pretrained/from_pretrained still round-trip."""
+    from transformers import LlamaForCausalLM
+
+    model = cached_model()
+    adapted = run(model)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp_path)
+    reloaded = LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=IDS).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_layer_with_accelerate_hook_keeps_the_hook():
+    """A base layer with an accelerate hook (offloading, device maps) must run its own forward, hook included:
+    the fold into one GEMM would bypass it."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    class DoubleInput(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            return (args[0] * 2, *args[1:]), kwargs
+
+    torch.manual_seed(0)
+    config = LoranConfig(target_modules=["layer"], r=2, init_weights=False, activation="tanh")
+    layer = inject_adapter_in_model(config, One(6, 5, conv=False)).layer
+    add_hook_to_module(layer.get_base_layer(), DoubleInput())
+    x = torch.randn(3, 6)
+    A, B, Ps, bs, s = layer_factors(layer)
+    base = layer.get_base_layer()
+    ref = (2 * x).double() @ base.weight.double().T + base.bias.double() + x.double() @ naive_update(
+        A, B, Ps, bs, activation("tanh"), s).T
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)

@@ -213,12 +213,14 @@ def test_dropout_path_matches_reference_with_same_mask():
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_several_adapters_active_at_once():
-    model = make(["lin"])
-    config2 = LoranConfig(target_modules=["lin"], init_weights=False, activation="tanh", r=3, loran_alpha=6)
+@pytest.mark.parametrize("target", ["lin", "conv"])
+def test_several_adapters_active_at_once(target):
+    model = make([target], fan_in_fan_out=target == "conv")
+    config2 = LoranConfig(target_modules=[target], init_weights=False, activation="tanh", r=3, loran_alpha=6,
+                          fan_in_fan_out=target == "conv")
     torch.manual_seed(5)
     inject_adapter_in_model(config2, model, adapter_name="other")
-    layer = model.lin
+    layer = getattr(model, target)
     layer.set_adapter(["default", "other"])
     x = torch.randn(2, 12)
     y = layer(x)
@@ -226,7 +228,7 @@ def test_several_adapters_active_at_once():
     A2, B2, P2, b2, s2 = layer_factors(layer, "other")
     D = naive_update(A1, B1, P1, b1, activation("sinter", 0.5, 3.0), s1) + naive_update(
         A2, B2, P2, b2, activation("tanh"), s2)
-    ref = x.double() @ (layer.get_base_layer().weight.double() + D).T + layer.get_base_layer().bias.double()
+    ref = x.double() @ (weight_out_in(layer).double() + D).T + layer.get_base_layer().bias.double()
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
     with torch.no_grad():  # cached path, both adapters
         torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)

@@ -201,7 +201,7 @@ class LoranLayer(BaseTunerLayer):
             raise ValueError(
                 f"NaNs or infs detected in the merged weights. The adapter {adapter_name} seems to be broken."
             )
-        self.set_base_weight(shifted.to(weight.dtype))
+        self.set_base_weight(LF.page_aligned_copy(shifted, weight.dtype))
 
     # ------------------------------------------------------------------------------------- state & caching
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
@@ -252,6 +252,14 @@ class LoranLayer(BaseTunerLayer):
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
+
+    def get_base_layer(self) -> nn.Module:
+        """PEFT's walk down nested ``base_layer``s, without its ``hasattr`` (an AttributeError raised and caught
+        per call): this runs on every generated token."""
+        layer: nn.Module = self
+        while (inner := layer._modules.get("base_layer")) is not None:
+            layer = inner
+        return layer
 
     def _active_here(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.loran_A]
@@ -319,7 +327,7 @@ class Linear(nn.Module, LoranLayer):
             or weight.is_meta
             or base._forward_hooks
             or base._forward_pre_hooks
-            or hasattr(base, "_hf_hook")
+            or "_hf_hook" in base.__dict__  # accelerate's hook attribute (cheaper than hasattr on a Module)
         ):
             return None
         return weight
@@ -335,7 +343,7 @@ class Linear(nn.Module, LoranLayer):
             update = self._cached(
                 ("delta", adapter_name, dtype),
                 self._fingerprint(self._factors(adapter_name)),
-                lambda: self.dense_update(adapter_name).to(dtype),
+                lambda: LF.page_aligned_copy(self.dense_update(adapter_name), dtype),
             )
             return F.linear(self.loran_dropout[adapter_name](x).to(dtype), update)
         return LF.loran_matmul(
@@ -349,10 +357,14 @@ class Linear(nn.Module, LoranLayer):
         anything it depends on changes)."""
         tensors = [weight] + [t for a in adapters for t in self._factors(a)]
 
-        def build():  # the fold only applies to float32 weights, so the deltas need no casting
-            total = weight.clone()
+        def build():  # float32 weights only (the fold's condition); page-aligned: see LF.empty_page_aligned
+            total = LF.page_aligned_copy(weight)
+            rows_view = total.T if self.fan_in_fan_out else total
             for a in adapters:
-                total += self.get_delta_weight(a)
+                LF.delta_weight(
+                    self.loran_A[a], self.loran_B[a], self.stages(a), self.loran_activation[a],
+                    self.loran_scaling[a], self.loran_block_rows[a], add_to=rows_view,
+                )
             return total
 
         return self._cached(("weight", tuple(adapters)), self._fingerprint(tensors), build)

@@ -1,0 +1,135 @@
+"""PEFT LoRA vs LoRAN (and the base model) taking turns in one process: the steadier comparison.
+
+    python benchmarks/interleaved.py generation [--targets all|qv] [--rounds 30] [--new-tokens 64]
+    python benchmarks/interleaved.py train      [--targets all|qv] [--rounds 12] [--tokens 256]
+
+`bench.py` runs each method in its own process; on these machines the spread between processes (the same base
+model at 34-40 tokens/s) is as large as the differences being measured. Here the models live in one process and
+take turns, one generation (or one training step) each per round, the order rotating every round, so drift hits
+all of them alike. Reported: each method's median, and the paired per-round ratio to LoRA (the two
+measurements of a round are seconds apart) as median and range, plus in how many rounds LoRAN was ahead.
+Same models as `bench.py`'s headline (hidden 1024, 8 layers, r = 8, float32, no dropout); memory is not
+measured here (it cannot be interleaved): see `bench.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import TARGETS, Case, _build  # noqa: E402
+
+
+def interleave(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``rounds`` times, the order rotating each round (one warm-up call)."""
+    names = list(runs)
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def adapted_models(targets: str) -> dict[str, torch.nn.Module]:
+    from peft import LoraConfig, get_peft_model
+
+    from peft_loran import LoranConfig
+
+    base = _build(Case(method="base", targets=targets))
+    modules = TARGETS[targets]
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=modules, init_lora_weights=False)
+    loran = LoranConfig(r=8, loran_alpha=16, target_modules=modules, init_weights=False)
+    return {"base": base, "lora": get_peft_model(copy.deepcopy(base), lora),
+            "loran": get_peft_model(copy.deepcopy(base), loran)}
+
+
+def generation_runs(models: dict[str, torch.nn.Module], new_tokens: int) -> dict[str, Callable[[], None]]:
+    prompt = torch.randint(0, 4096, (1, 16))
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    def generate(model):
+        model.eval()
+        return lambda: model.generate(input_ids=prompt, **kwargs)
+
+    return {name: generate(model) for name, model in models.items()}
+
+
+def train_runs(models: dict[str, torch.nn.Module], tokens: int) -> dict[str, Callable[[], None]]:
+    """One AdamW step each; ``loran (eager kernels)`` is a second LoRAN copy stepped with compilation off."""
+    from peft_loran import kernels
+
+    models = {"lora": models["lora"], "loran": models["loran"], "loran (eager kernels)": copy.deepcopy(models["loran"])}
+    ids = torch.randint(0, 4096, (1, tokens))
+
+    def step(model, compile_mode):
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def run():
+            kernels.set_kernel_compilation(compile_mode)
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            kernels.set_kernel_compilation("auto")
+
+        return run
+
+    return {"lora": step(models["lora"], "auto"), "loran": step(models["loran"], "auto"),
+            "loran (eager kernels)": step(models["loran (eager kernels)"], "0")}
+
+
+def report(times: dict[str, list[float]], unit: str, per_call: float) -> None:
+    """``unit`` "tokens/s" (higher is better, ratios of speed) or "s/step" (lower is better, ratios of time)."""
+    speed = unit == "tokens/s"
+    value = {name: (per_call / statistics.median(t) if speed else statistics.median(t)) for name, t in times.items()}
+    print(f"| method | {unit} (median) | paired ratio to LoRA, median [min, max] | rounds ahead of LoRA |")
+    print("|---|---|---|---|")
+    for name, t in times.items():
+        if name == "lora":
+            print(f"| lora | {value[name]:.{1 if speed else 3}f} | 1.00x | |")
+            continue
+        ratios = [(lo / mine if speed else mine / lo) for mine, lo in zip(t, times["lora"])]
+        ahead = sum(mine < lo for mine, lo in zip(t, times["lora"]))
+        print(f"| {name} | {value[name]:.{1 if speed else 3}f} | {statistics.median(ratios):.3f}x "
+              f"[{min(ratios):.2f}, {max(ratios):.2f}] | {ahead} of {len(t)} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["generation", "train"])
+    parser.add_argument("--targets", default="all", choices=sorted(TARGETS))
+    parser.add_argument("--rounds", type=int, default=None, help="default: 30 (generation), 12 (train)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=256, help="training sequence length")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    models = adapted_models(args.targets)
+    if args.what == "generation":
+        rounds = args.rounds or 30
+        with torch.no_grad():
+            times = interleave(generation_runs(models, args.new_tokens), rounds)
+        print(f"generation, targets {args.targets}, {args.new_tokens} new tokens, {rounds} interleaved rounds "
+              "(unmerged adapters; a ratio above 1 means faster than LoRA):")
+        report(times, "tokens/s", args.new_tokens)
+    else:
+        rounds = args.rounds or 12
+        times = interleave(train_runs(models, args.tokens), rounds)
+        print(f"training step, targets {args.targets}, {args.tokens} tokens, {rounds} interleaved rounds "
+              "(a ratio above 1 means slower than LoRA):")
+        report(times, "s/step", 1.0)
+
+
+if __name__ == "__main__":
+    main()
