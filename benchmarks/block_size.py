@@ -50,7 +50,7 @@ def main() -> None:
 
         cells = []
         for e in EXPONENTS:
-            rows = max(1, 2**e // in_f)
+            rows = LF.default_block_rows(in_f, x.device, elements=2**e)
 
             def fused():
                 y = LF.loran_matmul(x, A, B, [(None, None)], act, 2.0, weight=W, block_rows=rows)

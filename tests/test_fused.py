@@ -330,3 +330,14 @@ def test_layer_with_accelerate_hook_keeps_the_hook():
     for grad in (True, False):
         with torch.set_grad_enabled(grad):
             torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_default_block_rows_stay_within_budget_and_round_to_gemm_friendly_heights():
+    cpu = torch.device("cpu")
+    for cols in [1, 7, 1024, 2816, 4096, 11008, 300_000]:
+        rows = LF.default_block_rows(cols, cpu, elements=2**18)
+        assert 1 <= rows and (rows * cols <= 2**18 or rows == 1)
+        exact = max(1, 2**18 // cols)
+        assert rows == (exact - exact % 16 if exact >= 64 else exact)
+    assert LF.default_block_rows(2816, cpu, elements=2**18) == 80  # 93 rounded down
+    assert [b for b in LF.row_blocks(100, 2816, 7)][1] == (7, 14)  # an explicit height is kept as given

@@ -76,11 +76,25 @@ def page_aligned_copy(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> t
     return out.copy_(t)
 
 
+#: Default block heights are rounded down to a multiple of this (when at least four multiples fit): the blocks are
+#: one dimension of the per-block GEMMs, and MKL ran them about 10% slower at 93 rows (2^18 / 2816, a Llama-shaped
+#: down projection) than at 80 or 96 (an ad-hoc interleaved timing loop; docs/benchmarks.md).
+GEMM_ROW_MULTIPLE = 16
+
+
+def default_block_rows(cols: int, device: torch.device, elements: Optional[int] = None) -> int:
+    """Rows per block for a ``cols``-wide matrix: as many as the block budget (``elements``, default the device's)
+    allows, GEMM-friendly."""
+    rows = max(1, (elements or block_elements(device)) // max(cols, 1))
+    return rows - rows % GEMM_ROW_MULTIPLE if rows >= 4 * GEMM_ROW_MULTIPLE else rows
+
+
 def row_blocks(
     rows: int, cols: int, block_rows: Optional[int] = None, device: torch.device = torch.device("cpu")
 ) -> Iterator[tuple[int, int]]:
-    """Yield ``(start, stop)`` row ranges whose ``(stop - start) * cols`` stays within the block budget."""
-    step = block_rows if block_rows else max(1, block_elements(device) // max(cols, 1))
+    """Yield ``(start, stop)`` row ranges whose ``(stop - start) * cols`` stays within the block budget (or of
+    ``block_rows`` rows, when given)."""
+    step = block_rows if block_rows else default_block_rows(cols, device)
     for start in range(0, rows, step):
         yield start, min(start + step, rows)
 
