@@ -294,6 +294,10 @@ def test_cache_and_merged_weights_are_page_aligned():
     model.merge_adapter()
     merged = [q_proj(model).get_base_layer().weight, model.base_model.model.model.layers[1].self_attn.v_proj.weight]
     assert all(w.data_ptr() % LF.PAGE_BYTES == 0 for w in merged)
+    half = cached_model().to(torch.bfloat16)  # not folded: the per-adapter update is cached, in bfloat16
+    run(half)
+    deltas = [value for m in half.modules() for _, value in getattr(m, "_loran_cache", {}).values()]
+    assert deltas and all(t.dtype == torch.bfloat16 and t.data_ptr() % LF.PAGE_BYTES == 0 for t in deltas)
 
 
 def test_merged_model_saves_and_reloads(tmp_path):

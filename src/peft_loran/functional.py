@@ -58,9 +58,9 @@ def empty_page_aligned(shape: Sequence[int], dtype: torch.dtype, device: torch.d
     """``torch.empty`` whose data starts on a page boundary on CPU (elsewhere plain ``torch.empty``).
 
     Why: weights that are read on every call (the eval cache, merged weights) are allocated after the model, and
-    after large frees glibc serves them from its heap at arbitrary page offsets. MKL's matrix-vector products
-    (decoding) ran 10-17% slower against such copies than against the model's own page-aligned weights
-    (``benchmarks/placement_ab.py``). The cost is at most one page per tensor."""
+    after large frees glibc serves them from its heap at arbitrary page offsets. Matrix-vector products (decoding)
+    against such copies ran up to 17% slower than against the model's own page-aligned weights, and generation
+    6-8% slower (``benchmarks/placement_ab.py``). The cost is at most one page per tensor."""
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     numel = math.prod(shape)

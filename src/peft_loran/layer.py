@@ -343,7 +343,7 @@ class Linear(nn.Module, LoranLayer):
             update = self._cached(
                 ("delta", adapter_name, dtype),
                 self._fingerprint(self._factors(adapter_name)),
-                lambda: LF.page_aligned_copy(self.dense_update(adapter_name), dtype),
+                lambda: self._dense_update_as(adapter_name, dtype),
             )
             return F.linear(self.loran_dropout[adapter_name](x).to(dtype), update)
         return LF.loran_matmul(
@@ -351,6 +351,10 @@ class Linear(nn.Module, LoranLayer):
             self.stages(adapter_name), self.loran_activation[adapter_name], self.loran_scaling[adapter_name],
             block_rows=self.loran_block_rows[adapter_name],
         )
+
+    def _dense_update_as(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        update = self.dense_update(adapter_name)  # already page-aligned
+        return update if update.dtype == dtype else LF.page_aligned_copy(update, dtype)
 
     def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """Cached ``W + sum_a s_a f(B_a A_a)`` in the base weight's layout, for no-grad calls (rebuilt when
