@@ -73,21 +73,25 @@ def train_runs(models: dict[str, torch.nn.Module], tokens: int) -> dict[str, Cal
     models = {"lora": models["lora"], "loran": models["loran"], "loran (eager kernels)": copy.deepcopy(models["loran"])}
     ids = torch.randint(0, 4096, (1, tokens))
 
-    def step(model, compile_mode):
+    def step(model, eager_kernels=False):
         model.train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 
         def run():
-            kernels.set_kernel_compilation(compile_mode)
-            model(input_ids=ids, labels=ids).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            kernels.set_kernel_compilation("auto")
+            mode = kernels.kernel_compilation()
+            if eager_kernels:
+                kernels.set_kernel_compilation("0")
+            try:
+                model(input_ids=ids, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            finally:
+                kernels.set_kernel_compilation(mode)
 
         return run
 
-    return {"lora": step(models["lora"], "auto"), "loran": step(models["loran"], "auto"),
-            "loran (eager kernels)": step(models["loran (eager kernels)"], "0")}
+    return {"lora": step(models["lora"]), "loran": step(models["loran"]),
+            "loran (eager kernels)": step(models["loran (eager kernels)"], eager_kernels=True)}
 
 
 def report(times: dict[str, list[float]], unit: str, per_call: float) -> None:

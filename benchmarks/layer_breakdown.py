@@ -8,24 +8,15 @@ calls). Median milliseconds, 256 tokens, r = 8, Sinter, float32.
 from __future__ import annotations
 
 import os
-import statistics
-import time
+import sys
 
 import torch
 
 from peft_loran import functional as LF
 from peft_loran import get_activation
 
-
-def median_ms(fn, repeats: int = 20) -> float:
-    fn()
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from block_size import timed  # noqa: E402  (median milliseconds)
 
 
 def main(tokens: int = 256, rank: int = 8) -> None:
@@ -57,8 +48,8 @@ def main(tokens: int = 256, rank: int = 8) -> None:
         def gemms_whole():
             x @ W.T, g.T @ x, g @ W
 
-        print(f"| {out_f} x {in_f} | {median_ms(fused):.1f} | {median_ms(lora):.1f} | "
-              f"{median_ms(gemms_blocked):.1f} | {median_ms(gemms_whole):.1f} |")
+        print(f"| {out_f} x {in_f} | {timed(fused):.1f} | {timed(lora):.1f} | "
+              f"{timed(gemms_blocked):.1f} | {timed(gemms_whole):.1f} |")
 
 
 if __name__ == "__main__":

@@ -16,12 +16,12 @@ import copy
 import os
 import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import Case, _build  # noqa: E402
+from interleaved import generation_runs, interleave  # noqa: E402
 
 from peft_loran.functional import PAGE_BYTES, page_aligned_copy  # noqa: E402
 
@@ -50,17 +50,8 @@ def main() -> None:
         "plain clones": with_linear_weights(original, torch.Tensor.clone),
         "page-aligned copies": with_linear_weights(original, page_aligned_copy),
     }
-    prompt = torch.randint(0, 4096, (1, 16))
-    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    times: dict[str, list[float]] = {name: [] for name in models}
     with torch.no_grad():
-        for model in models.values():
-            model.generate(input_ids=prompt, **kwargs)
-        for _ in range(args.rounds):
-            for name, model in models.items():
-                t0 = time.perf_counter()
-                model.generate(input_ids=prompt, **kwargs)
-                times[name].append(time.perf_counter() - t0)
+        times = interleave(generation_runs(models, args.new_tokens), args.rounds)
     own = args.new_tokens / statistics.median(times["own weights"])
     print(f"{args.new_tokens} new tokens, median of {args.rounds} interleaved rounds")
     print("| Linear weights | tokens/s | vs own weights | page offsets (bytes) |")

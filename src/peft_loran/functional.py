@@ -64,9 +64,8 @@ def empty_page_aligned(shape: Sequence[int], dtype: torch.dtype, device: torch.d
     if device.type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
     numel = math.prod(shape)
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    raw = torch.empty(numel + PAGE_BYTES // itemsize, dtype=dtype, device=device)
-    shift = (-raw.data_ptr() % PAGE_BYTES) // itemsize  # CPU data is 64-byte aligned, so this is exact
+    raw = torch.empty(numel + PAGE_BYTES // dtype.itemsize, dtype=dtype, device=device)
+    shift = (-raw.data_ptr() % PAGE_BYTES) // dtype.itemsize  # CPU data is 64-byte aligned, so this is exact
     return raw[shift : shift + numel].view(shape)
 
 

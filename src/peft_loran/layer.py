@@ -192,16 +192,25 @@ class LoranLayer(BaseTunerLayer):
         self._loran_cache.clear()
 
     def _shift_base_weight(self, adapter_name: str, sign: float, check_finite: bool = False) -> None:
-        """``W <- W + sign * delta`` (dequantized and re-quantized for bitsandbytes by PEFT's backend); the new
-        weight is built beside the old one, so a refused (non-finite) merge leaves ``W`` untouched."""
+        """``W <- W + sign * s f(BA)`` (dequantized and re-quantized for bitsandbytes by PEFT's backend). The new
+        weight is built beside the old one (at least float32, page-aligned, the update added block by block: no
+        dense delta), so a refused (non-finite) merge leaves ``W`` untouched."""
         weight = self.get_base_weight()
-        delta = self.get_delta_weight(adapter_name).to(device=weight.device)
-        shifted = torch.add(weight.to(delta.dtype), delta, alpha=sign)
+        shifted = LF.page_aligned_copy(weight, torch.promote_types(weight.dtype, torch.float32))
+        self._add_delta_(shifted, adapter_name, sign)
         if check_finite and not torch.isfinite(shifted).all():
             raise ValueError(
                 f"NaNs or infs detected in the merged weights. The adapter {adapter_name} seems to be broken."
             )
-        self.set_base_weight(LF.page_aligned_copy(shifted, weight.dtype))
+        self.set_base_weight(shifted if shifted.dtype == weight.dtype else LF.page_aligned_copy(shifted, weight.dtype))
+
+    def _add_delta_(self, target: torch.Tensor, adapter_name: str, sign: float = 1.0) -> None:
+        """``target += sign * s f(BA)`` in place for ``target`` in the base weight's layout, block by block."""
+        LF.delta_weight(
+            self.loran_A[adapter_name], self.loran_B[adapter_name], self.stages(adapter_name),
+            self.loran_activation[adapter_name], sign * self.loran_scaling[adapter_name],
+            self.loran_block_rows[adapter_name], add_to=target.T if self.fan_in_fan_out else target,
+        )
 
     # ------------------------------------------------------------------------------------- state & caching
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
@@ -363,12 +372,8 @@ class Linear(nn.Module, LoranLayer):
 
         def build():  # float32 weights only (the fold's condition); page-aligned: see LF.empty_page_aligned
             total = LF.page_aligned_copy(weight)
-            rows_view = total.T if self.fan_in_fan_out else total
             for a in adapters:
-                LF.delta_weight(
-                    self.loran_A[a], self.loran_B[a], self.stages(a), self.loran_activation[a],
-                    self.loran_scaling[a], self.loran_block_rows[a], add_to=rows_view,
-                )
+                self._add_delta_(total, a)
             return total
 
         return self._cached(("weight", tuple(adapters)), self._fingerprint(tensors), build)
