@@ -15,9 +15,9 @@ from peft_loran import LoranConfig, set_eval_cache
 from peft_loran import functional as LF
 
 from .conftest import tiny_llama
-from .reference import activation, layer_factors, naive_update
+from .reference import activation, layer_factors, naive_update, well_conditioned
 
-ACTS = ["sinter", "cosinter", "sigmoid", "tanh", "relu", "silu", "swish", "identity", "gaussian"]
+ACTS = ["sinter", "cosinter", "sigmoid", "tanh", "relu", "silu", "swish", "identity", "cos", "gaussian"]
 
 
 class One(nn.Module):
@@ -48,6 +48,7 @@ def check_fused_layer_against_reference(in_f, out_f, r, act, chain, block, conv,
                          **chains[chain])
     model = inject_adapter_in_model(config, One(in_f, out_f, conv))
     layer = model.layer
+    well_conditioned(layer, act)
     layer.train()
     x = torch.randn(2, tokens, in_f, requires_grad=True)
     torch.manual_seed(seed + 1)

@@ -13,9 +13,9 @@ from transformers.pytorch_utils import Conv1D
 from peft_loran import LoranConfig, available_activations
 from peft_loran.layer import LoranLayer
 
-from .reference import activation, layer_factors, naive_linear_output, naive_update
+from .reference import activation, layer_factors, naive_linear_output, naive_update, well_conditioned
 
-ACTIVATIONS = ["sinter", "cosinter", "sigmoid", "tanh", "relu", "silu", "swish", "identity", "gaussian"]
+ACTIVATIONS = ["sinter", "cosinter", "sigmoid", "tanh", "relu", "silu", "swish", "identity", "cos", "gaussian"]
 CHAINS = {
     "plain": {},
     "P": dict(chain_dims=[6], use_P=True),
@@ -59,6 +59,7 @@ def weight_out_in(layer):
 def test_linear_and_conv1d_match_reference(act, chain, target, train):
     model = make([target], activation=act, **CHAINS[chain])
     layer = getattr(model, target)
+    well_conditioned(layer, act)
     layer.train(train)
     x = torch.randn(3, 4, 12, requires_grad=True)
     y = layer(x)
@@ -80,11 +81,14 @@ def test_linear_and_conv1d_match_reference(act, chain, target, train):
 def test_embedding_matches_reference(act, chain):
     model = make(["emb"], activation=act, **CHAINS[chain])
     layer = model.emb
+    well_conditioned(layer, act)
     ids = torch.tensor([[1, 5, 7, 29], [0, 5, 3, 3]])
     y = layer(ids)
     A, B, Ps, bs, s = layer_factors(layer)
+    # the original's (and PEFT LoRA's) orientation: D is (embedding_dim, num_embeddings), token t reads column t
     D = naive_update(A, B, Ps, bs, activation(act, 0.5, 3.0), s)
-    ref = layer.get_base_layer().weight.double()[ids] + D[ids]
+    assert D.shape == (12, 30)
+    ref = layer.get_base_layer().weight.double()[ids] + D.T[ids]
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
     grad = torch.randn_like(ref)
     params = [A, B, *Ps, *bs]

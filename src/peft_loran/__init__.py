@@ -6,7 +6,7 @@
 """
 
 from .activations import Activation, available_activations, get_activation, register_activation, unregister_activation
-from .compat import UnsafeCheckpointError, convert_original_checkpoint
+from .compat import CorruptCheckpointError, UnsafeCheckpointError, convert_original_checkpoint
 from .config import LORAN, MLORA, LoranConfig, MLoraConfig
 from .kernels import kernel_compilation, set_kernel_compilation
 from .layer import Embedding, Linear, LoranLayer
@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LORAN", "MLORA", "Activation", "Embedding", "Linear", "LoranConfig", "LoranLayer", "LoranModel", "MLoraConfig",
-    "UnsafeCheckpointError", "available_activations", "convert_original_checkpoint", "get_activation", "kernel_compilation",
+    "CorruptCheckpointError", "UnsafeCheckpointError", "available_activations", "convert_original_checkpoint", "get_activation", "kernel_compilation",
     "register_activation", "register_with_peft", "set_eval_cache", "set_kernel_compilation",
     "unregister_activation",
 ]

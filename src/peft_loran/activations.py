@@ -4,8 +4,10 @@ The fused backward (see :mod:`peft_loran.functional`) rebuilds ``f(BA)`` block b
 keeping autograd graphs alive, so every built-in activation carries an analytic derivative. A user activation
 registered without a derivative still works: its derivative is taken with autograd on one block at a time.
 
-Names are case-insensitive. The original code's names ("Sin", "Sigmoid", "Tanh", "Relu", "Silu", "Identity",
-"Swish", "Cos", "Gaussian") are accepted as aliases; see ``docs/activations.md`` for the formulas.
+Names are case-insensitive. The original code's nine names ("Sin", "Sigmoid", "Tanh", "Relu", "Silu", "Identity",
+"Swish", "Cos", "Gaussian") compute exactly what the original computes (its ``Swish`` is ``x sigmoid(25 x)``, its
+``Cos`` is ``x cos(1e4 x) + x`` with fixed constants, its ``Gaussian`` is ``0.5 x exp(-x^2)``); ``cosinter`` is our
+own Sinter-style cosine with configurable ``a`` and ``w``. See ``docs/activations.md`` for the formulas.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ ActivationFactory = Callable[[float, float], Activation]
 
 _REGISTRY: dict[str, ActivationFactory] = {}
 # the original implementation's spellings and a few obvious synonyms
-_ALIASES: dict[str, str] = {"sin": "sinter", "cos": "cosinter"}
+_ALIASES: dict[str, str] = {"sin": "sinter"}
 
 
 def _sinter(amplitude: float, frequency: float) -> Activation:
@@ -150,10 +152,43 @@ def _silu_derivative(x: torch.Tensor) -> torch.Tensor:
     return s * (1 + x * (1 - s))
 
 
+#: The original's Swish has its steepness fixed in the code: ``x * sigmoid(25 x)``.
+SWISH_BETA = 25.0
+#: The original's Cos has amplitude and frequency fixed in the code (``mlora_af_sin_*`` are not passed to it).
+COS_FREQUENCY = 1e4
+
+
+def _swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(SWISH_BETA * x)
+
+
+def _swish_derivative(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(SWISH_BETA * x)
+    return s + SWISH_BETA * x * s * (1 - s)
+
+
+def _cos(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.cos(COS_FREQUENCY * x) + x
+
+
+def _cos_derivative(x: torch.Tensor) -> torch.Tensor:
+    wx = COS_FREQUENCY * x
+    return torch.cos(wx) - wx * torch.sin(wx) + 1
+
+
+def _gaussian(x: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x * torch.exp(-x * x)
+
+
+def _gaussian_derivative(x: torch.Tensor) -> torch.Tensor:
+    return (0.5 - x * x) * torch.exp(-x * x)
+
+
 def _fixed(name: str, fn: TensorFn, derivative: TensorFn) -> ActivationFactory:
     return lambda amplitude, frequency: Activation(name, fn, derivative)
 
 
+# The original's nine (as its code computes them: fixture README) plus ``cosinter``.
 _BUILTINS: dict[str, ActivationFactory] = {
     "sinter": _sinter,
     "cosinter": _cosinter,
@@ -161,10 +196,10 @@ _BUILTINS: dict[str, ActivationFactory] = {
     "tanh": _fixed("tanh", torch.tanh, lambda x: 1 - torch.tanh(x) ** 2),
     "relu": _fixed("relu", torch.relu, lambda x: (x > 0).to(x.dtype)),
     "silu": _fixed("silu", torch.nn.functional.silu, _silu_derivative),
-    # the original lists Swish beside Silu; with beta = 1 they are the same function
-    "swish": _fixed("swish", torch.nn.functional.silu, _silu_derivative),
+    "swish": _fixed("swish", _swish, _swish_derivative),
     "identity": _fixed("identity", lambda x: x, torch.ones_like),
-    "gaussian": _fixed("gaussian", lambda x: torch.exp(-x * x), lambda x: -2 * x * torch.exp(-x * x)),
+    "cos": _fixed("cos", _cos, _cos_derivative),
+    "gaussian": _fixed("gaussian", _gaussian, _gaussian_derivative),
 }
 _REGISTRY.update(_BUILTINS)
 
@@ -183,8 +218,8 @@ def canonical_name(name: str) -> str:
     if key not in _REGISTRY:
         raise ValueError(
             f"Unknown activation {name!r} (parameter `activation` / `mlora_af`). "
-            f"Valid names: {', '.join(available_activations())} (original spellings such as 'Sin' and 'Cos' work "
-            "too). Add your own with `peft_loran.register_activation(name, fn, derivative)`."
+            f"Valid names: {', '.join(available_activations())} (the original's spellings such as 'Sin' and 'Swish' "
+            "work too). Add your own with `peft_loran.register_activation(name, fn, derivative)`."
         )
     return key
 

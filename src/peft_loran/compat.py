@@ -1,13 +1,17 @@
 """Reading adapters written by the original LoRAN research code (peft_type ``"MLORA"``).
 
 The original saved ``adapter_model.bin`` (a torch pickle) with keys ``...mlora_A``, ``...mlora_B``,
-``...mlora_P_<i>`` and ``...mlora_b_<i>`` (``i`` from 1, ``b`` as a column ``(dim, 1)``). Its ``A``, ``B`` and
-``P`` layouts are already our row-view layouts, so conversion is renaming plus flattening ``b``. Pickles are
-read with ``torch.load(weights_only=True)`` only: one that would run code is refused.
+``...mlora_P_<i>`` and ``...mlora_b_<i>`` (``i`` from 1, ``b`` as a column ``(dim, 1)``), and for embeddings
+``...mlora_embedding_A`` / ``_B`` / ``_P_<i>`` / ``_b_<i>``. Its ``A``, ``B`` and ``P`` layouts are already our
+row-view layouts (for embeddings too: rows are the embedding dimension), so conversion is renaming plus
+flattening ``b``. Its released adapters come split into ``adapter_model.bin.aa``, ``.ab``, ...; those parts are
+read in order. Pickles are read with ``torch.load(weights_only=True)`` only: one that would run code is refused,
+and a file that is not a complete checkpoint at all is reported as such.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -16,13 +20,35 @@ from typing import Optional
 
 import torch
 
-_FACTOR_KEY = re.compile(r"(^|\.)mlora_(A|B)$")
-_STAGE_KEY = re.compile(r"(^|\.)mlora_(P|b)_(\d+)$")
+_FACTOR_KEY = re.compile(r"(^|\.)mlora_(?:embedding_)?(A|B)$")
+_STAGE_KEY = re.compile(r"(^|\.)mlora_(?:embedding_)?(P|b)_(\d+)$")
 ORIGINAL_WEIGHTS_NAME = "adapter_model.bin"
+_PART_SUFFIX = re.compile(r"^[a-z]{2,}$")
 
 
 class UnsafeCheckpointError(ValueError):
     """A checkpoint file holds pickled code rather than plain tensors."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file is truncated, damaged or not a torch checkpoint at all."""
+
+
+def split_parts(directory: str) -> list[str]:
+    """``adapter_model.bin.aa``, ``.ab``, ... in ``directory`` (the original's released adapters), in order."""
+    if not os.path.isdir(directory):
+        return []
+    prefix = ORIGINAL_WEIGHTS_NAME + "."
+    return sorted(
+        os.path.join(directory, name) for name in os.listdir(directory)
+        if name.startswith(prefix) and _PART_SUFFIX.match(name[len(prefix):])
+    )
+
+
+def join_parts_command(directory: str) -> str:
+    """The shell command that joins split parts into the one file PEFT reads."""
+    parts = " ".join(os.path.basename(p) for p in split_parts(directory))
+    return f"cd {directory!r} && cat {parts} > {ORIGINAL_WEIGHTS_NAME}"
 
 
 def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -40,25 +66,52 @@ def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     return converted
 
 
-def load_tensors_safely(path: str) -> dict[str, torch.Tensor]:
-    """Load a ``.bin`` of plain tensors without executing pickled code; refuse anything else clearly."""
+def load_tensors_safely(path: str | list[str]) -> dict[str, torch.Tensor]:
+    """Load a ``.bin`` of plain tensors (or split parts of one, joined in the given order) without executing
+    pickled code. Refuses a file that holds code (:class:`UnsafeCheckpointError`) and reports a truncated or
+    damaged one as such (:class:`CorruptCheckpointError`)."""
+    paths = [path] if isinstance(path, str) else list(path)
+    name = paths[0] if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} parts)"
+    source = paths[0] if len(paths) == 1 else io.BytesIO(b"".join(open(p, "rb").read() for p in paths))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
-        raise UnsafeCheckpointError(
-            f"Refusing to load {path}: it is not a file of plain tensors (torch.load(weights_only=True) rejected it: "
-            f"{str(exc).splitlines()[0]}). Loading it would execute code stored in the file. Re-save the adapter "
-            "from a trusted environment as safetensors (see `peft_loran.compat.convert_original_checkpoint`)."
-        ) from None
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # weights_only's refusal of a global/reduce (code) says so; anything else is a damaged stream
+        message = str(exc)
+        if "Weights only load failed" in message and ("GLOBAL" in message or "Unsupported" in message):
+            raise UnsafeCheckpointError(
+                f"Refusing to load {name}: it is not a file of plain tensors ({message.splitlines()[0]}). Loading it "
+                "would execute code stored in the file. Re-save the adapter from a trusted environment as "
+                "safetensors (see `peft_loran.convert_original_checkpoint`)."
+            ) from None
+        raise CorruptCheckpointError(_corrupt_message(name, exc)) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CorruptCheckpointError(_corrupt_message(name, exc)) from None
+
+
+def _corrupt_message(name: str, exc: BaseException) -> str:
+    first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return (
+        f"Cannot read {name}: it is truncated, damaged or not a torch checkpoint ({type(exc).__name__}: {first}). "
+        "Download or copy it again; split parts must all be present."
+    )
 
 
 def check_original_weights_are_safe(directory: str, subfolder: Optional[str] = None) -> None:
-    """Before PEFT reads a local original checkpoint, make sure its pickle holds only tensors."""
+    """Before PEFT reads a local original checkpoint: its pickle must hold only tensors, and split parts (which
+    PEFT cannot read) get the command that joins them."""
     path = os.path.join(directory, subfolder) if subfolder else directory
-    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "adapter_model.safetensors")):
-        weights = os.path.join(path, ORIGINAL_WEIGHTS_NAME)
-        if os.path.exists(weights):
-            load_tensors_safely(weights)
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "adapter_model.safetensors")):
+        return
+    weights = os.path.join(path, ORIGINAL_WEIGHTS_NAME)
+    if os.path.exists(weights):
+        load_tensors_safely(weights)
+    elif split_parts(path):
+        raise FileNotFoundError(
+            f"{path} holds the adapter as split parts ({', '.join(os.path.basename(p) for p in split_parts(path))}). "
+            f"Join them once with:  {join_parts_command(path)}  or convert without joining: "
+            f"peft_loran.convert_original_checkpoint({path!r}, 'converted-adapter')."
+        )
 
 
 def convert_original_checkpoint(source: str, destination: str, overwrite: bool = False) -> str:
@@ -76,8 +129,10 @@ def convert_original_checkpoint(source: str, destination: str, overwrite: bool =
         raw = json.load(fh)
     if raw.get("peft_type") != "MLORA":
         raise ValueError(f"{source} is not an original LoRAN (MLORA) adapter: peft_type={raw.get('peft_type')!r}.")
-    config = MLoraConfig.from_pretrained(source)
-    tensors = convert_original_state_dict(load_tensors_safely(os.path.join(source, ORIGINAL_WEIGHTS_NAME)))
+    config = MLoraConfig.from_pretrained(source, check_weights=False)
+    weights = os.path.join(source, ORIGINAL_WEIGHTS_NAME)
+    tensors = convert_original_state_dict(load_tensors_safely(weights if os.path.exists(weights) else
+                                                               split_parts(source) or weights))
     try:
         with atomic_directory(destination, overwrite=overwrite) as tmp:
             config.save_pretrained(tmp)

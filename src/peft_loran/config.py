@@ -123,7 +123,9 @@ class LoranConfig(PeftConfig):
         if not (isinstance(self.loran_dropout, (int, float)) and 0.0 <= self.loran_dropout < 1.0):
             raise ValueError(f"`loran_dropout` must be in [0, 1), got {self.loran_dropout!r}.")
         if self.bias not in ("none", "all", "loran_only"):
-            raise ValueError(f"`bias` must be 'none', 'all' or 'loran_only', got {self.bias!r}.")
+            raise ValueError(
+                f"`bias` must be 'none', 'all' or 'loran_only' ('mlora_only' in MLoraConfig), got {self.bias!r}."
+            )
         if self.block_rows is not None and (not isinstance(self.block_rows, int) or self.block_rows <= 0):
             raise ValueError(f"`block_rows` must be a positive integer or None, got {self.block_rows!r}.")
         if self.chain_dims is not None:
@@ -158,26 +160,37 @@ class LoranConfig(PeftConfig):
         return act.centered() if self.zero_centered else act
 
 
-# The original implementation's names and defaults (its defaults differ from the paper's Sinter setting).
+# The original implementation's argument defaults (its README's table; they differ from the paper's setting).
 _ORIGINAL_DEFAULTS = dict(
     mlora_alpha=8, mlora_dropout=0.0, mlora_af="Sigmoid", mlora_af_sin_A=5e-4, mlora_af_sin_omega=1000.0,
-    mlora_use_P=False, mlora_use_b=False, init_mlora_weights=True,
+    mlora_use_P=True, mlora_use_b=True, init_mlora_weights=True,
 )
+#: The original's ``bias`` values and ours.
+_ORIGINAL_BIAS = {"mlora_only": "loran_only"}
 
 
 @dataclass
 class MLoraConfig(LoranConfig):
-    """The original LoRAN code's ``MLoraConfig``, accepted verbatim and translated into :class:`LoranConfig`.
+    """The original LoRAN code's ``MLoraConfig``: every argument of its table, with its meaning and its default,
+    translated into :class:`LoranConfig`.
 
     ``MLoraConfig(r=[64, 4096], mlora_alpha=16, mlora_af="Sin", mlora_af_sin_A=5e-5, mlora_af_sin_omega=1e4,
     mlora_use_P=False, mlora_use_b=False, mlora_dropout=0.2, bias="none", task_type="CAUSAL_LM")`` gives the
     same adapter as ``LoranConfig(r=64, loran_alpha=16, activation="sinter", ..., chain_dims=[4096])``.
-    ``r`` may be a list ``[r0, r1, ...]`` (rank, then chain widths) or an int. Saved adapters are written as
-    ``LoranConfig`` (peft_type ``LORAN``). A checkpoint written by the original (peft_type ``MLORA``) is read
-    through this class with ``zero_centered=False`` so that it computes exactly what it computed there.
+
+    The original's defaults hold: ``mlora_alpha=8``, ``mlora_dropout=0.0``, ``mlora_af="Sigmoid"``,
+    ``mlora_af_sin_A=5e-4``, ``mlora_af_sin_omega=1000``, ``mlora_use_P=True``, ``mlora_use_b=True``;
+    ``bias="mlora_only"`` is our ``"loran_only"``. ``r`` is a list ``[r0, r1, ...]`` (rank, then chain widths)
+    as in the original; an int ``r`` (our extension) means plain LoRAN, where ``P``/``b`` are off unless asked
+    for. Deliberate differences from the original (README): new adapters use zero-centred activations so that
+    they start exactly at the base model, and merging adds the update in the right orientation. Saved adapters
+    are written as ``LoranConfig`` (peft_type ``LORAN``). A checkpoint written by the original (peft_type
+    ``MLORA``) is read through this class with ``zero_centered=False`` so that it computes exactly what it
+    computed there.
     """
 
     r: Union[int, list[int]] = 8
+    bias: str = field(default="none")
     mlora_alpha: InitVar[Optional[float]] = None
     mlora_dropout: InitVar[Optional[float]] = None
     mlora_af: InitVar[Optional[str]] = None
@@ -196,8 +209,6 @@ class MLoraConfig(LoranConfig):
             mlora_af_sin_omega=mlora_af_sin_omega, mlora_use_P=mlora_use_P, mlora_use_b=mlora_use_b,
             init_mlora_weights=init_mlora_weights,
         )
-        opts = {k: (_ORIGINAL_DEFAULTS[k] if v is None else v) for k, v in given.items()}
-        legacy_checkpoint = self.peft_type is not None and str.__str__(self.peft_type) == "MLORA"
         ranks = self.r
         if isinstance(ranks, (list, tuple)):
             ranks = list(ranks)
@@ -207,6 +218,12 @@ class MLoraConfig(LoranConfig):
                     "pass an int, e.g. r=8."
                 )
             self.r, self.chain_dims = ranks[0], ranks[1:]
+            defaults = _ORIGINAL_DEFAULTS
+        else:  # an int rank: plain LoRAN, no chain for P or b to act on unless the caller asks
+            defaults = dict(_ORIGINAL_DEFAULTS, mlora_use_P=False, mlora_use_b=False)
+        opts = {k: (defaults[k] if v is None else v) for k, v in given.items()}
+        legacy_checkpoint = self.peft_type is not None and str.__str__(self.peft_type) == "MLORA"
+        self.bias = _ORIGINAL_BIAS.get(self.bias, self.bias)
         self.loran_alpha = opts["mlora_alpha"]
         self.loran_dropout = opts["mlora_dropout"]
         self.activation = opts["mlora_af"]
@@ -220,9 +237,13 @@ class MLoraConfig(LoranConfig):
         super().__post_init__()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
-        """Read an original ``MLORA`` adapter config; refuses a weights file that is not plain tensors."""
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, check_weights: bool = True, **kwargs
+    ):
+        """Read an original ``MLORA`` adapter config; with ``check_weights`` (PEFT's loading path) refuses a weights
+        file that is not plain tensors and explains split parts."""
         from .compat import check_original_weights_are_safe
 
-        check_original_weights_are_safe(pretrained_model_name_or_path, subfolder)
+        if check_weights:
+            check_original_weights_are_safe(pretrained_model_name_or_path, subfolder)
         return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

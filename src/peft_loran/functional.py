@@ -123,6 +123,22 @@ def chain_rows(
     return h, saved
 
 
+def chain_columns(
+    B: torch.Tensor, A: torch.Tensor, stages: Sequence[Stage], activation: Activation, index: torch.Tensor
+) -> torch.Tensor:
+    """Columns ``index`` of the unscaled update ``H_K``, ``(rows, len(index))``, without building the others.
+
+    Columns are independent up to the last ``P`` (which mixes the widths before it), so: without ``P`` select the
+    columns of ``A`` and of every ``b``; with ``P`` run the chain in full except for the last ``P``/``b``, of which
+    only the selected columns are used. Plain torch ops (differentiable by autograd)."""
+    if any(P is not None for P, _ in stages):
+        *head, (P_last, b_last) = stages
+        last = (P_last[:, index], b_last[index] if b_last is not None else None)
+        return chain_rows(B, A, [*head, last], activation)[0]
+    selected = [(None, b[index] if b is not None else None) for _, b in stages]
+    return chain_rows(B, A[:, index], selected, activation)[0]
+
+
 def chain_rows_backward(
     grad_h: torch.Tensor,
     B_rows: torch.Tensor,
@@ -242,6 +258,40 @@ def delta_weight(
     else:
         result = add_to
     return _write_update_blocks(result, add_to, A, B, stages, activation, scaling, block_rows)
+
+
+def _update_blocks(A, B, stages, activation, scaling, block_rows) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, scaling * H_K[start:stop])`` per row block (no grad; one block alive at a time)."""
+    for i0, i1 in row_blocks(B.shape[0], _last_width(A, stages), block_rows, A.device):
+        yield i0, i1, block_update(None, B[i0:i1], A, stages, activation, scaling)[0]
+
+
+@torch.no_grad()
+def update_matmul(A, B, stages, activation, scaling, X, transpose: bool = False, block_rows=None) -> torch.Tensor:
+    """``D @ X`` (``X``: ``(cols, k)``) or, with ``transpose``, ``D^T @ X`` (``X``: ``(rows, k)``) for the dense update
+    ``D = scaling * H_K``, block by block, in ``X``'s dtype (float64 for the export's SVD)."""
+    rows, cols = B.shape[0], _last_width(A, stages)
+    out = X.new_zeros((cols if transpose else rows, X.shape[1]))
+    for i0, i1, block in _update_blocks(A, B, stages, activation, scaling, block_rows):
+        if transpose:
+            out += block.to(X.dtype).T @ X[i0:i1]
+        else:
+            out[i0:i1] = block.to(X.dtype) @ X
+    return out
+
+
+@torch.no_grad()
+def update_sq_norm(A, B, stages, activation, scaling, block_rows=None) -> float:
+    """``||D||_F^2`` of the dense update, block by block, accumulated in float64."""
+    return float(sum(block.double().pow(2).sum() for *_, block in
+                     _update_blocks(A, B, stages, activation, scaling, block_rows)))
+
+
+@torch.no_grad()
+def update_distance(A, B, stages, activation, scaling, left, right, block_rows=None) -> float:
+    """``||D - left @ right||_F^2`` (``left``: ``(rows, k)``, ``right``: ``(k, cols)``), block by block in float64."""
+    return float(sum((block.double() - left[i0:i1].double() @ right.double()).pow(2).sum() for i0, i1, block in
+                     _update_blocks(A, B, stages, activation, scaling, block_rows)))
 
 
 def _write_update_blocks(result, base, A, B, stages, activation, scaling, block_rows) -> torch.Tensor:

@@ -37,8 +37,8 @@ BASE_ADAPTER_NAME = "__base__"
 class LoranLayer(BaseTunerLayer):
     """State and behaviour shared by all LoRAN layers.
 
-    The update has the orientation ``(rows, cols)``: ``(out_features, in_features)`` for linear layers,
-    ``(num_embeddings, embedding_dim)`` for embeddings. ``A`` is ``(r, d_1)``, ``B`` is ``(rows, r)``, ``P_k`` is
+    The update has the orientation ``(rows, cols)`` = ``(out_features, in_features)``; for embeddings that is
+    ``(embedding_dim, num_embeddings)``, the transpose of the table (``fan_in_fan_out``). ``A`` is ``(r, d_1)``, ``B`` is ``(rows, r)``, ``P_k`` is
     ``(d_k, d_{k+1})`` and ``b_k`` is ``(d_{k+1},)``; the last width is ``cols``.
     """
 
@@ -418,40 +418,47 @@ class Linear(nn.Module, LoranLayer):
 
 
 class Embedding(nn.Module, LoranLayer):
-    """LoRAN on ``nn.Embedding``: only the looked-up rows of ``f(BA)`` are built (``B[ids] @ A``)."""
+    """LoRAN on ``nn.Embedding``, in PEFT LoRA's (and the original's) orientation.
+
+    The update is ``(embedding_dim, num_embeddings)``: ``B`` is ``(embedding_dim, r)`` (shared by all tokens),
+    ``A`` is ``(r, num_embeddings)`` (one column per token; with ``P`` the per-token factor is the last ``P``,
+    ``(d_K, num_embeddings)``), and token ``t`` looks up column ``t`` of ``s * chain(B A)``. This is the original
+    code's math for its embedding adapters (the chain runs with the embedding dimension as rows) and the layout of
+    PEFT's ``lora_embedding_A`` / ``lora_embedding_B``. Only the looked-up columns are built.
+    """
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoranConfig, module_name: str = "",
                  **kwargs: Any) -> None:
         super().__init__()
         LoranLayer.__init__(self, base_layer, **kwargs)
-        self.fan_in_fan_out = False
+        self.fan_in_fan_out = True  # the embedding table is (num_embeddings, embedding_dim): the update's transpose
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, module_name=module_name)
 
-    @property
-    def update_shape(self) -> tuple[int, int]:
-        return self.in_features, self.out_features  # (num_embeddings, embedding_dim)
-
     def _width_name(self) -> str:
-        return "embedding_dim"
+        return "num_embeddings"
 
     def reset_loran_parameters(self, adapter_name: str, init_weights: bool = True) -> None:
-        """Like LoRA's embeddings: ``A = 0`` and ``B`` random, so the update is zero yet ``A`` gets a gradient
-        (the original set both to zero, and its embedding adapters never trained)."""
+        """As PEFT's LoRA embeddings: the per-token factor (``A``, or the last ``P`` of a chain) is zero and the
+        shared ``B`` random, so the update starts at exactly zero while every factor gets a gradient from the first
+        step (the original set both ``A`` and ``B`` to zero, and its embedding adapters never trained)."""
         super().reset_loran_parameters(adapter_name, init_weights=False)
         if init_weights:
             with torch.no_grad():
                 nn.init.normal_(self.loran_B[adapter_name])
-                nn.init.zeros_(self.loran_A[adapter_name])
+                Ps = self.loran_P[adapter_name]
+                nn.init.zeros_(Ps[-1] if len(Ps) else self.loran_A[adapter_name])
                 for b in self.loran_b[adapter_name]:
                     nn.init.zeros_(b)
 
     def _adapter_output(self, ids: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        B = self.loran_B[adapter_name]
-        rows = F.embedding(ids.reshape(-1), B)
-        h = LF.chain_rows(rows, self.loran_A[adapter_name], self.stages(adapter_name),
-                          self.loran_activation[adapter_name])[0]
-        out = (h * self.loran_scaling[adapter_name]).reshape(*ids.shape, h.shape[-1])
+        """``s * chain(B A)[:, ids]^T``: each distinct token's column built once."""
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        columns = LF.chain_columns(
+            self.loran_B[adapter_name], self.loran_A[adapter_name], self.stages(adapter_name),
+            self.loran_activation[adapter_name], unique,
+        )
+        out = (columns.T * self.loran_scaling[adapter_name])[inverse].reshape(*ids.shape, columns.shape[0])
         embed_scale = self._get_embed_scale()
         return out * embed_scale.to(out.dtype) if embed_scale is not None else out
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 import warnings
 from contextlib import contextmanager
 from functools import partial
@@ -115,9 +116,13 @@ class LoranModel(BaseTuner):
 
     @classmethod
     def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
-        """Also accepts the original implementation's ``mlora_*`` keys and layouts."""
+        """Also accepts the original implementation's ``mlora_*`` keys and layouts, and refuses a checkpoint that
+        would leave any LoRAN parameter of the adapter unloaded (or holds LoRAN tensors that fit no module):
+        PEFT only warns, and the adapter then silently does nothing."""
         state_dict = convert_original_state_dict(state_dict)
-        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        check_adapter_keys(model, adapter_name, remapped)
+        return remapped
 
     def set_eval_cache(self, enabled: bool) -> None:
         """Switch the no-grad cache of dense updates on or off for every LoRAN layer (frees it when off)."""
@@ -130,6 +135,50 @@ def set_eval_cache(model: nn.Module, enabled: bool) -> None:
         if isinstance(module, LoranLayer):
             module.eval_cache = bool(enabled)
             module._loran_cache.clear()
+
+
+_ADAPTER_KEY = re.compile(r"\.loran_(A|B|P|b)(\.|$)")
+_PEFT_PREFIX = "base_model.model."
+
+
+def check_adapter_keys(model: nn.Module, adapter_name: str, checkpoint: dict) -> None:
+    """Raise a clear error when ``checkpoint`` (keys already mapped onto ``model``) misses LoRAN parameters of
+    ``adapter_name``, holds LoRAN tensors that match no module, or has a tensor of the wrong shape."""
+    model_tensors = model.state_dict()
+    expected = {
+        key: t for key, t in model_tensors.items()
+        if (m := _ADAPTER_KEY.search(key)) and key[m.end():].split(".")[0] == adapter_name
+    }
+    found = {key: t for key, t in checkpoint.items() if _ADAPTER_KEY.search(key) or ".mlora_" in key}
+
+    def locate(key):
+        return key if key in model_tensors else key.removeprefix(_PEFT_PREFIX)
+
+    missing = sorted(set(expected) - {locate(k) for k in found})
+    unexpected = sorted(k for k in found if locate(k) not in model_tensors)
+    wrong_shape = sorted(
+        f"{k}: checkpoint {tuple(t.shape)}, model {tuple(model_tensors[locate(k)].shape)}"
+        for k, t in found.items() if locate(k) in model_tensors and tuple(t.shape) != tuple(model_tensors[locate(k)].shape)
+    )
+    if not (missing or unexpected or wrong_shape):
+        return
+
+    def first(keys):
+        return ", ".join(keys[:3]) + (f" (and {len(keys) - 3} more)" if len(keys) > 3 else "")
+
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} LoRAN parameter(s) of the model are not in the checkpoint: {first(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} adapter tensor(s) in the checkpoint match no module: {first(unexpected)}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} tensor(s) have another shape: {first(wrong_shape)}")
+    raise ValueError(
+        f"Cannot load adapter {adapter_name!r}: " + "; ".join(problems) + ". Loading would leave the adapter (partly) "
+        "at its initial values, so it would compute something else than it was trained to. Likely causes: another "
+        "base model than the one the adapter was trained on, or different target_modules / module names (e.g. a "
+        "renamed layer). Load it onto the base model it was trained with."
+    )
 
 
 def register_with_peft() -> None:
