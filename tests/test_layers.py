@@ -96,6 +96,29 @@ def test_embedding_matches_reference(act, chain):
         torch.testing.assert_close(g.double(), w.double(), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("act", ACTIVATIONS)
+@pytest.mark.parametrize("target", ["lin", "conv", "emb"])
+def test_eval_cache_and_merge_match_reference_for_every_activation(act, target):
+    model = make([target], activation=act, chain_dims=[6], use_P=True, use_b=True)
+    layer = getattr(model, target)
+    well_conditioned(layer, act)
+    layer.eval()
+    x = torch.tensor([[1, 2, 29, 2]]) if target == "emb" else torch.randn(2, 5, 12)
+    A, B, Ps, bs, s = layer_factors(layer)
+    D = naive_update(A, B, Ps, bs, activation(act, 0.5, 3.0), s)
+    W = layer.get_base_layer().weight.double()
+    if target == "emb":
+        ref = W[x] + D.T[x]
+    else:
+        ref = naive_linear_output(x, weight_out_in(layer), layer.get_base_layer().bias, A, B, Ps, bs,
+                                  activation(act, 0.5, 3.0), s)
+    with torch.no_grad():
+        for _ in range(2):  # the second call is served by the eval cache (linear layers)
+            torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)
+        layer.merge()
+        torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("target", ["lin", "conv"])
 def test_half_precision_base_keeps_float32_nonlinearity(dtype, target):
