@@ -106,3 +106,17 @@ def test_4bit_merge_before_any_forward(saved_llama):
     assert (got - expected_weight).abs().max() < 0.1 * expected_weight.abs().max()
     assert torch.nn.functional.cosine_similarity(got.flatten(), expected_weight.flatten(), dim=0) > 0.99
     assert layer.merged_adapters == ["default"]
+
+
+def test_4bit_weight_read_after_a_cpu_inference_call_is_the_real_weight(saved_llama):
+    # bitsandbytes repacks a 4-bit weight in place on its first no-grad CPU forward; merges and exports read the
+    # weight afterwards and must still get the real one, not the repacked bytes dequantized as if unpacked
+    model = quantized_loran(saved_llama, "4bit")
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    from peft.utils.integrations import dequantize_module_weight
+
+    before = dequantize_module_weight(layer.get_base_layer()).float().clone()
+    with torch.no_grad():
+        layer(torch.randn(2, 3, 64))
+    # (the backend dequantizes in the compute dtype, bf16: agreement to that precision; the repacked bytes are O(1) off)
+    torch.testing.assert_close(layer.get_base_weight().float(), before, atol=2e-3, rtol=2e-2)

@@ -8,6 +8,7 @@
 from .activations import Activation, available_activations, get_activation, register_activation, unregister_activation
 from .compat import CorruptCheckpointError, UnsafeCheckpointError, convert_original_checkpoint
 from .config import LORAN, MLORA, LoranConfig, MLoraConfig
+from .export import export_lora, export_merged
 from .kernels import kernel_compilation, set_kernel_compilation
 from .layer import Embedding, Linear, LoranLayer
 from .model import LoranModel, register_with_peft, set_eval_cache
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LORAN", "MLORA", "Activation", "Embedding", "Linear", "LoranConfig", "LoranLayer", "LoranModel", "MLoraConfig",
-    "CorruptCheckpointError", "UnsafeCheckpointError", "available_activations", "convert_original_checkpoint", "get_activation", "kernel_compilation",
+    "CorruptCheckpointError", "UnsafeCheckpointError", "available_activations", "export_lora", "export_merged", "convert_original_checkpoint", "get_activation", "kernel_compilation",
     "register_activation", "register_with_peft", "set_eval_cache", "set_kernel_compilation",
     "unregister_activation",
 ]

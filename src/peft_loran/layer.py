@@ -34,6 +34,17 @@ from .config import LoranConfig
 BASE_ADAPTER_NAME = "__base__"
 
 
+def unpack_bnb_cpu_weight(layer: nn.Module) -> None:
+    """Undo bitsandbytes' in-place CPU repacking of a 4-bit weight (done on its first no-grad CPU forward), so that
+    dequantizing it gives the real weight again (the next CPU forward repacks it)."""
+    weight = getattr(layer, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if state is not None and getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+
+
 class LoranLayer(BaseTunerLayer):
     """State and behaviour shared by all LoRAN layers.
 
@@ -269,6 +280,13 @@ class LoranLayer(BaseTunerLayer):
         while (inner := layer._modules.get("base_layer")) is not None:
             layer = inner
         return layer
+
+    def get_base_weight(self) -> torch.Tensor:
+        """The base weight, dequantized for bitsandbytes layers (PEFT's backend), after undoing bitsandbytes' CPU
+        repacking: its first no-grad CPU forward rewrites a 4-bit weight into a layout that dequantizing reads as
+        garbage, which would make a merge after inference silently wrong."""
+        unpack_bnb_cpu_weight(self.get_base_layer())
+        return super().get_base_weight()
 
     def _active_here(self) -> list[str]:
         return [a for a in self.active_adapters if a in self.loran_A]

@@ -5,6 +5,8 @@
     peft-loran train --method loran --task bbc-headline --model smollm2 --output-dir runs/headline
     peft-loran evaluate runs/headline/adapter --task bbc-headline
     peft-loran inspect runs/compare/adapters/loran
+    peft-loran export runs/headline/adapter --to-lora 8 --output-dir runs/headline-lora
+    peft-loran export runs/headline/adapter --merge --output-dir runs/headline-merged
 
 User errors end with one line ``error: ...`` and exit code 2; Ctrl-C ends with exit code 130. Output directories
 are built under a temporary name and renamed into place when complete, so an existing result is never replaced
@@ -88,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-limit", type=int)
     ev.add_argument("--max-length", type=int, default=128)
     ev.add_argument("--quiet", action="store_true")
+    exp = sub.add_parser("export", help="export a LoRAN adapter as a standard LoRA adapter or as a merged model")
+    exp.add_argument("adapter")
+    how = exp.add_mutually_exclusive_group(required=True)
+    how.add_argument("--to-lora", metavar="RANK",
+                     help="write a PEFT LoRA adapter of this rank (an integer, or auto:TOL for the smallest rank per "
+                          "module whose relative error is at most TOL)")
+    how.add_argument("--merge", action="store_true", help="write a complete transformers model with the update merged")
+    exp.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    exp.add_argument("--load-in-4bit", action="store_true",
+                     help="with --merge: load the base in 4 bits as in QLoRA training, then dequantize, merge in float32 "
+                          "and save bf16 (--to-lora does not need it)")
+    exp.add_argument("--output-dir", required=True)
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory (when complete)")
+    exp.add_argument("--quiet", action="store_true")
     ins = sub.add_parser("inspect", help="config, size and singular-value spectrum of an adapter's updates")
     ins.add_argument("adapter")
     ins.add_argument("--output", help="PNG path (default: ./<adapter name>-spectrum.png)")
@@ -256,7 +272,108 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "inspect": cmd_inspect}
+SAMPLE_TEXTS = [
+    "The committee published its report on the future of public transport on Monday.",
+    "Shares in the company rose sharply after it announced record profits.",
+    "Summarise: the match ended in a draw after a late goal in extra time.",
+]
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from peft_loran.export import export_lora, export_merged, parse_rank
+
+    rank = None
+    if args.to_lora is not None:
+        try:
+            rank = parse_rank(args.to_lora)
+        except ValueError as exc:
+            raise UserError(f"--to-lora: {exc}") from None
+    if Path(args.output_dir).exists() and not args.overwrite:
+        raise UserError(f"output directory {args.output_dir} exists; pass --overwrite to replace it")
+    # the LoRA factors depend on the adapter alone; the base (unquantized) only serves the sample comparison
+    model, tokenizer = load_adapter_model(args.adapter, args.model, args.load_in_4bit and rank is None, args.quiet)
+    if rank is not None:
+        inputs = tokenizer(SAMPLE_TEXTS, return_tensors="pt", padding=True, truncation=True, max_length=32)
+        report = export_lora(model, args.output_dir, args.to_lora, sample_inputs=dict(inputs), overwrite=args.overwrite)
+        worst = max(report["modules"], key=lambda m: m["relative_error"])
+        ranks = sorted({m["rank"] for m in report["modules"]})
+        sample = report["sample_outputs"]
+        print(f"exported {len(report['modules'])} adapted modules as LoRA (rank {', '.join(map(str, ranks))}) to "
+              f"{args.output_dir}")
+        print(f"largest relative error of a module's update: {worst['relative_error']:.3e} ({worst['module']}); "
+              f"energy kept >= {min(m['energy_kept'] for m in report['modules']):.9f}")
+        print(f"on {len(SAMPLE_TEXTS)} sample texts: max |LoRAN - LoRA| output difference "
+              f"{sample['max_abs_difference']:.3e} = {sample['relative_to_adapter_effect']:.3e} of the adapter's effect "
+              f"(max {sample['max_abs_adapter_effect']:.3e}); per module: {args.output_dir}/export_report.json")
+        return 0
+    note = export_merged(model, args.output_dir, tokenizer=tokenizer, overwrite=args.overwrite)
+    how = ("4-bit base dequantized, update added in float32, saved in bfloat16" if note["quantized_base"]
+           else f"saved in {note['saved_dtype']}")
+    print(f"wrote the merged model to {args.output_dir} ({how}); load it with transformers' from_pretrained, no PEFT")
+    return 0
+
+
+def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bool, quiet: bool):
+    """A LoRAN adapter on its base model (causal LM, or sequence classification when the adapter says so), and the
+    tokenizer saved with it (else the base's). Refuses adapters that are not LoRAN with one ``error:`` line."""
+    import torch
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    import peft_loran
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise UserError(f"{adapter} is not an adapter directory (no adapter_config.json)")
+    try:
+        config = PeftConfig.from_pretrained(adapter)
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    if not isinstance(config, peft_loran.LoranConfig):
+        raise UserError(f"{adapter} is a {getattr(config.peft_type, 'value', config.peft_type)} adapter, not LoRAN: "
+                        "it needs no export (serve it as it is)")
+    spec = model_spec or config.base_model_name_or_path
+    if not spec:
+        raise UserError("the adapter does not record its base model; pass --model")
+    from .models import resolve_model
+
+    path = resolve_model(spec, quiet=quiet)
+    kwargs: dict = {}
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16)
+    task = str(getattr(config.task_type, "value", config.task_type) or "")
+    if task == "SEQ_CLS":
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=_saved_num_labels(adapter), **kwargs)
+    else:
+        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    has_tokenizer = (Path(adapter) / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        model = PeftModel.from_pretrained(base, adapter).eval()
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
+    return model, tokenizer
+
+
+def _saved_num_labels(adapter: str) -> int:
+    """Classes of a classification adapter: the rows of its saved head (its modules_to_save)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(adapter) / "adapter_model.safetensors"), "pt") as fh:
+        heads = [fh.get_slice(k).get_shape()[0] for k in fh.keys()
+                 if ("classifier" in k or "score" in k) and k.endswith("weight") and ".loran_" not in k]
+    if not heads:
+        raise UserError(f"{adapter} is a classification adapter without a saved head; cannot tell its classes")
+    return heads[-1]
+
+
+COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
+            "inspect": cmd_inspect}
 
 
 def main(argv: Optional[list[str]] = None) -> None:
