@@ -208,6 +208,119 @@ def test_cache_after_dtype_change():
     torch.testing.assert_close(out, fresh_reference(model))
 
 
+SLOTS = {  # which cached tensor serves the no-grad call
+    "folded_float32": dict(dtype=torch.float32, dropout=0.0, kind="weight"),
+    "bf16_delta": dict(dtype=torch.bfloat16, dropout=0.0, kind="delta"),
+    "dropout_float32": dict(dtype=torch.float32, dropout=0.2, kind="weight"),
+}
+
+
+def slot_model(slot):
+    cfg = SLOTS[slot]
+    model = get_peft_model(tiny_llama(0), LoranConfig(init_weights=False, sinter_amplitude=0.5, sinter_frequency=3.0,
+                                                      loran_dropout=cfg["dropout"]))
+    return model.to(cfg["dtype"]).eval() if cfg["dtype"] != torch.float32 else model.eval()
+
+
+def merged_reference(model):
+    """A freshly merged copy: no cache involved at all."""
+    import copy
+
+    with torch.no_grad():
+        return copy.deepcopy(model).merge_and_unload()(input_ids=IDS).logits
+
+
+def replace_reusing_the_address(p, new):
+    """What loading code can do: ``p.data`` is replaced by a fresh tensor (version 0) whose memory is where the old
+    one was. The allocator does that when it hands the freed block back; here it is made certain by building the
+    fresh tensor on the same memory. The old cache keyed on (address, version) served the old update."""
+    values, storage, version = new.detach().clone(), p.untyped_storage(), p._version
+    fresh = torch.empty(0, dtype=p.dtype).set_(storage, 0, p.shape, p.stride())
+    while fresh._version < version:  # a fresh counter that happens to read like the old one
+        fresh.add_(0)
+    fresh.data.copy_(values)  # written without a version bump
+    p.data = torch.empty(0, dtype=p.dtype)
+    p.data = fresh
+    assert p.data_ptr() == storage.data_ptr() and p._version == version
+
+
+CHANGES = {
+    "data_replaced_at_the_same_address": lambda m: replace_reusing_the_address(
+        q_proj(m).loran_B["default"], q_proj(m).loran_B["default"].detach() * 3),
+    "in_place_through_data": lambda m: q_proj(m).loran_A["default"].data.mul_(-2),
+    "load_state_dict": lambda m: m.load_state_dict(
+        {k: v * 2 if "loran_B" in k else v for k, v in m.state_dict().items()}),
+    "scaling": lambda m: q_proj(m).loran_scaling.__setitem__("default", 3.0),
+    "activation": lambda m: q_proj(m).loran_activation.__setitem__(
+        "default", LoranConfig(activation="tanh").build_activation()),
+}
+
+
+@pytest.mark.parametrize("slot", list(SLOTS))
+@pytest.mark.parametrize("change", list(CHANGES))
+def test_cache_is_never_stale(slot, change):
+    model = slot_model(slot)
+    before = run(model)
+    entries = q_proj(model)._loran_cache
+    assert [key[0] for key in entries] == [SLOTS[slot]["kind"]], list(entries)
+    with torch.no_grad():
+        CHANGES[change](model)
+    after = run(model)
+    assert not torch.allclose(before, after), "the change should change the output"
+    tol = dict(atol=2e-2, rtol=2e-2) if SLOTS[slot]["dtype"] == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(after, merged_reference(model), **tol)
+
+
+@pytest.mark.parametrize("slot", list(SLOTS))
+def test_cache_does_not_survive_to_or_deepcopy(slot):
+    import copy
+
+    model = slot_model(slot)
+    run(model)
+    clone = copy.deepcopy(model)
+    assert not q_proj(clone)._loran_cache, "deepcopy copied the cache"
+    model.to(torch.float64)
+    assert not q_proj(model)._loran_cache, ".to() left the cache behind"
+    out = run(model)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, merged_reference(model))
+
+
+def test_eval_cache_is_per_adapter():
+    model = cached_model()
+    model.add_adapter("uncached", LoranConfig(init_weights=False, eval_cache=False))
+    layer = q_proj(model)
+    assert layer.loran_eval_cache == {"default": True, "uncached": False}
+    run(model)
+    assert layer._loran_cache, "adding an uncached adapter switched the cache off for 'default'"
+    model.set_adapter("uncached")
+    layer._loran_cache.clear()
+    run(model)
+    assert not layer._loran_cache
+
+
+def test_cache_is_built_once_under_concurrent_calls():
+    import threading
+
+    model = cached_model()
+    outputs, errors = [], []
+
+    def call():
+        try:
+            outputs.append(run(model))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for out in outputs:
+        torch.testing.assert_close(out, fresh_reference(model), atol=1e-5, rtol=1e-5)
+
+
 def test_cache_can_be_switched_off():
     model = cached_model()
     set_eval_cache(model, False)
@@ -231,15 +344,19 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(ckpt[n], plain[n], atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
-def test_torch_compile_gives_same_outputs_and_gradients(backend):
-    model = get_peft_model(tiny_llama(0), LoranConfig(init_weights=False, sinter_amplitude=0.5, sinter_frequency=3.0))
+def compile_model():
+    return get_peft_model(tiny_llama(0), LoranConfig(init_weights=False, sinter_amplitude=0.5, sinter_frequency=3.0,
+                                                     target_modules=["q_proj", "v_proj", "embed_tokens"]))
+
+
+def test_torch_compile_fullgraph_train_and_eval_give_eager_outputs_and_gradients():
+    model = compile_model()
     model.train()
     expected = model(input_ids=IDS).logits
     expected.pow(2).mean().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     model.zero_grad()
-    compiled = torch.compile(model, backend=backend)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)  # fullgraph: any graph break is an error
     got = compiled(input_ids=IDS).logits
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     got.pow(2).mean().backward()
@@ -249,6 +366,18 @@ def test_torch_compile_gives_same_outputs_and_gradients(backend):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(input_ids=IDS).logits, expected.detach(), atol=1e-5, rtol=1e-5)
+        explanation = torch._dynamo.explain(model)(input_ids=IDS)
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_generation_with_static_cache_and_compiled_forward():
+    model = compile_model().eval()
+    with torch.no_grad():
+        eager = model.generate(IDS, max_new_tokens=4, do_sample=False, cache_implementation="static")
+        inner = model.base_model.model
+        inner.forward = torch.compile(inner.forward, fullgraph=True)  # transformers' fast path: inductor
+        compiled = model.generate(IDS, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(compiled, eager)
 
 
 # ------------------------------------------------------------------------------- page-aligned weights (decoding)
@@ -290,14 +419,14 @@ def test_cache_and_merged_weights_are_page_aligned():
     """The decode-speed fix: every weight read on each generated token starts on a page (CPU)."""
     model = cached_model()
     run(model)
-    cached = [value for m in model.modules() for _, value in getattr(m, "_loran_cache", {}).values()]
+    cached = [entry.value for m in model.modules() for entry in getattr(m, "_loran_cache", {}).values()]
     assert cached and all(t.data_ptr() % LF.PAGE_BYTES == 0 for t in cached)
     model.merge_adapter()
     merged = [q_proj(model).get_base_layer().weight, model.base_model.model.model.layers[1].self_attn.v_proj.weight]
     assert all(w.data_ptr() % LF.PAGE_BYTES == 0 for w in merged)
     half = cached_model().to(torch.bfloat16)  # not folded: the per-adapter update is cached, in bfloat16
     run(half)
-    deltas = [value for m in half.modules() for _, value in getattr(m, "_loran_cache", {}).values()]
+    deltas = [entry.value for m in half.modules() for entry in getattr(m, "_loran_cache", {}).values()]
     assert deltas and all(t.dtype == torch.bfloat16 and t.data_ptr() % LF.PAGE_BYTES == 0 for t in deltas)
 
 

@@ -319,6 +319,25 @@ def unflatten_stages(flat: Sequence[Optional[torch.Tensor]]) -> list[Stage]:
     return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
 
 
+def fused_forward(x, weight, bias, weight_in_out, scaling, activation, block_rows, A, B, stages) -> torch.Tensor:
+    """The forward of :class:`FusedLoranMatmul` (see there) without autograd: what no-grad calls run, eager or
+    compiled (``torch.compile`` traces it as plain tensor code)."""
+    chunks = []
+    for i0, i1 in row_blocks(B.shape[0], x.shape[-1], block_rows, x.device):
+        bias_block = bias[i0:i1] if bias is not None else None
+        if weight is None:
+            update = block_update(None, B[i0:i1], A, stages, activation, scaling)[0]
+            chunks.append(x @ update.to(x.dtype).T)
+        elif weight_in_out:
+            folded = block_update(weight[:, i0:i1].T, B[i0:i1], A, stages, activation, scaling)[0]
+            folded = folded.T.to(x.dtype).contiguous()
+            chunks.append(x @ folded if bias_block is None else torch.addmm(bias_block, x, folded))
+        else:
+            folded = block_update(weight[i0:i1], B[i0:i1], A, stages, activation, scaling)[0]
+            chunks.append(torch.nn.functional.linear(x, folded.to(x.dtype), bias_block))
+    return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
+
+
 class FusedLoranMatmul(torch.autograd.Function):
     """``x @ (W + scaling * H)^T + bias`` (``weight`` given, "folded") or ``x @ (scaling * H)^T`` (no weight).
 
@@ -332,24 +351,12 @@ class FusedLoranMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, weight_in_out, scaling, activation, block_rows, A, B, *flat_stages):
-        stages = unflatten_stages(flat_stages)
-        chunks = []
-        for i0, i1 in row_blocks(B.shape[0], x.shape[-1], block_rows, x.device):
-            bias_block = bias[i0:i1] if bias is not None else None
-            if weight is None:
-                update = block_update(None, B[i0:i1], A, stages, activation, scaling)[0]
-                chunks.append(x @ update.to(x.dtype).T)
-            elif weight_in_out:
-                folded = block_update(weight[:, i0:i1].T, B[i0:i1], A, stages, activation, scaling)[0]
-                folded = folded.T.to(x.dtype).contiguous()
-                chunks.append(x @ folded if bias_block is None else torch.addmm(bias_block, x, folded))
-            else:
-                folded = block_update(weight[i0:i1], B[i0:i1], A, stages, activation, scaling)[0]
-                chunks.append(torch.nn.functional.linear(x, folded.to(x.dtype), bias_block))
+        out = fused_forward(x, weight, bias, weight_in_out, scaling, activation, block_rows, A, B,
+                            unflatten_stages(flat_stages))
         ctx.save_for_backward(x, weight, A, B, *flat_stages)
         ctx.weight_in_out, ctx.has_bias = weight_in_out, bias is not None
         ctx.scaling, ctx.activation, ctx.block_rows = scaling, activation, block_rows
-        return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -447,7 +454,10 @@ def loran_matmul(
     w = weight.to(dtype) if weight is not None else None
     b = bias.to(dtype) if (bias is not None and weight is not None) else None
     with torch.autocast(x.device.type, enabled=False):
-        y = FusedLoranMatmul.apply(
-            x2, w, b, weight_in_out, scaling, activation, block_rows, A, B, *flatten_stages(stages)
-        )
+        if torch.is_grad_enabled():
+            y = FusedLoranMatmul.apply(
+                x2, w, b, weight_in_out, scaling, activation, block_rows, A, B, *flatten_stages(stages)
+            )
+        else:
+            y = fused_forward(x2, w, b, weight_in_out, scaling, activation, block_rows, A, B, stages)
     return y.reshape(*lead, y.shape[-1])

@@ -17,6 +17,7 @@ Forward paths of :class:`Linear` (the first that applies):
 from __future__ import annotations
 
 import math
+import threading
 import warnings
 from typing import Any, Optional
 
@@ -32,6 +33,40 @@ from .activations import Activation
 from .config import LoranConfig
 
 BASE_ADAPTER_NAME = "__base__"
+
+
+_CACHE_LOCK = threading.Lock()
+
+
+class _CacheEntry:
+    """A cached tensor and what it was built from (see :meth:`LoranLayer._cached`)."""
+
+    __slots__ = ("snapshot", "settings", "storage", "weight_key", "value")
+
+    def __init__(self, snapshot, settings, weight, value):
+        self.snapshot, self.settings, self.value = snapshot, settings, value
+        self.storage = weight.untyped_storage() if weight is not None else None  # kept alive: no address reuse
+        self.weight_key = self._weight_key(weight)
+
+    @staticmethod
+    def _weight_key(weight):
+        if weight is None:
+            return None
+        return (weight.data_ptr(), weight._version, weight.shape, weight.stride(), weight.dtype, weight.device)
+
+    def matches(self, factors, settings, weight) -> bool:
+        if len(factors) != len(self.snapshot) or len(settings) != len(self.settings):
+            return False
+        if any(s != t or f is not g for (s, f), (t, g) in zip(settings, self.settings)):
+            return False
+        if weight is not None and (
+            self._weight_key(weight) != self.weight_key or weight.untyped_storage()._cdata != self.storage._cdata
+        ):
+            return False
+        return all(
+            old.shape == new.shape and old.dtype == new.dtype and old.device == new.device and torch.equal(old, new)
+            for old, new in zip(self.snapshot, factors)
+        )
 
 
 def unpack_bnb_cpu_weight(layer: nn.Module) -> None:
@@ -55,7 +90,7 @@ class LoranLayer(BaseTunerLayer):
 
     adapter_layer_names: tuple[str, ...] = ("loran_A", "loran_B", "loran_P", "loran_b")
     other_param_names: tuple[str, ...] = (
-        "loran_scaling", "loran_dropout", "loran_activation", "loran_dims", "loran_block_rows",
+        "loran_scaling", "loran_dropout", "loran_activation", "loran_dims", "loran_block_rows", "loran_eval_cache",
     )
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -71,7 +106,7 @@ class LoranLayer(BaseTunerLayer):
         self.loran_b = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self.eval_cache = True
+        self.loran_eval_cache: dict[str, bool] = {}
         self._loran_cache: dict = {}
         self.kwargs = kwargs
         base = self.get_base_layer()
@@ -107,7 +142,7 @@ class LoranLayer(BaseTunerLayer):
         self.loran_scaling[adapter_name] = config.scaling
         self.loran_dims[adapter_name] = dims
         self.loran_block_rows[adapter_name] = config.block_rows
-        self.eval_cache = config.eval_cache
+        self.loran_eval_cache[adapter_name] = config.eval_cache
         self.loran_activation[adapter_name] = config.build_activation()
         self.loran_dropout[adapter_name] = (
             nn.Dropout(p=config.loran_dropout) if config.loran_dropout > 0 else nn.Identity()
@@ -232,24 +267,48 @@ class LoranLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self._loran_cache.clear()
 
-    def train(self, mode: bool = True):
-        self._loran_cache.clear()
-        return super().train(mode)
+    def _use_cache(self, x: torch.Tensor, adapters: list[str]) -> bool:
+        """The no-grad cache serves eager inference only: while ``torch.compile`` traces, the update is computed in
+        the graph (reading data pointers or building page-aligned copies would break it)."""
+        return (
+            all(self.loran_eval_cache.get(a, True) for a in adapters)
+            and not self._grad_needed(x, adapters)
+            and not torch.compiler.is_compiling()
+        )
 
-    @staticmethod
-    def _fingerprint(tensors) -> tuple:
-        """What a cached update depends on: each tensor's storage, in-place version and dtype (a move to another
-        device or shape means new storage). Cheap enough to check on every generated token."""
-        return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)
+    def _cached(self, slot: tuple, adapters: list[str], build, weight: Optional[torch.Tensor] = None):
+        """The value ``build()`` made for ``slot``, rebuilt whenever anything it depends on may have changed.
 
-    def _cached(self, slot: tuple, fingerprint: tuple, build):
+        Staleness is ruled out by construction rather than by tracking every way a tensor can change: the factors
+        (small) are compared by value with a snapshot taken when the entry was built, so in-place writes (also
+        through ``.data``, which bumps no version), replaced parameters and loaded state dicts are all seen; the
+        scaling and activation objects are compared as they are; the frozen base weight (large) by its storage,
+        which the entry keeps alive so that no new tensor can reuse its address, and its in-place version.
+        ``.to()`` / ``_apply``, merges, adapter switches and ``train()`` clear the cache outright."""
+        factors = [t for a in adapters for t in self._factors(a)]
+        settings = [(self.loran_scaling[a], self.loran_activation[a]) for a in adapters]
         entry = self._loran_cache.get(slot)
-        if entry is not None and entry[0] == fingerprint:
-            return entry[1]
-        self._loran_cache.pop(slot, None)  # free the stale tensor before building its replacement
-        value = build()
-        self._loran_cache[slot] = (fingerprint, value)
+        if entry is not None and entry.matches(factors, settings, weight):
+            return entry.value
+        with _CACHE_LOCK:  # one builder at a time; a second thread finds the finished entry
+            entry = self._loran_cache.get(slot)
+            if entry is not None and entry.matches(factors, settings, weight):
+                return entry.value
+            self._loran_cache.pop(slot, None)  # free the stale tensor before building its replacement
+            snapshot = [t.detach().clone() for t in factors]
+            value = build()
+            self._loran_cache[slot] = _CacheEntry(snapshot, settings, weight, value)
         return value
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cuda()``...: the cached tensors would be left behind, so drop them."""
+        self._loran_cache.clear()
+        return nn.Module._apply(self, fn, recurse)
+
+    def __getstate__(self) -> dict:
+        """``deepcopy`` / pickling copy the layer without its cache (rebuilt on the next no-grad call)."""
+        state = nn.Module.__getstate__(self)
+        return {**state, "_loran_cache": {}}
 
     def _grad_needed(self, x: torch.Tensor, adapters: list[str]) -> bool:
         if not torch.is_grad_enabled():
@@ -365,12 +424,10 @@ class Linear(nn.Module, LoranLayer):
 
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter's own contribution ``s * dropout(x) @ f(BA)^T`` (cached when no gradient is needed)."""
-        if self.eval_cache and not self._grad_needed(x, [adapter_name]):
+        if self._use_cache(x, [adapter_name]):
             dtype = LF.compute_dtype_for(x)
             update = self._cached(
-                ("delta", adapter_name, dtype),
-                self._fingerprint(self._factors(adapter_name)),
-                lambda: self._dense_update_as(adapter_name, dtype),
+                ("delta", adapter_name, dtype), [adapter_name], lambda: self._dense_update_as(adapter_name, dtype)
             )
             return F.linear(self.loran_dropout[adapter_name](x).to(dtype), update)
         return LF.loran_matmul(
@@ -386,15 +443,13 @@ class Linear(nn.Module, LoranLayer):
     def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """Cached ``W + sum_a s_a f(B_a A_a)`` in the base weight's layout, for no-grad calls (rebuilt when
         anything it depends on changes)."""
-        tensors = [weight] + [t for a in adapters for t in self._factors(a)]
-
         def build():  # float32 weights only (the fold's condition); page-aligned: see LF.empty_page_aligned
             total = LF.page_aligned_copy(weight)
             for a in adapters:
                 self._add_delta_(total, a)
             return total
 
-        return self._cached(("weight", tuple(adapters)), self._fingerprint(tensors), build)
+        return self._cached(("weight", tuple(adapters)), adapters, build, weight=weight)
 
     def _base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The base layer's own computation with ``weight`` in place of its weight (Linear or Conv1D)."""
@@ -405,7 +460,8 @@ class Linear(nn.Module, LoranLayer):
         return out.reshape(*x.shape[:-1], weight.shape[1])
 
     # ---------------------------------------------------------------------------------------------- forward
-    forward = LoranLayer.forward  # nn.Module comes first in the bases and would shadow it
+    # nn.Module comes first in the bases and would shadow these
+    forward, _apply, __getstate__ = LoranLayer.forward, LoranLayer._apply, LoranLayer.__getstate__
 
     def _adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
@@ -414,7 +470,7 @@ class Linear(nn.Module, LoranLayer):
         foldable = [a for a in adapters if not self._dropout_active(a)] if weight is not None else []
         if foldable and LF.compute_dtype_for(x) == torch.float32:
             bias = self._base_bias(base)
-            if self.eval_cache and not self._grad_needed(x, foldable):
+            if self._use_cache(x, foldable):
                 result = self._base_op(x, self._effective_weight(weight, foldable), bias)
                 rest = [a for a in adapters if a not in foldable]
             else:
@@ -470,8 +526,13 @@ class Embedding(nn.Module, LoranLayer):
                     nn.init.zeros_(b)
 
     def _adapter_output(self, ids: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """``s * chain(B A)[:, ids]^T``: each distinct token's column built once."""
-        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        """``s * chain(B A)[:, ids]^T``: each distinct token's column built once (eagerly; a compiled graph builds one
+        per position, since ``unique`` has a data-dependent shape)."""
+        flat = ids.reshape(-1)
+        if torch.compiler.is_compiling():
+            unique, inverse = flat, torch.arange(flat.numel(), device=flat.device)
+        else:
+            unique, inverse = torch.unique(flat, return_inverse=True)
         columns = LF.chain_columns(
             self.loran_B[adapter_name], self.loran_A[adapter_name], self.stages(adapter_name),
             self.loran_activation[adapter_name], unique,
@@ -480,4 +541,5 @@ class Embedding(nn.Module, LoranLayer):
         embed_scale = self._get_embed_scale()
         return out * embed_scale.to(out.dtype) if embed_scale is not None else out
 
-    forward = LoranLayer.forward  # nn.Module comes first in the bases and would shadow it
+    # nn.Module comes first in the bases and would shadow these
+    forward, _apply, __getstate__ = LoranLayer.forward, LoranLayer._apply, LoranLayer.__getstate__

@@ -133,7 +133,8 @@ def set_eval_cache(model: nn.Module, enabled: bool) -> None:
     """Switch the no-grad cache of every LoRAN layer in ``model`` on or off; switching off frees the memory."""
     for module in model.modules():
         if isinstance(module, LoranLayer):
-            module.eval_cache = bool(enabled)
+            for adapter in module.loran_A:
+                module.loran_eval_cache[adapter] = bool(enabled)
             module._loran_cache.clear()
 
 
