@@ -92,16 +92,33 @@ def test_no_dense_tensor_is_saved_for_backward(dropout, chain):
     assert layer.loran_A["default"].grad is not None
 
 
-def test_weight_sized_transients_are_bounded_by_block_rows():
-    A = torch.randn(4, 64)
-    B = torch.randn(100, 4)
-    act = activation("sinter")
-    from peft_loran import get_activation
+def test_weight_sized_transients_are_bounded_by_block_rows(monkeypatch):
+    """Every dense tensor the fused forward and backward build is one block: watch the blocks actually built."""
+    built = []
+    original = LF.block_update
 
-    blocks = list(LF.row_blocks(100, 64, 7))
-    assert blocks[0] == (0, 7) and blocks[-1] == (98, 100) and sum(b - a for a, b in blocks) == 100
-    dense = LF.delta_weight(A, B, [(None, None)], get_activation("sinter"), 0.5, block_rows=7)
-    torch.testing.assert_close(dense.double(), 0.5 * act(B.double() @ A.double()), atol=1e-5, rtol=1e-5)
+    def watched(base_rows, B_rows, *args, **kwargs):
+        out = original(base_rows, B_rows, *args, **kwargs)
+        built.append(tuple(out[0].shape))
+        return out
+
+    monkeypatch.setattr(LF, "block_update", watched)
+    torch.manual_seed(0)
+    layer = inject_adapter_in_model(LoranConfig(target_modules=["layer"], r=4, loran_alpha=6, init_weights=False,
+                                                sinter_amplitude=0.5, sinter_frequency=3.0, block_rows=7),
+                                    One(64, 100, conv=False)).layer
+    layer.train()
+    x = torch.randn(3, 64, requires_grad=True)
+    y = layer(x)
+    forward_blocks = list(built)
+    y.sum().backward()
+    assert forward_blocks and all(rows <= 7 and cols == 64 for rows, cols in built)
+    assert sum(rows for rows, _ in forward_blocks) == 100  # every output row built once, in blocks of <= 7
+    assert len(built) == 2 * len(forward_blocks)  # backward rebuilds each block once
+    A, B, Ps, bs, s = layer_factors(layer)
+    ref = x.double() @ layer.get_base_layer().weight.double().T + layer.get_base_layer().bias.double() + \
+        x.double() @ naive_update(A, B, Ps, bs, activation("sinter", 0.5, 3.0), s).T
+    torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- eval cache

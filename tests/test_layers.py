@@ -39,6 +39,8 @@ def make(targets, seed=0, dtype=torch.float32, **kw):
     torch.manual_seed(seed)
     model = Toy().to(dtype)
     kw.setdefault("init_weights", False)
+    kw.setdefault("loran_alpha", 12)  # scaling 1.5 with r = 8: a scaling left out anywhere shows
+    kw.setdefault("block_rows", 7)  # 20 output rows in three blocks: a block lost or misplaced shows
     config = LoranConfig(target_modules=targets, **{**STRONG, **kw})
     return inject_adapter_in_model(config, model)
 
@@ -151,6 +153,18 @@ def test_autocast_bf16_matches_reference_and_trains():
     ref = naive_linear_output(x, layer.get_base_layer().weight, layer.get_base_layer().bias, A, B, Ps, bs,
                               activation("sinter", 0.5, 1e3), s)
     torch.testing.assert_close(y.double(), ref, atol=5e-2, rtol=3e-2)
+    # the adapter's own contribution, with a tolerance that sees sin(1e3 x) computed in bf16 (off by ~0.07)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        contribution = (layer(x) - layer.get_base_layer()(x)).double()
+    want = x.double() @ naive_update(A, B, Ps, bs, activation("sinter", 0.5, 1e3), s).T
+    torch.testing.assert_close(contribution, want, atol=2e-2, rtol=0)
+    emb = make(["emb"], activation="sinter", sinter_amplitude=0.5, sinter_frequency=1e3).emb
+    ids = torch.tensor([[1, 5, 7, 29]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = (emb(ids) - emb.get_base_layer()(ids)).double()
+    A_e, B_e, Ps_e, bs_e, s_e = layer_factors(emb)
+    torch.testing.assert_close(got, naive_update(A_e, B_e, Ps_e, bs_e, activation("sinter", 0.5, 1e3), s_e).T[ids],
+                               atol=2e-5, rtol=1e-4)
     y.float().sum().backward()
     assert A.grad is not None and A.grad.dtype == torch.float32 and torch.isfinite(A.grad).all()
 
@@ -158,7 +172,9 @@ def test_autocast_bf16_matches_reference_and_trains():
 @pytest.mark.parametrize("target", ["lin", "conv", "emb"])
 def test_init_weights_true_is_exact_identity(target):
     for act in ACTIVATIONS:
-        model = make([target], init_weights=True, activation=act, chain_dims=[6], use_P=True, use_b=True)
+        # one block: the base output bit for bit (several blocks round the GEMM differently)
+        model = make([target], init_weights=True, activation=act, chain_dims=[6], use_P=True, use_b=True,
+                     block_rows=None)
         ref = Toy()
         torch.manual_seed(0)
         ref = Toy()
@@ -217,12 +233,15 @@ def test_block_sizes_do_not_change_results(block_rows):
     x = torch.randn(4, 12)
     y, y_ref = model.lin(x), ref_model.lin(x)
     torch.testing.assert_close(y, y_ref, atol=1e-6, rtol=1e-6)
-    y.sum().backward()
-    y_ref.sum().backward()
-    for p, q in zip(model.lin.loran_B["default"], ref_model.lin.loran_B["default"]):
-        pass
-    torch.testing.assert_close(model.lin.loran_B["default"].grad, ref_model.lin.loran_B["default"].grad)
-    torch.testing.assert_close(model.lin.loran_A["default"].grad, ref_model.lin.loran_A["default"].grad)
+    x.requires_grad_(True)
+    grad = torch.randn_like(y)
+    params = [x, *layer_factors(model.lin)[:2], *layer_factors(model.lin)[2], *layer_factors(model.lin)[3]]
+    ref_params = [x, *layer_factors(ref_model.lin)[:2], *layer_factors(ref_model.lin)[2], *layer_factors(ref_model.lin)[3]]
+    got = torch.autograd.grad(model.lin(x), params, grad)
+    want = torch.autograd.grad(ref_model.lin(x), ref_params, grad)
+    assert len(got) == 5  # x, A, B, P, b
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
 
 
 def test_dropout_path_matches_reference_with_same_mask():
@@ -320,3 +339,32 @@ def test_merge_only_the_named_adapter():
     torch.testing.assert_close(layer.get_base_layer().weight, w, atol=1e-6, rtol=0)
     with pytest.warns(UserWarning, match="Already unmerged"):
         layer.unmerge()
+
+
+@pytest.mark.parametrize("chain", ["plain", "P_b_2stage"])
+def test_scaled_embedding_keeps_its_scale_in_every_path(chain):
+    # Gemma-style embeddings multiply their output by embed_scale: the adapter's part must be scaled too, unmerged,
+    # merged, in a mixed batch and with the no-grad path
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextScaledWordEmbedding
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = Gemma3TextScaledWordEmbedding(30, 12, padding_idx=0, embed_scale=12**0.5)
+
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoranConfig(target_modules=["emb"], init_weights=False, **STRONG, **CHAINS[chain]),
+                                    Scaled())
+    layer = model.emb
+    ids = torch.tensor([[1, 5, 7, 29], [0, 5, 3, 3]])
+    A, B, Ps, bs, s = layer_factors(layer)
+    D = naive_update(A, B, Ps, bs, activation("sinter", 0.5, 3.0), s)
+    ref = 12**0.5 * (layer.get_base_layer().weight.double()[ids] + D.T[ids])
+    torch.testing.assert_close(layer(ids).double(), ref, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(ids).double(), ref, atol=1e-5, rtol=1e-5)
+        mixed = layer(ids, adapter_names=["default", "__base__"]).double()
+        torch.testing.assert_close(mixed[0], ref[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(mixed[1], 12**0.5 * layer.get_base_layer().weight.double()[ids[1]])
+        layer.merge()
+        torch.testing.assert_close(layer(ids).double(), ref, atol=1e-4, rtol=1e-5)

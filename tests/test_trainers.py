@@ -37,7 +37,12 @@ def test_transformers_trainer_save_reload_generate(tiny_lm, tmp_path):  # noqa: 
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert result.global_step == 4 and len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     trainer.save_model(str(tmp_path / "adapter"))
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    # what was saved is what was trained: the reloaded adapter gives the in-memory model's logits
+    ids = torch.tensor([[101, 2000, 2001, 2002]])
+    model.eval()
+    with torch.no_grad():
+        reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "adapter")
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
     model.eval()
     prompt = tok("story 3:", return_tensors="pt")
     prompt = {k: prompt[k] for k in ("input_ids", "attention_mask")}
@@ -65,8 +70,10 @@ def test_trl_sft_trainer_save_reload_generate(tiny_lm, tmp_path):  # noqa: F811
     assert trainer.state.global_step == 3
     trainer.save_model(str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "adapter").eval()
-    out = reloaded.generate(input_ids=torch.tensor([[101, 2000]]), max_new_tokens=4, do_sample=False)
-    assert out.shape == (1, 6)
+    prompt = torch.tensor([[101, 2000]])
+    out = reloaded.generate(input_ids=prompt, max_new_tokens=4, do_sample=False)
+    trained = trainer.model.eval()
+    assert torch.equal(out, trained.generate(input_ids=prompt, max_new_tokens=4, do_sample=False))
 
 
 def test_cli_qlora_load_in_4bit(tokenizer_dir, tmp_path):  # noqa: F811

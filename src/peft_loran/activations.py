@@ -12,6 +12,7 @@ own Sinter-style cosine with configurable ``a`` and ``w``. See ``docs/activation
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -39,6 +40,13 @@ class Activation:
     #: ``apply(g)`` returns ``g * f'(B_rows A)`` (may overwrite ``g``): the fused path's hot loop, free to
     #: rearrange the product (Sinter folds ``w`` into ``A``)
     block_fn: Optional[Callable] = None
+    #: the same ``f`` and ``f'`` with every float constant as an argument: ``param_fn(x, *params)``. The compiled
+    #: kernels (:mod:`peft_loran.kernels`) use these: torch.compile mis-caches kernels whose float constants live
+    #: in closures (a kernel traced for one Sinter setting served another), while float arguments are proper
+    #: inputs, so one compiled kernel serves every setting. Activations without them run eagerly.
+    param_fn: Optional[Callable] = None
+    param_derivative: Optional[Callable] = None
+    params: tuple = ()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         y = self.fn(x)
@@ -80,8 +88,7 @@ class Activation:
     def centered(self) -> "Activation":
         """The same activation shifted so that ``f(0) == 0`` (an all-zero ``B`` then gives an all-zero update)."""
         offset = self.value_at_zero()
-        return Activation(self.name, self.fn, self.derivative, offset=offset, both=self.both,
-                          block_fn=self.block_fn if not offset else None)
+        return dataclasses.replace(self, offset=offset, block_fn=self.block_fn if not offset else None)
 
 
 # A factory builds an Activation from the two Sinter-style parameters (ignored by most activations).
@@ -126,20 +133,32 @@ def _sinter(amplitude: float, frequency: float) -> Activation:
 
         return out, apply_derivative
 
-    return Activation("sinter", fn, derivative, both=both, block_fn=block)
+    return Activation("sinter", fn, derivative, both=both, block_fn=block, param_fn=_sinter_value,
+                      param_derivative=_sinter_derivative, params=(a, w))
+
+
+def _sinter_value(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
+    return x + a * x * torch.sin(w * x)
+
+
+def _sinter_derivative(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
+    wx = w * x
+    return 1 + a * torch.sin(wx) + a * wx * torch.cos(wx)
+
+
+def _cosinter_value(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
+    return x + a * x * torch.cos(w * x)
+
+
+def _cosinter_derivative(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
+    wx = w * x
+    return 1 + a * torch.cos(wx) - a * wx * torch.sin(wx)
 
 
 def _cosinter(amplitude: float, frequency: float) -> Activation:
     a, w = amplitude, frequency
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        return x + a * x * torch.cos(w * x)
-
-    def derivative(x: torch.Tensor) -> torch.Tensor:
-        wx = w * x
-        return 1 + a * torch.cos(wx) - a * wx * torch.sin(wx)
-
-    return Activation("cosinter", fn, derivative)
+    return Activation("cosinter", lambda x: _cosinter_value(x, a, w), lambda x: _cosinter_derivative(x, a, w),
+                      param_fn=_cosinter_value, param_derivative=_cosinter_derivative, params=(a, w))
 
 
 def _sigmoid_derivative(x: torch.Tensor) -> torch.Tensor:
@@ -158,21 +177,21 @@ SWISH_BETA = 25.0
 COS_FREQUENCY = 1e4
 
 
-def _swish(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(SWISH_BETA * x)
+def _swish(x: torch.Tensor, beta: float = SWISH_BETA) -> torch.Tensor:
+    return x * torch.sigmoid(beta * x)
 
 
-def _swish_derivative(x: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(SWISH_BETA * x)
-    return s + SWISH_BETA * x * s * (1 - s)
+def _swish_derivative(x: torch.Tensor, beta: float = SWISH_BETA) -> torch.Tensor:
+    s = torch.sigmoid(beta * x)
+    return s + beta * x * s * (1 - s)
 
 
-def _cos(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.cos(COS_FREQUENCY * x) + x
+def _cos(x: torch.Tensor, w: float = COS_FREQUENCY) -> torch.Tensor:
+    return x * torch.cos(w * x) + x
 
 
-def _cos_derivative(x: torch.Tensor) -> torch.Tensor:
-    wx = COS_FREQUENCY * x
+def _cos_derivative(x: torch.Tensor, w: float = COS_FREQUENCY) -> torch.Tensor:
+    wx = w * x
     return torch.cos(wx) - wx * torch.sin(wx) + 1
 
 
@@ -184,7 +203,19 @@ def _gaussian_derivative(x: torch.Tensor) -> torch.Tensor:
     return (0.5 - x * x) * torch.exp(-x * x)
 
 
-def _fixed(name: str, fn: TensorFn, derivative: TensorFn) -> ActivationFactory:
+def _fixed(name: str, fn: TensorFn, derivative: Optional[TensorFn], *params: float) -> ActivationFactory:
+    """A built-in without configurable parameters; ``params`` are its fixed float constants (arguments of ``fn``
+    and ``derivative`` after ``x``, passed as such to the compiled kernels)."""
+    def build(amplitude: float, frequency: float) -> Activation:
+        value = (lambda x: fn(x, *params)) if params else fn
+        slope = (lambda x: derivative(x, *params)) if params else derivative
+        return Activation(name, value, slope, param_fn=fn, param_derivative=derivative, params=params)
+
+    return build
+
+
+def _user(name: str, fn: TensorFn, derivative: Optional[TensorFn]) -> ActivationFactory:
+    """A registered activation: eager only (its closures may hold floats the compiled kernels would mis-cache)."""
     return lambda amplitude, frequency: Activation(name, fn, derivative)
 
 
@@ -196,9 +227,9 @@ _BUILTINS: dict[str, ActivationFactory] = {
     "tanh": _fixed("tanh", torch.tanh, lambda x: 1 - torch.tanh(x) ** 2),
     "relu": _fixed("relu", torch.relu, lambda x: (x > 0).to(x.dtype)),
     "silu": _fixed("silu", torch.nn.functional.silu, _silu_derivative),
-    "swish": _fixed("swish", _swish, _swish_derivative),
+    "swish": _fixed("swish", _swish, _swish_derivative, SWISH_BETA),
     "identity": _fixed("identity", lambda x: x, torch.ones_like),
-    "cos": _fixed("cos", _cos, _cos_derivative),
+    "cos": _fixed("cos", _cos, _cos_derivative, COS_FREQUENCY),
     "gaussian": _fixed("gaussian", _gaussian, _gaussian_derivative),
 }
 _REGISTRY.update(_BUILTINS)
@@ -248,7 +279,7 @@ def register_activation(
         raise ValueError("`fn` and `derivative` must be callables taking and returning a tensor.")
     if (key in _REGISTRY or key in _ALIASES) and not overwrite:
         raise ValueError(f"Activation {name!r} is already registered; pass `overwrite=True` to replace it.")
-    _REGISTRY[key] = _fixed(key, fn, derivative)
+    _REGISTRY[key] = _user(key, fn, derivative)
 
 
 def unregister_activation(name: str) -> None:

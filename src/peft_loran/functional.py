@@ -36,12 +36,16 @@ Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 #: the environment variable ``PEFT_LORAN_BLOCK_ELEMENTS``.
 BLOCK_ELEMENTS = {"cpu": 2**18}
 DEFAULT_BLOCK_ELEMENTS_ACCELERATOR = 2**22
-_ENV_BLOCK_ELEMENTS = os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS")
 
 
 def block_elements(device: torch.device) -> int:
-    if _ENV_BLOCK_ELEMENTS:
-        return int(_ENV_BLOCK_ELEMENTS)
+    """The block budget: ``PEFT_LORAN_BLOCK_ELEMENTS`` (read on each use, so it can change within a process), else
+    the device's default. A per-layer ``LoranConfig(block_rows=...)`` takes precedence over both."""
+    env = os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS", "").strip()
+    if env:
+        if not env.isdigit() or int(env) <= 0:
+            raise ValueError(f"PEFT_LORAN_BLOCK_ELEMENTS={env!r} must be a positive integer (elements per block).")
+        return int(env)
     return BLOCK_ELEMENTS.get(device.type, DEFAULT_BLOCK_ELEMENTS_ACCELERATOR)
 
 
@@ -130,13 +134,15 @@ def chain_columns(
 
     Columns are independent up to the last ``P`` (which mixes the widths before it), so: without ``P`` select the
     columns of ``A`` and of every ``b``; with ``P`` run the chain in full except for the last ``P``/``b``, of which
-    only the selected columns are used. Plain torch ops (differentiable by autograd)."""
-    if any(P is not None for P, _ in stages):
-        *head, (P_last, b_last) = stages
-        last = (P_last[:, index], b_last[index] if b_last is not None else None)
-        return chain_rows(B, A, [*head, last], activation)[0]
-    selected = [(None, b[index] if b is not None else None) for _, b in stages]
-    return chain_rows(B, A[:, index], selected, activation)[0]
+    only the selected columns are used. Plain torch ops (differentiable by autograd), with autocast off: ``f`` runs
+    on a float32 ``B A``."""
+    with torch.autocast(B.device.type, enabled=False):
+        if any(P is not None for P, _ in stages):
+            *head, (P_last, b_last) = stages
+            last = (P_last[:, index], b_last[index] if b_last is not None else None)
+            return chain_rows(B, A, [*head, last], activation)[0]
+        selected = [(None, b[index] if b is not None else None) for _, b in stages]
+        return chain_rows(B, A[:, index], selected, activation)[0]
 
 
 def chain_rows_backward(
@@ -263,7 +269,9 @@ def delta_weight(
 def _update_blocks(A, B, stages, activation, scaling, block_rows) -> Iterator[tuple[int, int, torch.Tensor]]:
     """``(start, stop, scaling * H_K[start:stop])`` per row block (no grad; one block alive at a time)."""
     for i0, i1 in row_blocks(B.shape[0], _last_width(A, stages), block_rows, A.device):
-        yield i0, i1, block_update(None, B[i0:i1], A, stages, activation, scaling)[0]
+        with torch.autocast(A.device.type, enabled=False):  # the update is float32 math, also inside autocast
+            block = block_update(None, B[i0:i1], A, stages, activation, scaling)[0]
+        yield i0, i1, block
 
 
 @torch.no_grad()
@@ -295,10 +303,12 @@ def update_distance(A, B, stages, activation, scaling, left, right, block_rows=N
 
 
 def _write_update_blocks(result, base, A, B, stages, activation, scaling, block_rows) -> torch.Tensor:
-    """``result[rows] = base[rows] + scaling * H_K[rows]`` (``base`` None: the update alone) per row block."""
-    for i0, i1 in row_blocks(result.shape[0], result.shape[1], block_rows, A.device):
-        base_rows = None if base is None else base[i0:i1]
-        result[i0:i1] = block_update(base_rows, B[i0:i1], A, stages, activation, scaling)[0]
+    """``result[rows] = base[rows] + scaling * H_K[rows]`` (``base`` None: the update alone) per row block. Autocast
+    is switched off: under it ``B @ A`` would run in half precision and ``f`` (``sin(w x)``) on its rounding."""
+    with torch.autocast(A.device.type, enabled=False):
+        for i0, i1 in row_blocks(result.shape[0], result.shape[1], block_rows, A.device):
+            base_rows = None if base is None else base[i0:i1]
+            result[i0:i1] = block_update(base_rows, B[i0:i1], A, stages, activation, scaling)[0]
     return result
 
 

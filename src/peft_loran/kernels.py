@@ -6,15 +6,21 @@ separate pass over the block (and ``B A`` with a tiny inner dimension is a GEMM 
 ``torch.compile`` (inductor) turns the whole sequence into one loop; on 2 CPU cores this took all seven
 projections of the headline benchmark from 1.70x to 1.48x LoRA's step time (docs/benchmarks.md).
 
-The kernels are built from the activation's own ``fn`` and ``derivative``, so every activation with an analytic
-derivative gets them; chains with ``P``/``b`` stay on the eager path (``P`` mixes columns). They are used only for
-blocks of at least :data:`MIN_ELEMENTS` elements (below that, compiling and calling cost more than they save), on
-CPUs with a C++ compiler (on GPUs only with ``PEFT_LORAN_COMPILE=1``: not yet run there), and never while an outer
-``torch.compile`` is tracing (it fuses the eager code itself). If compiling fails, a warning says why and the
-process goes on with the eager kernels, which compute the same function.
+The kernels are built from the built-in activations' parameterised ``f`` and ``f'`` (``Activation.param_fn``):
+every float constant (Sinter's ``a`` and ``w``, the scaling, the zero-centring offset) is an argument, so one
+compiled kernel per function serves every setting and layer, and nothing global is patched per call. Registered
+user activations and chains with ``P``/``b`` stay on the eager path (``P`` mixes columns). The kernels are used only
+for blocks of at least :data:`MIN_ELEMENTS` elements (below that, compiling and calling cost more than they save),
+on CPUs with a C++ compiler (on GPUs only with ``PEFT_LORAN_COMPILE=1``: not yet run there), and never while an
+outer ``torch.compile`` is tracing (it fuses the eager code itself).
 
-Switch: environment variable ``PEFT_LORAN_COMPILE`` = ``auto`` (default) / ``0`` (never) / ``1`` (always, any
-block size: used by the tests), or :func:`set_kernel_compilation` at run time.
+If compiling fails (no working compiler, an inductor error), a warning gives the whole reason and that function
+runs on the eager kernels, which compute the same thing; other functions and other processes are unaffected
+(:func:`compile_failures` lists what failed). Any other error (out of memory, a bug) is raised as it is.
+
+Switch: ``set_kernel_compilation("auto" | "0" | "1")`` for this process, else the environment variable
+``PEFT_LORAN_COMPILE`` (read on each use) = ``auto`` (default) / ``0`` (never) / ``1`` (always, any block size:
+used by the tests).
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-import weakref
 from typing import Callable, Optional
 
 import torch
@@ -33,27 +38,43 @@ from .activations import Activation
 MIN_ELEMENTS = 2**15
 
 _MODES = ("auto", "0", "1")
-_mode = os.environ.get("PEFT_LORAN_COMPILE", "auto").strip().lower() or "auto"
-if _mode not in _MODES:
-    warnings.warn(f"PEFT_LORAN_COMPILE={_mode!r} is not one of {_MODES}; using 'auto'.", RuntimeWarning, stacklevel=1)
-    _mode = "auto"
-_failed: Optional[str] = None
-_kernels: "weakref.WeakKeyDictionary[Activation, dict[str, Callable]]" = weakref.WeakKeyDictionary()
+_mode: Optional[str] = None  # set_kernel_compilation's choice; None: the environment decides
+_failures: dict[str, str] = {}  # activation name -> why compiling its kernels failed
+_kernels: dict[tuple, dict[str, Callable]] = {}
 _device_ok: dict[str, bool] = {}
+#: What a failed compilation raises: the backend compiler or inductor failing (no compiler, unsupported code).
+COMPILE_ERRORS: tuple[type[BaseException], ...] = (
+    torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError, torch._inductor.exc.CppCompileError,
+)
 
 
-def set_kernel_compilation(mode: str | bool) -> None:
-    """``"auto"``/``True`` (compile where it pays), ``"1"`` (always), ``"0"``/``False`` (never: eager only)."""
-    global _mode, _failed
-    value = {True: "auto", False: "0"}.get(mode, mode) if isinstance(mode, bool) else str(mode).strip().lower()
-    if value not in _MODES:
-        raise ValueError(f"`mode` must be one of {_MODES} or a bool, got {mode!r}.")
-    _mode, _failed = value, None
+def set_kernel_compilation(mode: "str | bool | None") -> None:
+    """``"auto"``/``True`` (compile where it pays), ``"1"`` (always), ``"0"``/``False`` (never: eager only), ``None``
+    (back to the environment variable ``PEFT_LORAN_COMPILE``). Also forgets earlier compile failures."""
+    global _mode
+    if mode is None:
+        _mode = None
+    else:
+        value = {True: "auto", False: "0"}[mode] if isinstance(mode, bool) else str(mode).strip().lower()
+        if value not in _MODES:
+            raise ValueError(f"`mode` must be one of {_MODES}, a bool or None, got {mode!r}.")
+        _mode = value
+    _failures.clear()
 
 
 def kernel_compilation() -> str:
-    """The current mode; ``"0"`` after a compile failure switched the kernels off for this process."""
-    return "0" if _failed else _mode
+    """The mode in force: the one set with :func:`set_kernel_compilation`, else ``PEFT_LORAN_COMPILE``."""
+    if _mode is not None:
+        return _mode
+    value = os.environ.get("PEFT_LORAN_COMPILE", "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"PEFT_LORAN_COMPILE={value!r} is not one of {_MODES}; set it to auto, 0 or 1.")
+    return value
+
+
+def compile_failures() -> dict[str, str]:
+    """Activations whose kernels failed to compile in this process, with the reason (they run eagerly)."""
+    return dict(_failures)
 
 
 def _auto_device(device: torch.device) -> bool:
@@ -68,12 +89,16 @@ def _auto_device(device: torch.device) -> bool:
 
 
 def _usable(activation: Activation, reference: torch.Tensor, numel: int, need_derivative: bool) -> bool:
-    mode = kernel_compilation()
     # Only in no-grad code (the fused Function's forward/backward, merges, the eval cache): with grad enabled the
     # caller wants autograd through the eager ops.
-    if mode == "0" or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or activation.param_fn is None:
         return False
-    if need_derivative and activation.derivative is None:
+    if need_derivative and activation.param_derivative is None:
+        return False
+    if activation.name in _failures:
+        return False
+    mode = kernel_compilation()
+    if mode == "0":
         return False
     if mode == "auto" and (numel < MIN_ELEMENTS or not _auto_device(reference.device)):
         return False
@@ -93,21 +118,21 @@ def _low_rank_product(B_rows: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 def _build(activation: Activation) -> dict[str, Callable]:
-    fn, derivative, offset = activation.fn, activation.derivative, activation.offset
+    fn, derivative = activation.param_fn, activation.param_derivative
 
-    def update_from(base: Optional[torch.Tensor], u: torch.Tensor, scaling: float) -> torch.Tensor:
-        y = fn(u) - offset if offset else fn(u)
+    def update_from(base, u, scaling, offset, params):
+        y = fn(u, *params) - offset
         return y * scaling if base is None else base + scaling * y
 
-    def value(base, B_rows, A, scaling):
-        return update_from(base, _low_rank_product(B_rows, A), scaling)
+    def value(base, B_rows, A, scaling, offset, *params):
+        return update_from(base, _low_rank_product(B_rows, A), scaling, offset, params)
 
-    def value_and_grad(base, B_rows, A, scaling, grad_h):
+    def value_and_grad(base, B_rows, A, scaling, offset, grad_h, *params):
         u = _low_rank_product(B_rows, A)
-        return update_from(base, u, scaling), grad_h * derivative(u)
+        return update_from(base, u, scaling, offset, params), grad_h * derivative(u, *params)
 
-    def grad_only(B_rows, A, grad_h):
-        return grad_h * derivative(_low_rank_product(B_rows, A))
+    def grad_only(B_rows, A, grad_h, *params):
+        return grad_h * derivative(_low_rank_product(B_rows, A), *params)
 
     kernels = {"value": value}
     if derivative is not None:
@@ -116,23 +141,19 @@ def _build(activation: Activation) -> dict[str, Callable]:
 
 
 def _run(activation: Activation, name: str, *args):
-    global _failed
+    """Run kernel ``name`` of the activation's function; None (use the eager path) if compiling it failed."""
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)  # no-grad kernels
+    key = (activation.param_fn, activation.param_derivative)
     try:
-        if activation not in _kernels:
-            _kernels[activation] = _build(activation)
-        # Float constants (Sinter's a and w, the scaling) go into the graph as constants. With torch 2.13's default
-        # (floats as symbolic inputs) the inductor caches handed a kernel traced for one Sinter setting to another
-        # (its derivative off by 3e3 here): specialising keys every compiled kernel on its constants.
-        # All layers share these kernels' code objects, so dynamo compiles once per setting and shape pattern;
-        # the recompile limit is raised from 8 so that a process with many settings (tests) keeps them compiled.
-        with torch._dynamo.config.patch(specialize_float=True, recompile_limit=64):
-            return _kernels[activation][name](*args)
-    except Exception as exc:  # no compiler, unsupported backend, ...: the eager kernels compute the same thing
-        _failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if key not in _kernels:
+            _kernels[key] = _build(activation)
+        return _kernels[key][name](*args, *activation.params)
+    except COMPILE_ERRORS as exc:
+        _failures[activation.name] = f"{type(exc).__name__}: {exc}"
         warnings.warn(
-            f"peft-loran: compiling the fused LoRAN kernels failed ({_failed}); using the eager kernels for the "
-            "rest of this process (same results, slower). Set PEFT_LORAN_COMPILE=0 to skip the attempt.",
+            f"peft-loran: compiling the fused LoRAN kernel for {activation.name!r} failed, so it runs on the eager "
+            f"kernels in this process (same results, slower). Set PEFT_LORAN_COMPILE=0 to skip the attempt. "
+            f"Reason: {type(exc).__name__}: {exc}",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -147,7 +168,7 @@ def value(
     ``B_rows`` and ``A`` are float32 (or float64); so is the result."""
     if not _usable(activation, A, B_rows.shape[0] * A.shape[1], need_derivative=False):
         return None
-    return _run(activation, "value", base, B_rows, A, scaling)
+    return _run(activation, "value", base, B_rows, A, scaling, activation.offset)
 
 
 def value_and_grad(
@@ -164,6 +185,6 @@ def value_and_grad(
     if not _usable(activation, A, grad_h.numel(), need_derivative=True):
         return None
     if need_value:
-        return _run(activation, "value_and_grad", base, B_rows, A, scaling, grad_h)
+        return _run(activation, "value_and_grad", base, B_rows, A, scaling, activation.offset, grad_h)
     grad = _run(activation, "grad_only", B_rows, A, grad_h)
     return None if grad is None else (None, grad)

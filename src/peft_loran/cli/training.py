@@ -37,8 +37,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
-quiet_libraries()  # also runs in the spawned per-method processes, which import this module
-
 
 @dataclass
 class Settings:
@@ -308,7 +306,8 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=quiet_libraries) as pool:  # the command line's settings, in the child too
         return pool.submit(train, method, task, settings, model_path, save_to).result()
 
 
