@@ -251,6 +251,8 @@ def compare_outputs(model: nn.Module, state: dict, config, sample_inputs: dict) 
             parent_name, _, child = name.rpartition(".")
             parent = base_copy.get_submodule(parent_name) if parent_name else base_copy
             setattr(parent, child, module.original_module)
+    if hasattr(base_copy, "peft_config"):  # PEFT marks the model it wraps; the copy is a plain base model again
+        del base_copy.peft_config
     lora = PeftModel(base_copy, copy.deepcopy(config)).eval()
     set_peft_model_state_dict(lora, state)
     lora_out = _logits(lora(**sample_inputs))

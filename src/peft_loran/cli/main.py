@@ -296,10 +296,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         inputs = tokenizer(SAMPLE_TEXTS, return_tensors="pt", padding=True, truncation=True, max_length=32)
         report = export_lora(model, args.output_dir, args.to_lora, sample_inputs=dict(inputs), overwrite=args.overwrite)
         worst = max(report["modules"], key=lambda m: m["relative_error"])
-        ranks = sorted({m["rank"] for m in report["modules"]})
+        ranks = sorted(m["rank"] for m in report["modules"])
+        rank_text = (f"rank {ranks[0]}" if ranks[0] == ranks[-1] else
+                     f"ranks {ranks[0]} to {ranks[-1]}, median {ranks[len(ranks) // 2]}")
         sample = report["sample_outputs"]
-        print(f"exported {len(report['modules'])} adapted modules as LoRA (rank {', '.join(map(str, ranks))}) to "
-              f"{args.output_dir}")
+        print(f"exported {len(report['modules'])} adapted modules as LoRA ({rank_text}) to {args.output_dir}")
         print(f"largest relative error of a module's update: {worst['relative_error']:.3e} ({worst['module']}); "
               f"energy kept >= {min(m['energy_kept'] for m in report['modules']):.9f}")
         print(f"on {len(SAMPLE_TEXTS)} sample texts: max |LoRAN - LoRA| output difference "
