@@ -284,3 +284,17 @@ def test_embedding_adapter_trains_like_peft_lora():
     moved = {"loran_A": lora["lora_embedding_A"], "loran_B": lora["lora_embedding_B"]}
     for name, distance in ours.items():
         assert 0.67 < distance / moved[name] < 1.5, (name, distance, moved[name])
+
+
+def test_transformers_load_adapter_refuses_missing_loran_keys_too(tmp_path):
+    model = get_peft_model(tiny_llama(0, layers=2), LoranConfig(target_modules=["q_proj"], init_weights=False))
+    model.save_pretrained(tmp_path / "adapter")
+    base = tiny_llama(0, layers=3)
+    with pytest.raises(ValueError, match=r"1 LoRAN tensor\(s\) missing from the checkpoint|2 LoRAN tensor\(s\) missing"):
+        base.load_adapter(str(tmp_path / "adapter"))
+    assert not any("loran_" in n for n, _ in base.named_parameters()), "the half-loaded adapter was left in place"
+    ok = tiny_llama(0, layers=2)
+    ok.load_adapter(str(tmp_path / "adapter"))  # the right base loads as before
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(ok(ids).logits, model(input_ids=ids).logits)

@@ -8,10 +8,11 @@ Forward paths of :class:`Linear` (the first that applies):
 
 * adapters disabled / merged: the base layer alone;
 * ``adapter_names=[...]`` (mixed batch): base output plus each adapter on its rows of the batch;
-* no gradient needed and ``eval_cache``: a cached effective weight ``W + sum s f(BA)`` (float32 plain weights)
-  or cached updates, rebuilt only when a parameter, the adapter set, the merge state or the dtype changes;
-* training: :class:`~peft_loran.functional.FusedLoranMatmul`, folded into the base GEMM when possible
-  (plain float32 weight, no dropout active, no quantization, no hooks on the base layer).
+* no gradient needed, eager, and ``eval_cache``: a cached effective weight ``W + sum s f(BA)`` (float32 plain
+  weights) or cached updates, rebuilt whenever anything they depend on changed (see ``LoranLayer._cached``);
+* otherwise: :class:`~peft_loran.functional.FusedLoranMatmul` (no grad or under ``torch.compile``: its plain
+  forward, ``functional.fused_forward``), folded into the base GEMM when possible (plain float32 weight, no dropout
+  active, no quantization, no hooks on the base layer).
 """
 
 from __future__ import annotations
@@ -84,8 +85,8 @@ class LoranLayer(BaseTunerLayer):
     """State and behaviour shared by all LoRAN layers.
 
     The update has the orientation ``(rows, cols)`` = ``(out_features, in_features)``; for embeddings that is
-    ``(embedding_dim, num_embeddings)``, the transpose of the table (``fan_in_fan_out``). ``A`` is ``(r, d_1)``, ``B`` is ``(rows, r)``, ``P_k`` is
-    ``(d_k, d_{k+1})`` and ``b_k`` is ``(d_{k+1},)``; the last width is ``cols``.
+    ``(embedding_dim, num_embeddings)``, the transpose of the table (``fan_in_fan_out``). ``A`` is ``(r, d_1)``,
+    ``B`` is ``(rows, r)``, ``P_k`` is ``(d_k, d_{k+1})`` and ``b_k`` is ``(d_{k+1},)``; the last width is ``cols``.
     """
 
     adapter_layer_names: tuple[str, ...] = ("loran_A", "loran_B", "loran_P", "loran_b")
@@ -284,7 +285,7 @@ class LoranLayer(BaseTunerLayer):
         through ``.data``, which bumps no version), replaced parameters and loaded state dicts are all seen; the
         scaling and activation objects are compared as they are; the frozen base weight (large) by its storage,
         which the entry keeps alive so that no new tensor can reuse its address, and its in-place version.
-        ``.to()`` / ``_apply``, merges, adapter switches and ``train()`` clear the cache outright."""
+        ``.to()`` / ``_apply``, merges and adapter switches clear the cache outright."""
         factors = [t for a in adapters for t in self._factors(a)]
         settings = [(self.loran_scaling[a], self.loran_activation[a]) for a in adapters]
         entry = self._loran_cache.get(slot)

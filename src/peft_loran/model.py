@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import re
 import warnings
 from contextlib import contextmanager
@@ -182,11 +183,41 @@ def check_adapter_keys(model: nn.Module, adapter_name: str, checkpoint: dict) ->
     )
 
 
+def _strict_transformers_load_adapter(original):
+    """transformers' ``model.load_adapter`` loads adapters with its own loader and only logs missing keys; for a LoRAN
+    adapter that would be a silently inactive adapter, so refuse it (and take the half-loaded adapter out again)."""
+
+    @functools.wraps(original)
+    def load_adapter(self, peft_model_id=None, adapter_name=None, *args, **kwargs):
+        info = original(self, peft_model_id, adapter_name, *args, **kwargs)
+        name = adapter_name or "default"
+        config = getattr(self, "peft_config", {}).get(name)
+        if not isinstance(config, LoranConfig) or info is None:
+            return info
+        problems = [(what, sorted(keys)) for what, keys in (
+            ("missing from the checkpoint", {k for k in info.missing_keys if _ADAPTER_KEY.search(k)}),
+            ("in the checkpoint but matching no module", {k for k in info.unexpected_keys if "loran_" in k}),
+            ("of another shape", {k[0] for k in getattr(info, "mismatched_keys", ())}),
+        ) if keys]
+        if problems:
+            self.delete_adapter(name)
+            details = "; ".join(f"{len(keys)} LoRAN tensor(s) {what}: {', '.join(keys[:3])}" for what, keys in problems)
+            raise ValueError(
+                f"Cannot load adapter {name!r} from {peft_model_id}: {details}. The adapter would compute something "
+                "else than it was trained to. Likely causes: another base model, or renamed modules."
+            )
+        return info
+
+    load_adapter._peft_loran_strict = True
+    return load_adapter
+
+
 def register_with_peft() -> None:
     """Fill PEFT's method tables so that PEFT and transformers know ``LORAN`` (and read ``MLORA`` checkpoints).
 
     ``peft.utils.register_peft_method`` only accepts names already in PEFT's enum, hence the direct table writes.
-    Idempotent.
+    Also makes transformers' ``load_adapter`` refuse a LoRAN checkpoint that leaves adapter weights unloaded
+    (for other adapter types it behaves as before). Idempotent.
     """
     from peft import mapping
 
@@ -196,6 +227,10 @@ def register_with_peft() -> None:
     mapping.PEFT_TYPE_TO_CONFIG_MAPPING[MLORA] = MLoraConfig
     mapping.PEFT_TYPE_TO_TUNER_MAPPING[MLORA] = LoranModel
     mapping.PEFT_TYPE_TO_PREFIX_MAPPING[MLORA] = LoranModel.prefix
+    from transformers.integrations.peft import PeftAdapterMixin
+
+    if not getattr(PeftAdapterMixin.load_adapter, "_peft_loran_strict", False):
+        PeftAdapterMixin.load_adapter = _strict_transformers_load_adapter(PeftAdapterMixin.load_adapter)
 
 
 __all__ = ["LoranModel", "register_with_peft", "set_eval_cache"]
