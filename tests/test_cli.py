@@ -278,3 +278,13 @@ def test_evaluate_original_mlora_checkpoint(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "rougeL: " in printed and "on 4 test examples of bbc-headline" in printed
+
+
+def test_importing_the_command_line_leaves_warning_filters_alone():
+    # the CLI quiets libraries when it runs (main and its worker processes), not when imported by someone else
+    import subprocess
+    import sys
+
+    script = ("import warnings, torch, transformers, peft, peft_loran; before = list(warnings.filters); "
+              "import peft_loran.cli.main, peft_loran.cli.training; assert list(warnings.filters) == before")
+    subprocess.run([sys.executable, "-c", script], check=True)
