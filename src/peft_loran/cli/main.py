@@ -290,6 +290,10 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise UserError(f"--to-lora: {exc}") from None
     if Path(args.output_dir).exists() and not args.overwrite:
         raise UserError(f"output directory {args.output_dir} exists; pass --overwrite to replace it")
+    if args.quiet:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards"
     # the LoRA factors depend on the adapter alone; the base (unquantized) only serves the sample comparison
     model, tokenizer = load_adapter_model(args.adapter, args.model, args.load_in_4bit and rank is None, args.quiet)
     if rank is not None:
