@@ -171,7 +171,7 @@ def test_missing_fields(tiny_encoder, tmp_path, capsys):
     assert run(["train", "--model", tiny_encoder, "--train-file", str(path), "--output-dir",
                 str(tmp_path / "o")]) == 2
     line = error_line(capsys)
-    assert "row 1: missing field(s) text" in line and "--text-field" in line
+    assert "row 1: no field(s) text (fields present: label, sentence)" in line and "--text-field" in line
 
 
 def test_empty_split(tiny_encoder, tmp_path, capsys):
@@ -288,3 +288,48 @@ def test_importing_the_command_line_leaves_warning_filters_alone():
     script = ("import warnings, torch, transformers, peft, peft_loran; before = list(warnings.filters); "
               "import peft_loran.cli.main, peft_loran.cli.training; assert list(warnings.filters) == before")
     subprocess.run([sys.executable, "-c", script], check=True)
+
+
+# ------------------------------------------------------------------------- users' own data (issue 11, first part)
+def test_seed_list_and_eval_file_with_classification(tiny_encoder, cls_file, tmp_path, capsys):
+    out = tmp_path / "seeds"
+    assert run(["compare", "--model", tiny_encoder, "--train-file", cls_file, "--eval-file", cls_file, "--steps", "2",
+                "--batch-size", "4", "--methods", "lora", "--seed", "0,1", "--output-dir", str(out), "--quiet"]) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert [r["seed"] for r in results] == [0, 1]
+    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--seed", "0,1", "--output-dir",
+                str(tmp_path / "t")]) == 2
+    assert "train runs one seed" in error_line(capsys)
+    assert run(["compare", "--seed", "a,b", "--output-dir", str(tmp_path / "x")]) == 2
+    assert "--seed must be an integer or a comma-separated list" in error_line(capsys)
+
+
+def test_max_length_beyond_the_model_is_capped_once(tiny_encoder, cls_file, tmp_path, capsys):
+    out = tmp_path / "long"
+    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "1", "--batch-size", "4",
+                "--max-length", "100000", "--output-dir", str(out), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("--max-length 100000 is more than the model's 128 positions; using 128") == 1
+
+
+@pytest.mark.parametrize("case", ["latin1", "bad_json", "null_text", "ragged_csv"])
+def test_malformed_user_files_end_in_one_clear_line(tiny_encoder, tmp_path, capsys, case):
+    if case == "latin1":
+        path = tmp_path / "data.csv"
+        path.write_bytes("text,label\nhello,a\ncaf\xe9 au lait,b\n".encode("latin-1"))
+        expected = "data.csv, line 3: not UTF-8 (byte 0xe9); save the file as UTF-8"
+    elif case == "bad_json":
+        path = tmp_path / "data.jsonl"
+        path.write_text('{"text": "ok", "label": "a"}\n{"text": "tab\there", "label": "b"}\n{"text": \n')
+        expected = "2 malformed line(s); first, line 2: Invalid control character at: line 1 column 14 (char 13)"
+    elif case == "null_text":
+        path = tmp_path / "data.jsonl"
+        path.write_text('{"text": "ok", "label": "a"}\n{"text": null, "label": "b"}\n')
+        expected = "row 2: field(s) text empty or null"
+    else:
+        path = tmp_path / "data.csv"
+        path.write_text("text,label\nhello,a\nhello, world,b\n")
+        expected = "line 3: 3 cells where the header has 2; quote cells that contain commas"
+    assert run(["train", "--model", tiny_encoder, "--train-file", str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    line = error_line(capsys)
+    assert line.startswith("error: ") and expected in line, line

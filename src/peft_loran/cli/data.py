@@ -127,6 +127,19 @@ def load_task(name: str, seed: int = SPLIT_SEED) -> TaskData:
     return TaskData(name, "generate", train, val, test)
 
 
+def _decoded_lines(p: Path, path: str) -> str:
+    """The file as UTF-8 text, or one clear error naming the line that is not UTF-8 and the fix."""
+    data = p.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise UserError(
+            f"{path}, line {line}: not UTF-8 (byte 0x{data[exc.start]:02x}); save the file as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path} > fixed{p.suffix}`"
+        ) from None
+
+
 def read_rows(path: str) -> list[dict]:
     """Rows of a JSONL or CSV file as dicts (by extension: .jsonl/.json or .csv)."""
     p = Path(path)
@@ -134,21 +147,32 @@ def read_rows(path: str) -> list[dict]:
         raise UserError(f"data file not found: {path}")
     suffix = p.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = []
-        with open(p, encoding="utf-8") as fh:
-            for number, line in enumerate(fh, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"{path}, line {number}: expected a JSON object per line")
-                    rows.append(row)
+        rows, bad = [], []
+        for number, line in enumerate(_decoded_lines(p, path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:  # str(exc) has the whole reason with its column
+                bad.append(f"line {number}: {exc}")
+                continue
+            if not isinstance(row, dict):
+                bad.append(f"line {number}: expected a JSON object, got {type(row).__name__}")
+                continue
+            rows.append(row)
+        if bad:
+            raise UserError(f"{path}: {len(bad)} malformed line(s); first, {bad[0]}")
         return rows
     if suffix == ".csv":
-        with open(p, encoding="utf-8", newline="") as fh:
-            return list(csv.DictReader(fh))
+        reader = csv.DictReader(io.StringIO(_decoded_lines(p, path), newline=""))
+        rows = []
+        for row in reader:
+            if None in row or any(v is None for v in row.values()):  # a row with more or fewer cells than the header
+                cells = len(row) - 1 + len(row[None]) if None in row else sum(v is not None for v in row.values())
+                raise UserError(f"{path}, line {reader.line_num}: {cells} cells where the header has "
+                                f"{len(reader.fieldnames or [])}; quote cells that contain commas")
+            rows.append(row)
+        return rows
     raise UserError(f"{path}: unsupported file type '{suffix}'; use .jsonl or .csv")
 
 
@@ -177,11 +201,14 @@ def user_task(
             raise UserError(f"{path}: no rows (the split is empty)")
         examples = []
         for number, row in enumerate(rows, 1):
-            missing = [f for f in fields if row.get(f) in (None, "")]
-            if missing:
-                raise UserError(f"{path}, row {number}: missing field(s) {', '.join(missing)} "
-                                f"(fields present: {', '.join(sorted(row)) or 'none'}); choose them with "
+            absent = [f for f in fields if f not in row]
+            empty = [f for f in fields if f in row and row[f] in (None, "")]
+            if absent:
+                raise UserError(f"{path}, row {number}: no field(s) {', '.join(absent)} "
+                                f"(fields present: {', '.join(sorted(map(str, row))) or 'none'}); choose them with "
                                 f"--{'text-field/--label-field' if kind == 'classify' else 'source-field/--target-field'}")
+            if empty:
+                raise UserError(f"{path}, row {number}: field(s) {', '.join(empty)} empty or null; fill or drop the row")
             if kind == "classify":
                 examples.append(Example(str(row[text_field]), label=None, target=str(row[label_field]),
                                         uid=f"{path}:{number}"))
@@ -203,7 +230,7 @@ def user_task(
         labels = sorted({e.target for part in parts for e in part})
         if len(labels) < 2:
             raise UserError(f"{train_file}: classification needs at least two distinct labels, found {labels}")
-        for part in parts:
-            for e in part:
-                e.label, e.target = labels.index(e.target), None
+        unique = {id(e): e for part in parts for e in part}  # the eval file is both validation and test part
+        for e in unique.values():
+            e.label, e.target = labels.index(e.target), None
     return TaskData(Path(train_file).stem, kind, *parts, labels=labels)

@@ -63,7 +63,7 @@ def _add_common(p: argparse.ArgumentParser, with_methods: bool = False) -> None:
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--max-length", type=int)
     p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int, help="training seed (several, comma-separated, with compare)")
+    p.add_argument("--seed", help="training seed (several, comma-separated, with compare: 0,1,2)")
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many test examples")
     p.add_argument("--sinter-amplitude", type=float)
     p.add_argument("--sinter-frequency", type=float)
@@ -124,7 +124,7 @@ def settings_from(args: argparse.Namespace):
     if isinstance(values.get("targets"), str):
         values["targets"] = [t.strip() for t in values["targets"].split(",") if t.strip()]
     if isinstance(values.get("seed"), str):
-        values["seed"] = int(values["seed"].split(",")[0])
+        values["seed"] = seeds_from(args)[0]
     settings = Settings(**{k: v for k, v in values.items() if k in {f.name for f in fields(Settings)}})
     settings.quiet = bool(args.quiet)
     settings.check()
@@ -135,9 +135,12 @@ def seeds_from(args: argparse.Namespace) -> list[int]:
     if args.seed is None:
         return [0]
     try:
-        return [int(s) for s in str(args.seed).split(",") if s.strip()]
+        seeds = [int(s) for s in str(args.seed).split(",") if s.strip()]
     except ValueError:
-        raise UserError(f"--seed must be an integer or a comma-separated list, got '{args.seed}'") from None
+        seeds = []
+    if not seeds:
+        raise UserError(f"--seed must be an integer or a comma-separated list such as 0,1,2, got '{args.seed}'")
+    return seeds
 
 
 def task_from(args: argparse.Namespace, profile_task: str):
@@ -214,6 +217,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import main_metric, parse_method, train
 
     parse_method(args.method)
+    if len(seeds_from(args)) > 1:
+        raise UserError(f"train runs one seed, got --seed {args.seed}; use compare for several")
     settings = settings_from(args)
     task = task_from(args, PROFILES[args.profile]["task"])
     model_path = resolve_model(settings.model, quiet=settings.quiet)
@@ -232,7 +237,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from .data import load_task
     from .models import resolve_model
-    from .training import Settings, evaluate, load_base, main_metric
+    from .training import Settings, cap_max_length, evaluate, load_base, main_metric
 
     if not (Path(args.adapter) / "adapter_config.json").exists():
         raise UserError(f"{args.adapter} is not an adapter directory (no adapter_config.json)")
@@ -250,6 +255,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         model = PeftModel.from_pretrained(base, args.adapter).eval()
     except ValueError as exc:
         raise UserError(str(exc).splitlines()[0]) from None
+    cap_max_length(settings, model)
     metrics = evaluate(model, tokenizer, task, settings)
     metric = main_metric(task.kind)
     print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}))

@@ -159,6 +159,15 @@ def load_base(model_path: str, task: TaskData, settings: Settings):
     return model, tokenizer
 
 
+def cap_max_length(settings: "Settings", model) -> None:
+    """Texts longer than the model's position table cannot be encoded: cap ``max_length`` there, and say so once."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit and settings.max_length > limit:
+        print(f"note: --max-length {settings.max_length} is more than the model's {limit} positions; using {limit}",
+              file=sys.stderr, flush=True)
+        settings.max_length = limit
+
+
 def _config(model_path: str):
     from transformers import AutoConfig
 
@@ -263,6 +272,7 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
 
     set_seed(settings.seed)
     model, tokenizer = load_base(model_path, task, settings)
+    cap_max_length(settings, model)
     config = peft_config(method, settings, task.kind, model.config.model_type)
     try:
         model = get_peft_model(model, config)
