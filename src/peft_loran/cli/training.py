@@ -6,6 +6,7 @@ dropout, targets, step budget and learning rate; only the adapter type differs.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -306,7 +307,28 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
     if save_to is not None:
         model.save_pretrained(save_to)
         tokenizer.save_pretrained(save_to)
+        write_task_record(save_to, task, settings, model_path)
     return RunResult(method, metrics, trainable, seconds, peak - before, kind, curve)
+
+
+TASK_RECORD = "peft_loran_task.json"
+
+
+def write_task_record(adapter_dir: Path, task: TaskData, settings: Settings, model_path: str) -> None:
+    """What ``evaluate`` needs to evaluate the adapter again: task kind and source, field names, label names in
+    the order of the model's outputs (``id2label``/``label2id`` as in a transformers config), max length, base."""
+    record = {
+        "task": task.name, "kind": task.kind, "source": task.source, "labels": task.labels,
+        "id2label": {str(i): label for i, label in enumerate(task.labels)},
+        "label2id": {label: i for i, label in enumerate(task.labels)},
+        "max_length": settings.max_length, "base_model": model_path,
+    }
+    (Path(adapter_dir) / TASK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def read_task_record(adapter_dir: str) -> Optional[dict]:
+    path = Path(adapter_dir) / TASK_RECORD
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def train_isolated(method: str, task: TaskData, settings: Settings, model_path: str,
