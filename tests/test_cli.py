@@ -384,3 +384,51 @@ def test_evaluate_generation_adapter_on_new_data(tiny_lm, gen_file, tmp_path, ca
     (no_record / "peft_loran_task.json").unlink()
     assert run(["evaluate", str(no_record), "--quiet"]) == 2
     assert "records no task" in error_line(capsys)
+
+
+def test_second_writer_of_an_output_dir_is_refused_and_a_stale_lock_is_taken_over(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from peft_loran._atomic import DirectoryInUseError, atomic_directory
+
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        (tmp / "a").write_text("first")
+        with pytest.raises(DirectoryInUseError, match="being written by another run"):
+            with atomic_directory(target, overwrite=True):
+                pass
+    assert (target / "a").read_text() == "first"
+    # a crashed writer leaves its lock behind: a pid that no longer exists does not block the next run
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / ".out.lock").write_text(dead.stdout.strip())
+    with atomic_directory(target, overwrite=True) as tmp:
+        (tmp / "a").write_text("second")
+    assert (target / "a").read_text() == "second" and not (tmp_path / ".out.lock").exists()
+    # the result follows the user's umask, not mkdtemp's private 0700
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "shared") as tmp:
+            pass
+    finally:
+        os.umask(old)
+    assert (tmp_path / "shared").stat().st_mode & 0o777 == 0o755
+
+
+def test_train_writes_a_model_card_logs_the_last_step_and_quiet_is_quiet(tiny_encoder, cls_file, tmp_path, capfd):
+    out = tmp_path / "card"
+    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "7", "--batch-size", "4",
+                "--output-dir", str(out), "--quiet"]) == 0
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err and "pin_memory" not in captured.err
+    card = (out / "adapter" / "README.md").read_text()
+    for expected in ("LoRAN (peft-loran), r = 8", "f = `sinter`: x + a x sin(w x), a = 5e-05, w = 10000",
+                     "classification into food, sport, tech", "peft-loran train --model", "accuracy"):
+        assert expected in card, expected
+    curve = json.loads((out / "metrics.json").read_text())["loss_curve"]
+    assert curve[-1][0] == 7  # the last step is on the curve
+    adapter = out / "adapter"
+    assert run(["inspect", str(adapter), "--quiet"]) == 0
+    printed = capfd.readouterr().out
+    assert (out / "adapter-spectrum.png").exists() and "adapted modules" in printed

@@ -18,8 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
-import warnings
 from contextlib import contextmanager
 from dataclasses import fields
 from pathlib import Path
@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quiet", action="store_true")
     ins = sub.add_parser("inspect", help="config, size and singular-value spectrum of an adapter's updates")
     ins.add_argument("adapter")
-    ins.add_argument("--output", help="PNG path (default: ./<adapter name>-spectrum.png)")
+    ins.add_argument("--output", help="PNG path (default: <adapter>-spectrum.png beside the adapter folder)")
     ins.add_argument("--quiet", action="store_true")
     return parser
 
@@ -132,6 +132,7 @@ def settings_from(args: argparse.Namespace):
         values["seed"] = seeds_from(args)[0]
     settings = Settings(**{k: v for k, v in values.items() if k in {f.name for f in fields(Settings)}})
     settings.quiet = bool(args.quiet)
+    settings.command = getattr(args, "command_line", "peft-loran")
     settings.check()
     return settings
 
@@ -161,13 +162,15 @@ def task_from(args: argparse.Namespace, profile_task: str):
 @contextmanager
 def staged_output(final: str, overwrite: bool) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; it becomes ``final`` only when the block completes."""
-    from peft_loran._atomic import atomic_directory
+    from peft_loran._atomic import DirectoryInUseError, atomic_directory
 
     try:
         with atomic_directory(final, overwrite=overwrite) as tmp:
             yield tmp
     except FileExistsError:
         raise UserError(f"output directory {final} exists; pass --overwrite to replace it") from None
+    except DirectoryInUseError as exc:
+        raise UserError(f"{exc}; wait for it to finish or choose another --output-dir") from None
 
 
 def _write_json(path: Path, data) -> None:
@@ -317,10 +320,11 @@ def evaluation_task_from(args: argparse.Namespace, record: Optional[dict]):
 def cmd_inspect(args: argparse.Namespace) -> int:
     from .report import inspect_adapter
 
-    output = Path(args.output or f"{Path(args.adapter).resolve().name}-spectrum.png")
+    adapter = Path(args.adapter).resolve()
+    output = Path(args.output) if args.output else adapter.parent / f"{adapter.name}-spectrum.png"
     summary = inspect_adapter(args.adapter, output, quiet=args.quiet)
     print(f"adapter {args.adapter}: {summary['peft_type']}, {summary['parameters']:,} parameters, "
-          f"{len(summary['layers'])} layers")
+          f"{len(summary['layers'])} adapted modules")
     for layer in summary["layers"]:
         print(f"  {layer['layer']}: update {layer['shape'][0]}x{layer['shape'][1]}, rank {layer['numerical_rank']} "
               f"(singular values above 1e-6 of the largest; r = {layer['r']}), energy beyond r "
@@ -347,15 +351,13 @@ def cmd_export(args: argparse.Namespace) -> int:
             raise UserError(f"--to-lora: {exc}") from None
     if Path(args.output_dir).exists() and not args.overwrite:
         raise UserError(f"output directory {args.output_dir} exists; pass --overwrite to replace it")
-    if args.quiet:
-        from transformers.utils import logging as transformers_logging
-
-        transformers_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards"
     # the LoRA factors depend on the adapter alone; the base (unquantized) only serves the sample comparison
     model, tokenizer = load_adapter_model(args.adapter, args.model, args.load_in_4bit and rank is None, args.quiet)
     if rank is not None:
         inputs = tokenizer(SAMPLE_TEXTS, return_tensors="pt", padding=True, truncation=True, max_length=32)
-        report = export_lora(model, args.output_dir, args.to_lora, sample_inputs=dict(inputs), overwrite=args.overwrite)
+        with _export_errors():
+            report = export_lora(model, args.output_dir, args.to_lora, sample_inputs=dict(inputs),
+                                 overwrite=args.overwrite)
         worst = max(report["modules"], key=lambda m: m["relative_error"])
         ranks = sorted(m["rank"] for m in report["modules"])
         rank_text = (f"rank {ranks[0]}" if ranks[0] == ranks[-1] else
@@ -368,11 +370,22 @@ def cmd_export(args: argparse.Namespace) -> int:
               f"{sample['max_abs_difference']:.3e} = {sample['relative_to_adapter_effect']:.3e} of the adapter's effect "
               f"(max {sample['max_abs_adapter_effect']:.3e}); per module: {args.output_dir}/export_report.json")
         return 0
-    note = export_merged(model, args.output_dir, tokenizer=tokenizer, overwrite=args.overwrite)
+    with _export_errors():
+        note = export_merged(model, args.output_dir, tokenizer=tokenizer, overwrite=args.overwrite)
     how = ("4-bit base dequantized, update added in float32, saved in bfloat16" if note["quantized_base"]
            else f"saved in {note['saved_dtype']}")
     print(f"wrote the merged model to {args.output_dir} ({how}); load it with transformers' from_pretrained, no PEFT")
     return 0
+
+
+@contextmanager
+def _export_errors() -> Iterator[None]:
+    from peft_loran._atomic import DirectoryInUseError
+
+    try:
+        yield
+    except (FileExistsError, DirectoryInUseError, ValueError) as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
 
 
 def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bool, quiet: bool):
@@ -440,13 +453,11 @@ COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["peft-loran", *(sys.argv[1:] if argv is None else argv)])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from .training import quiet_libraries
 
-    quiet_libraries()
-    if getattr(args, "quiet", False):
-        warnings.filterwarnings("ignore")
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    quiet_libraries(getattr(args, "quiet", False))
     try:
         code = COMMANDS[args.command](args)
     except UserError as exc:

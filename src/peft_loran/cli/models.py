@@ -51,11 +51,19 @@ def convert_gguf(gguf_path: Path, destination: Path, quiet: bool = False) -> Pat
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    from peft_loran._atomic import atomic_directory
+    import time
 
-    with atomic_directory(destination, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    from peft_loran._atomic import DirectoryInUseError, atomic_directory
+
+    try:
+        with atomic_directory(destination, overwrite=True) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    except DirectoryInUseError:  # another run converts it right now: use its result
+        for _ in range(600):
+            if (destination / "config.json").exists() and not (destination.parent / f".{destination.name}.lock").exists():
+                break
+            time.sleep(1)
     return destination
 
 

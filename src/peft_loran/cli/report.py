@@ -11,6 +11,23 @@ import torch
 from .errors import UserError
 
 
+FORMULAS = {
+    "sinter": "x + a x sin(w x)", "cosinter": "x + a x cos(w x)", "sigmoid": "1 / (1 + exp(-x))", "tanh": "tanh(x)",
+    "relu": "max(x, 0)", "silu": "x sigmoid(x)", "swish": "x sigmoid(25 x)", "identity": "x",
+    "cos": "x cos(1e4 x) + x", "gaussian": "0.5 x exp(-x^2)",
+}
+
+
+def activation_formula(config) -> str:
+    """``f`` of a LoRAN config in words, with its parameters (``- f(0)`` when zero-centred and f(0) != 0)."""
+    formula = FORMULAS.get(config.activation, "a registered activation")
+    if config.activation in ("sinter", "cosinter"):
+        formula += f", a = {config.sinter_amplitude:g}, w = {config.sinter_frequency:g}"
+    if config.zero_centered and config.activation == "sigmoid":
+        formula += " (minus f(0), so the update starts at zero)"
+    return formula
+
+
 def comparison_table(results: list[dict], metric: str) -> str:
     head = f"| method | {metric} | trainable params | train time (s) | peak memory (MB) |"
     lines = [head, "|---|---|---|---|---|"]
@@ -26,12 +43,19 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
     colors = [f"C{i}" for i in range(len(results))]  # the same colour for a method's line and bar
-    for r, color in zip(results, colors):
+    # LoRA and LoRAN at the paper's setting draw almost the same curve: markers and dashes keep each one visible
+    styles = [("o", "-"), ("x", "--"), ("s", ":"), ("^", "-."), ("D", (0, (5, 2, 1, 2)))]
+    for i, (r, color) in enumerate(zip(results, colors)):
         if r["loss_curve"]:
             steps, losses = zip(*r["loss_curve"])
-            left.plot(steps, losses, label=r["method"], marker=".", color=color)
+            marker, line = styles[i % len(styles)]
+            left.plot(steps, losses, label=r["method"], marker=marker, linestyle=line, color=color, markersize=4,
+                      markerfacecolor="none", alpha=0.85)
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("step")
     left.set_ylabel("training loss")
     left.set_title("training loss")
@@ -117,6 +141,9 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     has_activation = isinstance(config, LoranConfig)
     fig, axes = plt.subplots(1, 2 if has_activation else 1, figsize=(12 if has_activation else 7, 4.5))
     spec_ax = axes[0] if has_activation else axes
+    kinds = sorted({name.split(".")[-1] for name, _, _ in layers})
+    color_of = {kind: f"C{i}" for i, kind in enumerate(kinds)}
+    count_of = {kind: sum(name.split(".")[-1] == kind for name, _, _ in layers) for kind in kinds}
     for name, r, delta in layers:
         sv = torch.linalg.svdvals(delta.double())
         # 1e-6 of the largest: above float32 rounding of the update, below Sinter's effect at the paper's setting
@@ -124,12 +151,14 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
         energy = float((sv[r:] ** 2).sum() / (sv**2).sum()) if sv[0] > 0 else 0.0
         summary["layers"].append({"layer": name, "shape": list(delta.shape), "r": r, "numerical_rank": numerical_rank,
                                   "energy_beyond_r": energy, "top_singular_value": float(sv[0])})
-        spec_ax.semilogy(range(1, len(sv) + 1), (sv / sv[0]).clamp_min(1e-12), alpha=0.6, label=name.split(".")[-1])
+        kind = name.split(".")[-1]  # one colour and one legend entry per kind of module
+        spec_ax.semilogy(range(1, len(sv) + 1), (sv / sv[0]).clamp_min(1e-12), alpha=0.6, color=color_of[kind],
+                         label=f"{kind} ({count_of[kind]} module{'s' if count_of[kind] > 1 else ''})")
     r = layers[0][1]
     spec_ax.axvline(r, color="k", linestyle="--", label=f"rank r = {r} (LoRA's limit)")
     spec_ax.set_xlabel("singular value index")
     spec_ax.set_ylabel("singular value / largest")
-    spec_ax.set_title("spectrum of each layer's update")
+    spec_ax.set_title(f"spectrum of each adapted module's update ({len(layers)} modules)")
     handles, labels = spec_ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     spec_ax.legend(unique.values(), unique.keys(), fontsize=8)

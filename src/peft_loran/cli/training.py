@@ -24,7 +24,7 @@ from .errors import UserError
 from .models import default_targets
 
 
-def quiet_libraries() -> None:
+def quiet_libraries(quiet: bool = False) -> None:
     """Keep the command line's log concise: bitsandbytes' optional-kernel notice on CPU and transformers' load
     reports (e.g. "classifier.weight MISSING" for the new head, which is expected) are hidden; set
     TRANSFORMERS_VERBOSITY=info to see them."""
@@ -36,6 +36,12 @@ def quiet_libraries() -> None:
     # deprecation notices inside transformers/PEFT/torch are for their developers, not for users of this program
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    if quiet:  # --quiet: the result only (no load/save progress bars, no library warnings)
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("always", message="peft-loran:")  # our own (a kernel that failed to compile) stay
 
 
 
@@ -63,6 +69,7 @@ class Settings:
     bf16: bool = False
     gradient_checkpointing: bool = False
     quiet: bool = False
+    command: str = ""  # the command line that started the run, for the model card
 
     def check(self) -> None:
         if self.rank <= 0:
@@ -289,10 +296,11 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
         args = TrainingArguments(
             output_dir=scratch, **budget, per_device_train_batch_size=settings.batch_size,
             gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr, seed=settings.seed,
-            data_seed=settings.seed, logging_steps=max(1, steps // 30), save_strategy="no", report_to=[],
+            data_seed=settings.seed, logging_steps=logging_interval(steps), save_strategy="no", report_to=[],
             disable_tqdm=settings.quiet, bf16=settings.bf16, lr_scheduler_type="linear", warmup_steps=0,
             gradient_checkpointing=settings.gradient_checkpointing, remove_unused_columns=False,
             dataloader_num_workers=0, log_level="error",
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for GPU transfers; on CPU it only warns
         )
         trainer = Trainer(model=model, args=args, train_dataset=train_set, data_collator=collate(tokenizer))
         _keep_progress_bar_only(trainer, settings.quiet)
@@ -308,7 +316,14 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
         model.save_pretrained(save_to)
         tokenizer.save_pretrained(save_to)
         write_task_record(save_to, task, settings, model_path)
+        write_model_card(save_to, method, config, task, settings, model_path, metrics)
     return RunResult(method, metrics, trainable, seconds, peak - before, kind, curve)
+
+
+def logging_interval(steps: int) -> int:
+    """About 30 points on the loss curve, at an interval that divides ``steps`` so the last step is logged too."""
+    target = max(1, steps // 30)
+    return max(d for d in range(1, target + 1) if steps % d == 0)
 
 
 TASK_RECORD = "peft_loran_task.json"
@@ -326,6 +341,40 @@ def write_task_record(adapter_dir: Path, task: TaskData, settings: Settings, mod
     (Path(adapter_dir) / TASK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 
+def write_model_card(adapter_dir: Path, method: str, config, task: TaskData, settings: Settings, model_path: str,
+                     metrics: dict) -> None:
+    """Replace PEFT's empty template card with what this adapter is: base, method and f, rank, data, metrics and
+    the command that made it."""
+    from .report import activation_formula
+
+    kind, _ = parse_method(method)
+    if kind == "lora":
+        how = f"LoRA (PEFT), r = {config.r}, alpha = {config.lora_alpha}, dropout = {config.lora_dropout}"
+    else:
+        how = (f"LoRAN (peft-loran), r = {config.r}, alpha = {config.loran_alpha}, dropout = {config.loran_dropout}; "
+               f"update s f(BA) with f = `{config.activation}`: {activation_formula(config)}")
+    source = task.source.get("task") or task.source.get("train_file")
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "samples"}
+    card = f"""---
+library_name: peft
+base_model: {model_path}
+tags: [{'lora' if kind == 'lora' else 'loran, peft-loran'}]
+---
+# {method} adapter for {Path(model_path).name}
+
+- **Base model:** `{model_path}`
+- **Method:** {how}
+- **Targets:** {', '.join(sorted(config.target_modules)) if not isinstance(config.target_modules, str) else config.target_modules}
+- **Data:** {task.name} ({'classification into ' + ', '.join(task.labels) if task.kind == 'classify' else 'generation'}; source `{source}`), {len(task.train)} training examples, {settings.steps if not settings.epochs else str(settings.epochs) + ' epochs'} steps of batch {settings.batch_size}, lr {settings.lr}, seed {settings.seed}, max length {settings.max_length}
+- **Test metrics** ({metrics.get('n', len(task.test))} examples): `{json.dumps(shown)}`
+- **Made with:** `{settings.command or 'peft-loran'}`
+
+Load it with `import peft_loran` (LoRAN) and `PeftModel.from_pretrained(base, this_folder)`; `peft-loran evaluate
+this_folder` evaluates it again on the same data (`peft_loran_task.json` records the task and labels).
+"""
+    (Path(adapter_dir) / "README.md").write_text(card)
+
+
 def read_task_record(adapter_dir: str) -> Optional[dict]:
     path = Path(adapter_dir) / TASK_RECORD
     return json.loads(path.read_text()) if path.exists() else None
@@ -339,7 +388,7 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=quiet_libraries) as pool:  # the command line's settings, in the child too
+                             initializer=quiet_libraries, initargs=(settings.quiet,)) as pool:  # the CLI's settings
         return pool.submit(train, method, task, settings, model_path, save_to).result()
 
 
