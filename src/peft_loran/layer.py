@@ -17,6 +17,7 @@ Forward paths of :class:`Linear` (the first that applies):
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 import warnings
@@ -37,6 +38,29 @@ BASE_ADAPTER_NAME = "__base__"
 
 
 _CACHE_LOCK = threading.Lock()
+
+
+def _libc_memcmp():
+    try:
+        memcmp = ctypes.CDLL(None).memcmp
+    except (OSError, AttributeError):  # no C library symbols to look up (e.g. Windows): torch.equal instead
+        return None
+    memcmp.argtypes, memcmp.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int
+    return memcmp
+
+
+_MEMCMP = _libc_memcmp()
+
+
+def _same_values(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """``old`` and ``new`` hold the same bytes. This runs for every factor on every cached call (each generated
+    token): for contiguous CPU tensors one ``memcmp`` (about 1 us for a rank-8 factor of a 1024-wide layer), where
+    ``torch.equal`` costs about 6 us (its dispatch)."""
+    if old.shape != new.shape or old.dtype != new.dtype or old.device != new.device:
+        return False
+    if _MEMCMP is not None and new.device.type == "cpu" and new.is_contiguous() and old.is_contiguous():
+        return _MEMCMP(old.data_ptr(), new.data_ptr(), new.nbytes) == 0
+    return torch.equal(old, new)
 
 
 class _CacheEntry:
@@ -60,14 +84,10 @@ class _CacheEntry:
             return False
         if any(s != t or f is not g for (s, f), (t, g) in zip(settings, self.settings)):
             return False
-        if weight is not None and (
-            self._weight_key(weight) != self.weight_key or weight.untyped_storage()._cdata != self.storage._cdata
-        ):
+        # the old weight's storage is kept alive by the entry, so a new weight cannot sit at its address
+        if weight is not None and self._weight_key(weight) != self.weight_key:
             return False
-        return all(
-            old.shape == new.shape and old.dtype == new.dtype and old.device == new.device and torch.equal(old, new)
-            for old, new in zip(self.snapshot, factors)
-        )
+        return all(_same_values(old, new) for old, new in zip(self.snapshot, factors))
 
 
 def unpack_bnb_cpu_weight(layer: nn.Module) -> None:

@@ -25,96 +25,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Iterator, Optional
 
+from peft_loran_cli import PROFILES, build_parser  # noqa: F401  (the parser lives in the light entry point)
+
 from .errors import UserError
-
-PROFILES = {
-    # a real result in a few minutes on 2 CPU cores: a 22M-parameter encoder on a 5-way topic task
-    "quick": dict(model="minilm", task="bbc-topic", rank=8, alpha=16, dropout=0.05, steps=150, batch_size=8,
-                  max_length=128, lr=2e-3),
-    # the paper's adapter settings (r=64, alpha=16, dropout=0.2, q_proj/v_proj, Sinter a=5e-5, w=1e4) on SmolLM2
-    "paper": dict(model="smollm2", task="bbc-topic", rank=64, alpha=16, dropout=0.2, steps=1000, batch_size=8,
-                  max_length=256, lr=2e-4, targets=["q_proj", "v_proj"]),
-}
-
-
-def _add_common(p: argparse.ArgumentParser, with_methods: bool = False) -> None:
-    p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
-                   help="defaults for everything below (quick: minutes on a CPU; paper: the paper's settings)")
-    p.add_argument("--model", help="'minilm', 'smollm2', a local model directory, or a hub id when online")
-    p.add_argument("--task", help="bbc-topic, bbc-headline or news-headline (ignored with --train-file)")
-    p.add_argument("--train-file", help="your own data: JSONL or CSV")
-    p.add_argument("--eval-file", help="your own evaluation data (default: a seeded split of --train-file)")
-    p.add_argument("--task-type", choices=["classify", "generate"], default="classify",
-                   help="with --train-file: classification (text/label) or generation (source/target)")
-    p.add_argument("--text-field", default="text")
-    p.add_argument("--label-field", default="label")
-    p.add_argument("--source-field", default="source")
-    p.add_argument("--target-field", default="target")
-    if with_methods:
-        p.add_argument("--methods", default="lora,loran",
-                       help="comma-separated: lora, loran, loran:<activation> (default: lora,loran)")
-    p.add_argument("--rank", type=int)
-    p.add_argument("--alpha", type=float)
-    p.add_argument("--dropout", type=float)
-    p.add_argument("--targets", help="comma-separated module names (default: the model's q/v projections)")
-    p.add_argument("--steps", type=int, help="optimizer steps per method")
-    p.add_argument("--epochs", type=float, help="passes over the training data per method (instead of --steps)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--max-length", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", help="training seed (several, comma-separated, with compare: 0,1,2)")
-    p.add_argument("--eval-limit", type=int, help="evaluate on at most this many test examples")
-    p.add_argument("--sinter-amplitude", type=float)
-    p.add_argument("--sinter-frequency", type=float)
-    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: nf4 base with double quantization")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--output-dir", required=True)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (when complete)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, only the result")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="peft-loran", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_common(sub.add_parser("compare", help="train LoRA and LoRAN with identical budgets and compare"), True)
-    train = sub.add_parser("train", help="train one method and save its adapter (PEFT format)")
-    train.add_argument("--method", default="loran", help="lora, loran or loran:<activation>")
-    _add_common(train)
-    ev = sub.add_parser("evaluate", help="evaluate a saved adapter (ours or an original MLORA one) on a task")
-    ev.add_argument("adapter")
-    ev.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-    ev.add_argument("--task", help="a bundled task (default: what the adapter was trained on)")
-    ev.add_argument("--eval-file", help="your own JSONL/CSV, read with the field names the adapter was trained with")
-    ev.add_argument("--task-type", choices=["classify", "generate"], default="generate",
-                    help="with --eval-file, for adapters that record no task (e.g. the original code's)")
-    ev.add_argument("--source-field", default="source")
-    ev.add_argument("--target-field", default="target")
-    ev.add_argument("--eval-limit", type=int)
-    ev.add_argument("--max-length", type=int, help="default: the one the adapter was trained with (else 128)")
-    ev.add_argument("--quiet", action="store_true")
-    exp = sub.add_parser("export", help="export a LoRAN adapter as a standard LoRA adapter or as a merged model")
-    exp.add_argument("adapter")
-    how = exp.add_mutually_exclusive_group(required=True)
-    how.add_argument("--to-lora", metavar="RANK",
-                     help="write a PEFT LoRA adapter of this rank (an integer, or auto:TOL for the smallest rank per "
-                          "module whose relative error is at most TOL)")
-    how.add_argument("--merge", action="store_true", help="write a complete transformers model with the update merged")
-    exp.add_argument("--model", help="base model (default: the one recorded in the adapter)")
-    exp.add_argument("--load-in-4bit", action="store_true",
-                     help="with --merge: load the base in 4 bits as in QLoRA training, then dequantize, merge in float32 "
-                          "and save bf16 (--to-lora does not need it)")
-    exp.add_argument("--output-dir", required=True)
-    exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory (when complete)")
-    exp.add_argument("--quiet", action="store_true")
-    ins = sub.add_parser("inspect", help="config, size and singular-value spectrum of an adapter's updates")
-    ins.add_argument("adapter")
-    ins.add_argument("--output", help="PNG path (default: <adapter>-spectrum.png beside the adapter folder)")
-    ins.add_argument("--quiet", action="store_true")
-    return parser
-
 
 # ---------------------------------------------------------------------------------------------- settings
 def settings_from(args: argparse.Namespace):
@@ -452,9 +365,14 @@ COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.command_line = shlex.join(["peft-loran", *(sys.argv[1:] if argv is None else argv)])
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    """The command line (also ``python -m peft_loran``): the same as the ``peft-loran`` entry point."""
+    import peft_loran_cli
+
+    peft_loran_cli.main(argv)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run a parsed command (``peft_loran_cli.main`` parses and checks the arguments first)."""
     from .training import quiet_libraries
 
     quiet_libraries(getattr(args, "quiet", False))

@@ -1,0 +1,160 @@
+"""The ``peft-loran`` entry point, kept light: it parses the arguments and answers ``--help`` and the input errors
+that need no model before anything imports torch, transformers or PEFT, and it quiets bitsandbytes' CPU-kernel
+notice (logged whenever PEFT imports bitsandbytes) for the command line only. The commands themselves are in
+:mod:`peft_loran.cli.main`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+USAGE = """``peft-loran``: fine-tune LoRA and LoRAN side by side, train or evaluate one adapter, inspect an adapter.
+
+    peft-loran compare                      # quick profile: MiniLM on BBC News topics, LoRA vs LoRAN, minutes on a CPU
+    peft-loran compare --profile paper      # the paper's settings on SmolLM2-135M (hours on a CPU)
+    peft-loran train --method loran --task bbc-headline --model smollm2 --output-dir runs/headline
+    peft-loran evaluate runs/headline/adapter --task bbc-headline
+    peft-loran inspect runs/compare/adapters/loran
+    peft-loran export runs/headline/adapter --to-lora 8 --output-dir runs/headline-lora
+    peft-loran export runs/headline/adapter --merge --output-dir runs/headline-merged
+
+User errors end with one line ``error: ...`` and exit code 2; Ctrl-C ends with exit code 130. Output directories
+are built under a temporary name and renamed into place when complete, so an existing result is never replaced
+by a partial one.
+"""
+
+PROFILES = {
+    # a real result in a few minutes on 2 CPU cores: a 22M-parameter encoder on a 5-way topic task
+    "quick": dict(model="minilm", task="bbc-topic", rank=8, alpha=16, dropout=0.05, steps=150, batch_size=8,
+                  max_length=128, lr=2e-3),
+    # the paper's adapter settings (r=64, alpha=16, dropout=0.2, q_proj/v_proj, Sinter a=5e-5, w=1e4) on SmolLM2
+    "paper": dict(model="smollm2", task="bbc-topic", rank=64, alpha=16, dropout=0.2, steps=1000, batch_size=8,
+                  max_length=256, lr=2e-4, targets=["q_proj", "v_proj"]),
+}
+
+
+def _add_common(p: argparse.ArgumentParser, with_methods: bool = False) -> None:
+    p.add_argument("--profile", choices=sorted(PROFILES), default="quick",
+                   help="defaults for everything below (quick: minutes on a CPU; paper: the paper's settings)")
+    p.add_argument("--model", help="'minilm', 'smollm2', a local model directory, or a hub id when online")
+    p.add_argument("--task", help="bbc-topic, bbc-headline or news-headline (ignored with --train-file)")
+    p.add_argument("--train-file", help="your own data: JSONL or CSV")
+    p.add_argument("--eval-file", help="your own evaluation data (default: a seeded split of --train-file)")
+    p.add_argument("--task-type", choices=["classify", "generate"], default="classify",
+                   help="with --train-file: classification (text/label) or generation (source/target)")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default="label")
+    p.add_argument("--source-field", default="source")
+    p.add_argument("--target-field", default="target")
+    if with_methods:
+        p.add_argument("--methods", default="lora,loran",
+                       help="comma-separated: lora, loran, loran:<activation> (default: lora,loran)")
+    p.add_argument("--rank", type=int)
+    p.add_argument("--alpha", type=float)
+    p.add_argument("--dropout", type=float)
+    p.add_argument("--targets", help="comma-separated module names (default: the model's q/v projections)")
+    p.add_argument("--steps", type=int, help="optimizer steps per method")
+    p.add_argument("--epochs", type=float, help="passes over the training data per method (instead of --steps)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--max-length", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", help="training seed (several, comma-separated, with compare: 0,1,2)")
+    p.add_argument("--eval-limit", type=int, help="evaluate on at most this many test examples")
+    p.add_argument("--sinter-amplitude", type=float)
+    p.add_argument("--sinter-frequency", type=float)
+    p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: nf4 base with double quantization")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--output-dir", required=True)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (when complete)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, only the result")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-loran", description=USAGE,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_common(sub.add_parser("compare", help="train LoRA and LoRAN with identical budgets and compare"), True)
+    train = sub.add_parser("train", help="train one method and save its adapter (PEFT format)")
+    train.add_argument("--method", default="loran", help="lora, loran or loran:<activation>")
+    _add_common(train)
+    ev = sub.add_parser("evaluate", help="evaluate a saved adapter (ours or an original MLORA one) on a task")
+    ev.add_argument("adapter")
+    ev.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    ev.add_argument("--task", help="a bundled task (default: what the adapter was trained on)")
+    ev.add_argument("--eval-file", help="your own JSONL/CSV, read with the field names the adapter was trained with")
+    ev.add_argument("--task-type", choices=["classify", "generate"], default="generate",
+                    help="with --eval-file, for adapters that record no task (e.g. the original code's)")
+    ev.add_argument("--source-field", default="source")
+    ev.add_argument("--target-field", default="target")
+    ev.add_argument("--eval-limit", type=int)
+    ev.add_argument("--max-length", type=int, help="default: the one the adapter was trained with (else 128)")
+    ev.add_argument("--quiet", action="store_true")
+    exp = sub.add_parser("export", help="export a LoRAN adapter as a standard LoRA adapter or as a merged model")
+    exp.add_argument("adapter")
+    how = exp.add_mutually_exclusive_group(required=True)
+    how.add_argument("--to-lora", metavar="RANK",
+                     help="write a PEFT LoRA adapter of this rank (an integer, or auto:TOL for the smallest rank per "
+                          "module whose relative error is at most TOL)")
+    how.add_argument("--merge", action="store_true", help="write a complete transformers model with the update merged")
+    exp.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    exp.add_argument("--load-in-4bit", action="store_true",
+                     help="with --merge: load the base in 4 bits as in QLoRA training, then dequantize, merge in float32 "
+                          "and save bf16 (--to-lora does not need it)")
+    exp.add_argument("--output-dir", required=True)
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory (when complete)")
+    exp.add_argument("--quiet", action="store_true")
+    ins = sub.add_parser("inspect", help="config, size and singular-value spectrum of an adapter's updates")
+    ins.add_argument("adapter")
+    ins.add_argument("--output", help="PNG path (default: <adapter>-spectrum.png beside the adapter folder)")
+    ins.add_argument("--quiet", action="store_true")
+    return parser
+
+
+
+def early_problem(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the arguments that can be told without loading anything, or None."""
+    for name in ("train_file", "eval_file"):
+        path = getattr(args, name, None)
+        if path and not Path(path).is_file():
+            return f"data file not found: {path}"
+    seed = getattr(args, "seed", None)
+    if seed is not None:
+        try:
+            seeds = [int(s) for s in str(seed).split(",") if s.strip()]
+        except ValueError:
+            seeds = []
+        if not seeds:
+            return f"--seed must be an integer or a comma-separated list such as 0,1,2, got '{seed}'"
+    adapter = getattr(args, "adapter", None)
+    if adapter and not (Path(adapter) / "adapter_config.json").exists():
+        return f"{adapter} is not an adapter directory (no adapter_config.json)"
+    output = getattr(args, "output_dir", None)
+    if output and Path(output).exists() and not getattr(args, "overwrite", False):
+        return f"output directory {output} exists; pass --overwrite to replace it"
+    return None
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["peft-loran", *(sys.argv[1:] if argv is None else argv)])
+    problem = early_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from peft_loran.cli.main import run
+
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
