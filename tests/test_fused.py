@@ -303,6 +303,26 @@ def test_cache_does_not_survive_to_or_deepcopy(slot):
     torch.testing.assert_close(out, merged_reference(model))
 
 
+def test_eval_cache_memory_budget():
+    from peft_loran.layer import LoranLayer
+
+    model = cached_model()  # q/v of two layers: q weights 32x32 (4 KiB in float32), v weights 16x32 (2 KiB)
+    want = fresh_reference(model)
+    set_eval_cache(model, True, max_mb=10 / 1024)  # 10 KiB: not all four fit
+    layers = [m for m in model.modules() if isinstance(m, LoranLayer)]
+    budget = layers[0]._loran_cache.budget
+    torch.testing.assert_close(run(model), want, atol=1e-5, rtol=1e-5)  # cached or not, the same outputs
+    cached = [m for m in layers if m._loran_cache]
+    held = sum(entry.value.numel() * entry.value.element_size() for m in cached for entry in m._loran_cache.values())
+    assert 0 < len(cached) < len(layers) and held == budget.used <= 10 * 1024
+    torch.testing.assert_close(run(model), want, atol=1e-5, rtol=1e-5)  # the second call: the same split
+    model.set_adapter("default")  # clearing the caches gives their bytes back
+    assert budget.used == 0
+    run(model)
+    set_eval_cache(model, False)
+    assert not any(m._loran_cache for m in layers) and budget.used == 0
+
+
 def test_eval_cache_is_per_adapter():
     model = cached_model()
     model.add_adapter("uncached", LoranConfig(init_weights=False, eval_cache=False))

@@ -40,6 +40,46 @@ BASE_ADAPTER_NAME = "__base__"
 _CACHE_LOCK = threading.Lock()
 
 
+class CacheBudget:
+    """A memory budget shared by the eval caches of a model's LoRAN layers (``set_eval_cache(model, max_mb=...)``).
+    A layer whose cached tensor would not fit computes its update per call instead (slower, no extra memory)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.used = int(max_bytes), 0
+        self._lock = threading.Lock()
+
+    def take(self, nbytes: int) -> bool:
+        with self._lock:
+            if self.used + nbytes > self.max_bytes:
+                return False
+            self.used += nbytes
+            return True
+
+    def give_back(self, nbytes: int) -> None:
+        with self._lock:
+            self.used = max(0, self.used - nbytes)
+
+
+class _LayerCache(dict):
+    """slot -> :class:`_CacheEntry`; entries leaving it (cleared, replaced) give their bytes back to the budget."""
+
+    budget: Optional[CacheBudget] = None
+
+    def _release(self, entry) -> None:
+        if entry is not None and self.budget is not None and entry.charged:
+            self.budget.give_back(entry.charged)
+
+    def pop(self, key, default=None):
+        entry = super().pop(key, None)
+        self._release(entry)
+        return entry if entry is not None else default
+
+    def clear(self) -> None:
+        for entry in self.values():
+            self._release(entry)
+        super().clear()
+
+
 def _libc_memcmp():
     try:
         memcmp = ctypes.CDLL(None).memcmp
@@ -53,23 +93,23 @@ _MEMCMP = _libc_memcmp()
 
 
 def _same_values(old: torch.Tensor, new: torch.Tensor) -> bool:
-    """``old`` and ``new`` hold the same bytes. This runs for every factor on every cached call (each generated
-    token): for contiguous CPU tensors one ``memcmp`` (about 1 us for a rank-8 factor of a 1024-wide layer), where
-    ``torch.equal`` costs about 6 us (its dispatch)."""
-    if old.shape != new.shape or old.dtype != new.dtype or old.device != new.device:
+    """``old`` (a contiguous snapshot) and ``new`` hold the same values. This runs for every factor on every cached
+    call (each generated token): for contiguous CPU tensors one ``memcmp`` (about 1 us for a rank-8 factor of a
+    1024-wide layer), where ``torch.equal`` costs about 6 us (its dispatch)."""
+    if new.dtype != old.dtype or new.shape != old.shape:
         return False
-    if _MEMCMP is not None and new.device.type == "cpu" and new.is_contiguous() and old.is_contiguous():
-        return _MEMCMP(old.data_ptr(), new.data_ptr(), new.nbytes) == 0
-    return torch.equal(old, new)
+    if _MEMCMP is not None and new.is_cpu and old.is_cpu and new.is_contiguous():
+        return _MEMCMP(old.data_ptr(), new.data_ptr(), old.nbytes) == 0
+    return new.device == old.device and torch.equal(old, new)
 
 
 class _CacheEntry:
     """A cached tensor and what it was built from (see :meth:`LoranLayer._cached`)."""
 
-    __slots__ = ("snapshot", "settings", "storage", "weight_key", "value")
+    __slots__ = ("snapshot", "settings", "storage", "weight_key", "value", "charged")
 
-    def __init__(self, snapshot, settings, weight, value):
-        self.snapshot, self.settings, self.value = snapshot, settings, value
+    def __init__(self, snapshot, settings, weight, value, charged: int = 0):
+        self.snapshot, self.settings, self.value, self.charged = snapshot, settings, value, charged
         self.storage = weight.untyped_storage() if weight is not None else None  # kept alive: no address reuse
         self.weight_key = self._weight_key(weight)
 
@@ -128,7 +168,7 @@ class LoranLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.loran_eval_cache: dict[str, bool] = {}
-        self._loran_cache: dict = {}
+        self._loran_cache = _LayerCache()
         self.kwargs = kwargs
         base = self.get_base_layer()
         self.quantization_backend = resolve_quantization_backend(base)
@@ -297,7 +337,7 @@ class LoranLayer(BaseTunerLayer):
             and not torch.compiler.is_compiling()
         )
 
-    def _cached(self, slot: tuple, adapters: list[str], build, weight: Optional[torch.Tensor] = None):
+    def _cached(self, slot: tuple, adapters: list[str], build, nbytes: int, weight: Optional[torch.Tensor] = None):
         """The value ``build()`` made for ``slot``, rebuilt whenever anything it depends on may have changed.
 
         Staleness is ruled out by construction rather than by tracking every way a tensor can change: the factors
@@ -305,7 +345,8 @@ class LoranLayer(BaseTunerLayer):
         through ``.data``, which bumps no version), replaced parameters and loaded state dicts are all seen; the
         scaling and activation objects are compared as they are; the frozen base weight (large) by its storage,
         which the entry keeps alive so that no new tensor can reuse its address, and its in-place version.
-        ``.to()`` / ``_apply``, merges and adapter switches clear the cache outright."""
+        ``.to()`` / ``_apply``, merges and adapter switches clear the cache outright. Returns None when the value
+        (``nbytes``) does not fit the model's cache budget: the caller then computes per call."""
         factors = [t for a in adapters for t in self._factors(a)]
         settings = [(self.loran_scaling[a], self.loran_activation[a]) for a in adapters]
         entry = self._loran_cache.get(slot)
@@ -316,9 +357,12 @@ class LoranLayer(BaseTunerLayer):
             if entry is not None and entry.matches(factors, settings, weight):
                 return entry.value
             self._loran_cache.pop(slot, None)  # free the stale tensor before building its replacement
-            snapshot = [t.detach().clone() for t in factors]
+            budget = self._loran_cache.budget
+            if budget is not None and not budget.take(nbytes):
+                return None
+            snapshot = [t.detach().clone(memory_format=torch.contiguous_format) for t in factors]
             value = build()
-            self._loran_cache[slot] = _CacheEntry(snapshot, settings, weight, value)
+            self._loran_cache[slot] = _CacheEntry(snapshot, settings, weight, value, nbytes if budget else 0)
         return value
 
     def _apply(self, fn, recurse: bool = True):
@@ -329,7 +373,7 @@ class LoranLayer(BaseTunerLayer):
     def __getstate__(self) -> dict:
         """``deepcopy`` / pickling copy the layer without its cache (rebuilt on the next no-grad call)."""
         state = nn.Module.__getstate__(self)
-        return {**state, "_loran_cache": {}}
+        return {**state, "_loran_cache": _LayerCache()}
 
     def _grad_needed(self, x: torch.Tensor, adapters: list[str]) -> bool:
         if not torch.is_grad_enabled():
@@ -447,10 +491,13 @@ class Linear(nn.Module, LoranLayer):
         """The adapter's own contribution ``s * dropout(x) @ f(BA)^T`` (cached when no gradient is needed)."""
         if self._use_cache(x, [adapter_name]):
             dtype = LF.compute_dtype_for(x)
+            nbytes = self.out_features * self.in_features * dtype.itemsize
             update = self._cached(
-                ("delta", adapter_name, dtype), [adapter_name], lambda: self._dense_update_as(adapter_name, dtype)
+                ("delta", adapter_name, dtype), [adapter_name], lambda: self._dense_update_as(adapter_name, dtype),
+                nbytes,
             )
-            return F.linear(self.loran_dropout[adapter_name](x).to(dtype), update)
+            if update is not None:
+                return F.linear(self.loran_dropout[adapter_name](x).to(dtype), update)
         return LF.loran_matmul(
             self.loran_dropout[adapter_name](x), self.loran_A[adapter_name], self.loran_B[adapter_name],
             self.stages(adapter_name), self.loran_activation[adapter_name], self.loran_scaling[adapter_name],
@@ -461,7 +508,7 @@ class Linear(nn.Module, LoranLayer):
         update = self.dense_update(adapter_name)  # already page-aligned
         return update if update.dtype == dtype else LF.page_aligned_copy(update, dtype)
 
-    def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+    def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> Optional[torch.Tensor]:
         """Cached ``W + sum_a s_a f(B_a A_a)`` in the base weight's layout, for no-grad calls (rebuilt when
         anything it depends on changes)."""
         def build():  # float32 weights only (the fold's condition); page-aligned: see LF.empty_page_aligned
@@ -470,7 +517,8 @@ class Linear(nn.Module, LoranLayer):
                 self._add_delta_(total, a)
             return total
 
-        return self._cached(("weight", tuple(adapters)), adapters, build, weight=weight)
+        return self._cached(("weight", tuple(adapters)), adapters, build, weight.numel() * weight.dtype.itemsize,
+                            weight=weight)
 
     def _base_op(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         """The base layer's own computation with ``weight`` in place of its weight (Linear or Conv1D)."""
@@ -491,8 +539,9 @@ class Linear(nn.Module, LoranLayer):
         foldable = [a for a in adapters if not self._dropout_active(a)] if weight is not None else []
         if foldable and LF.compute_dtype_for(x) == torch.float32:
             bias = self._base_bias(base)
-            if self._use_cache(x, foldable):
-                result = self._base_op(x, self._effective_weight(weight, foldable), bias)
+            effective = self._effective_weight(weight, foldable) if self._use_cache(x, foldable) else None
+            if effective is not None:
+                result = self._base_op(x, effective, bias)
                 rest = [a for a in adapters if a not in foldable]
             else:
                 first = foldable[0]

@@ -8,7 +8,7 @@ import re
 import warnings
 from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .compat import convert_original_state_dict
 from .config import LORAN, MLORA, LoranConfig, MLoraConfig
-from .layer import Embedding, Linear, LoranLayer
+from .layer import CacheBudget, Embedding, Linear, LoranLayer
 
 
 def _adapter_names_pre_forward_hook(target, args, kwargs, adapter_names):
@@ -125,18 +125,25 @@ class LoranModel(BaseTuner):
         check_adapter_keys(model, adapter_name, remapped)
         return remapped
 
-    def set_eval_cache(self, enabled: bool) -> None:
-        """Switch the no-grad cache of dense updates on or off for every LoRAN layer (frees it when off)."""
-        set_eval_cache(self.model, enabled)
+    def set_eval_cache(self, enabled: bool, max_mb: Optional[float] = None) -> None:
+        """Switch the no-grad cache of dense updates on or off for every LoRAN layer (frees it when off), with an
+        optional memory budget in MB for all of them together."""
+        set_eval_cache(self.model, enabled, max_mb)
 
 
-def set_eval_cache(model: nn.Module, enabled: bool) -> None:
-    """Switch the no-grad cache of every LoRAN layer in ``model`` on or off; switching off frees the memory."""
+def set_eval_cache(model: nn.Module, enabled: bool, max_mb: Optional[float] = None) -> None:
+    """Switch the no-grad cache of every LoRAN layer in ``model`` on or off (off frees the memory).
+
+    ``max_mb`` bounds what all layers' caches hold together (each cached tensor is one weight-sized matrix per
+    adapted layer): layers whose tensor no longer fits compute their update on every call instead, which costs
+    speed but no memory. ``None``: no bound."""
+    budget = CacheBudget(max_mb * 2**20) if (enabled and max_mb is not None) else None
     for module in model.modules():
         if isinstance(module, LoranLayer):
             for adapter in module.loran_A:
                 module.loran_eval_cache[adapter] = bool(enabled)
             module._loran_cache.clear()
+            module._loran_cache.budget = budget
 
 
 _ADAPTER_KEY = re.compile(r"\.loran_(A|B|P|b)(\.|$)")
