@@ -210,14 +210,17 @@ def run_child(case: Case) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- orchestrator
-#: ``loran_eager`` is ours with the compiled kernels switched off (PEFT_LORAN_COMPILE=0): what they buy.
+#: ``loran`` is ours in the steady state of a long job, with the compiled kernels from the start
+#: (PEFT_LORAN_COMPILE=1; the default ``auto`` compiles once a job has run long enough, see kernels.py);
+#: ``loran_eager`` is ours with them switched off (PEFT_LORAN_COMPILE=0): what they buy.
 METHODS = ("lora", "naive", "loran", "loran_eager")
 
 
 def measure(case: Case) -> dict:
     """Run one case in a fresh interpreter and return its measurements."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(asdict(case))]
-    env = {**os.environ, "PEFT_LORAN_COMPILE": "0"} if case.method == "loran_eager" else None
+    modes = {"loran": "1", "loran_eager": "0"}
+    env = {**os.environ, "PEFT_LORAN_COMPILE": modes[case.method]} if case.method in modes else None
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed for {case}:\n{out.stderr[-3000:]}")

@@ -82,9 +82,11 @@ def test_fused_layer_with_compiled_kernels_equals_reference(in_f, out_f, r, act,
     check_fused_layer_against_reference(in_f, out_f, r, act, "plain", block, conv, dropout, tokens, seed)
 
 
-def test_large_layer_uses_the_kernels_in_auto_mode_and_matches_the_reference():
-    """A layer above the size threshold, default mode: the training step equals the float64 reference."""
+def test_large_layer_uses_the_kernels_in_auto_mode_and_matches_the_reference(monkeypatch):
+    """A layer above the size threshold, default mode once the job is long enough: the training step equals the
+    float64 reference."""
     set_kernel_compilation("auto")
+    monkeypatch.setenv("PEFT_LORAN_COMPILE_AFTER", "0")  # the job "has run long enough" already
     torch.manual_seed(0)
     config = LoranConfig(target_modules=["layer"], r=8, loran_alpha=12, init_weights=False, sinter_amplitude=0.5,
                          sinter_frequency=3.0)  # scaling 1.5
@@ -184,3 +186,30 @@ def test_one_kernel_serves_every_setting_without_touching_dynamo_config():
 def test_bad_mode_names_the_parameter():
     with pytest.raises(ValueError, match="`mode`"):
         set_kernel_compilation("sometimes")
+
+
+def test_auto_mode_compiles_only_after_enough_eager_work(monkeypatch):
+    """Short jobs never pay the compile (15-30 s on a fresh machine); long ones switch to the kernels."""
+    set_kernel_compilation("auto")
+    monkeypatch.setattr(kernels, "_eager_seconds", 0.0)
+    monkeypatch.setenv("PEFT_LORAN_COMPILE_AFTER", "3600")
+    act, B, A = get_activation("tanh"), torch.randn(256, 4), torch.randn(4, 256)  # 65,536 elements: large enough
+    with torch.no_grad():
+        assert kernels.value(act, None, B, A, 1.0) is None
+        with kernels.eager_time():
+            pass
+        assert 0 < kernels._eager_seconds < 1
+        monkeypatch.setenv("PEFT_LORAN_COMPILE_AFTER", str(kernels._eager_seconds / 2))
+        assert kernels.value(act, None, B, A, 1.0) is not None
+    monkeypatch.setenv("PEFT_LORAN_COMPILE_AFTER", "soon")
+    with pytest.raises(ValueError, match="PEFT_LORAN_COMPILE_AFTER='soon'"):
+        kernels.compile_after_seconds()
+
+
+def test_eager_block_work_is_counted(monkeypatch):
+    monkeypatch.setattr(kernels, "_eager_seconds", 0.0)
+    set_kernel_compilation("0")
+    layer = inject_adapter_in_model(LoranConfig(target_modules=["layer"], init_weights=False), One(32, 16, False)).layer
+    layer.train()
+    layer(torch.randn(4, 32)).sum().backward()
+    assert kernels._eager_seconds > 0

@@ -201,19 +201,27 @@ def block_update(
         fused = kernels.value(activation, base_rows, at_least_float32(B_rows), at_least_float32(A), scaling)
         if fused is not None:
             return fused, []
-    if is_plain(stages) and activation.block_fn is not None:
+    if is_plain(stages) and not torch.compiler.is_compiling():
+        with kernels.eager_time():  # what the compiled kernels could save: "auto" mode compiles once it is large
+            return _plain_block_update(base_rows, B_rows, A, activation, scaling, keep)
+    if is_plain(stages):
+        return _plain_block_update(base_rows, B_rows, A, activation, scaling, keep)
+    h, saved = chain_rows(B_rows, A, stages, activation, keep=keep)
+    return (h.mul_(scaling) if base_rows is None else torch.add(base_rows, h, alpha=scaling)), saved
+
+
+def _plain_block_update(base_rows, B_rows, A, activation, scaling, keep):
+    """:func:`block_update` of one stage without P or b, in eager PyTorch."""
+    if activation.block_fn is not None:
         out, apply_derivative = activation.block_fn(
             base_rows, at_least_float32(B_rows), at_least_float32(A), scaling, keep
         )
         return out, [(None, None, apply_derivative)] if keep else []
-    if is_plain(stages):
-        m = at_least_float32(B_rows) @ at_least_float32(A)
-        out, fprime = activation.scaled_add(base_rows, m, scaling, with_derivative=keep)
-        if keep and fprime is None:  # no analytic derivative: keep Z for autograd (m untouched by scaled_add)
-            return out, [(m, None, None)]
-        return out, [(None, None, fprime)] if keep else []
-    h, saved = chain_rows(B_rows, A, stages, activation, keep=keep)
-    return (h.mul_(scaling) if base_rows is None else torch.add(base_rows, h, alpha=scaling)), saved
+    m = at_least_float32(B_rows) @ at_least_float32(A)
+    out, fprime = activation.scaled_add(base_rows, m, scaling, with_derivative=keep)
+    if keep and fprime is None:  # no analytic derivative: keep Z for autograd (m untouched by scaled_add)
+        return out, [(m, None, None)]
+    return out, [(None, None, fprime)] if keep else []
 
 
 def block_update_and_grads(

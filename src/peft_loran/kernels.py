@@ -19,16 +19,19 @@ runs on the eager kernels, which compute the same thing; other functions and oth
 (:func:`compile_failures` lists what failed). Any other error (out of memory, a bug) is raised as it is.
 
 Switch: ``set_kernel_compilation("auto" | "0" | "1")`` for this process, else the environment variable
-``PEFT_LORAN_COMPILE`` (read on each use) = ``auto`` (default) / ``0`` (never) / ``1`` (always, any block size:
-used by the tests).
+``PEFT_LORAN_COMPILE`` (read on each use) = ``auto`` (default: compile once the job has shown it is long enough
+to pay for it, :data:`AUTO_COMPILE_AFTER_SECONDS` of eager element-wise work) / ``0`` (never) / ``1`` (at once,
+any block size: the benchmarks' steady state and the tests).
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import time
 import warnings
-from typing import Callable, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -36,6 +39,12 @@ from .activations import Activation
 
 #: Smallest block (rows x cols) worth a compiled call; tiny test models stay eager.
 MIN_ELEMENTS = 2**15
+#: ``auto`` compiles only once the process has spent this long (seconds) in the eager element-wise work the
+#: kernels replace: compiling costs 15-30 s on a fresh machine (empty inductor cache) and saves a few to ~25% of
+#: that work afterwards, so short jobs finish sooner without it and long ones pay it back. Override with the
+#: environment variable ``PEFT_LORAN_COMPILE_AFTER`` (seconds, read when used; 0 compiles at once).
+AUTO_COMPILE_AFTER_SECONDS = 60.0
+_eager_seconds = 0.0
 
 _MODES = ("auto", "0", "1")
 _mode: Optional[str] = None  # set_kernel_compilation's choice; None: the environment decides
@@ -72,6 +81,31 @@ def kernel_compilation() -> str:
     return value
 
 
+@contextmanager
+def eager_time() -> Iterator[None]:
+    """Count the time of an eager element-wise block towards ``auto``'s compile decision."""
+    global _eager_seconds
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        _eager_seconds += time.perf_counter() - started
+
+
+def compile_after_seconds() -> float:
+    """``PEFT_LORAN_COMPILE_AFTER`` if set, else :data:`AUTO_COMPILE_AFTER_SECONDS`."""
+    value = os.environ.get("PEFT_LORAN_COMPILE_AFTER", "").strip()
+    if not value:
+        return AUTO_COMPILE_AFTER_SECONDS
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:
+        raise ValueError(f"PEFT_LORAN_COMPILE_AFTER={value!r} must be a number of seconds >= 0.")
+    return seconds
+
+
 def compile_failures() -> dict[str, str]:
     """Activations whose kernels failed to compile in this process, with the reason (they run eagerly)."""
     return dict(_failures)
@@ -100,7 +134,8 @@ def _usable(activation: Activation, reference: torch.Tensor, numel: int, need_de
     mode = kernel_compilation()
     if mode == "0":
         return False
-    if mode == "auto" and (numel < MIN_ELEMENTS or not _auto_device(reference.device)):
+    if mode == "auto" and (numel < MIN_ELEMENTS or not _auto_device(reference.device)
+                           or _eager_seconds < compile_after_seconds()):
         return False
     return True
 
