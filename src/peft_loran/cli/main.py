@@ -1,16 +1,7 @@
-"""``peft-loran``: fine-tune LoRA and LoRAN side by side, train or evaluate one adapter, inspect an adapter.
+"""The commands of ``peft-loran`` (compare, train, evaluate, export, inspect). The parser, the usage text and the
+checks that need no model live in the light entry point :mod:`peft_loran_cli`, which calls :func:`run`.
 
-    peft-loran compare                      # quick profile: MiniLM on BBC News topics, LoRA vs LoRAN, minutes on a CPU
-    peft-loran compare --profile paper      # the paper's settings on SmolLM2-135M (hours on a CPU)
-    peft-loran train --method loran --task bbc-headline --model smollm2 --output-dir runs/headline
-    peft-loran evaluate runs/headline/adapter --task bbc-headline
-    peft-loran inspect runs/compare/adapters/loran
-    peft-loran export runs/headline/adapter --to-lora 8 --output-dir runs/headline-lora
-    peft-loran export runs/headline/adapter --merge --output-dir runs/headline-merged
-
-User errors end with one line ``error: ...`` and exit code 2; Ctrl-C ends with exit code 130. Output directories
-are built under a temporary name and renamed into place when complete, so an existing result is never replaced
-by a partial one.
+User errors end with one line ``error: ...`` and exit code 2; Ctrl-C ends with exit code 130.
 """
 
 from __future__ import annotations
