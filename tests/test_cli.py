@@ -432,3 +432,11 @@ def test_train_writes_a_model_card_logs_the_last_step_and_quiet_is_quiet(tiny_en
     assert run(["inspect", str(adapter), "--quiet"]) == 0
     printed = capfd.readouterr().out
     assert (out / "adapter-spectrum.png").exists() and "adapted modules" in printed
+
+
+def test_bf16_trains_on_a_cpu_only_machine(tiny_encoder, cls_file, tmp_path):
+    # Trainer refused bf16 without a GPU unless told it runs on the CPU: a traceback instead of a run
+    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "2", "--batch-size", "4",
+                "--bf16", "--output-dir", str(tmp_path / "bf16"), "--quiet"]) == 0
+    metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert metrics["loss_curve"][-1][0] == 2 and metrics["metrics"]["n"] > 0  # both steps ran, then evaluation

@@ -298,6 +298,7 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
             gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.lr, seed=settings.seed,
             data_seed=settings.seed, logging_steps=logging_interval(steps), save_strategy="no", report_to=[],
             disable_tqdm=settings.quiet, bf16=settings.bf16, lr_scheduler_type="linear", warmup_steps=0,
+            use_cpu=not torch.cuda.is_available(),  # else bf16 on a CPU-only machine is refused with a traceback
             gradient_checkpointing=settings.gradient_checkpointing, remove_unused_columns=False,
             dataloader_num_workers=0, log_level="error",
             dataloader_pin_memory=torch.cuda.is_available(),  # pinning is for GPU transfers; on CPU it only warns
