@@ -83,7 +83,7 @@ def _randomized_svd(layer: LoranLayer, adapter: str, sketch: int, generator: tor
         Q = torch.linalg.qr(D(Q)).Q
     small = D(Q, transpose=True).T  # Q^T D: (sketch, cols)
     U, S, Vh = torch.linalg.svd(small, full_matrices=False)
-    return Q @ U, S, Vh, D
+    return Q @ U, S, Vh
 
 
 def _energy(layer: LoranLayer, adapter: str) -> float:
@@ -106,7 +106,7 @@ def low_rank_factors(
     want = min(rank, full) if rank is not None else min(full, max(2 * layer.loran_A[adapter].shape[0], 8))
     while True:
         sketch = min(full, want + OVERSAMPLE)
-        U, S, Vh, D = _randomized_svd(layer, adapter, sketch, generator)
+        U, S, Vh = _randomized_svd(layer, adapter, sketch, generator)
         if rank is not None:
             k = want
             break
