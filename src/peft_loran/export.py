@@ -235,22 +235,7 @@ def compare_outputs(model: nn.Module, state: dict, config, sample_inputs: dict) 
     loran_out = _logits(model(**sample_inputs))
     with model.disable_adapter():
         base_out = _logits(model(**sample_inputs))
-    base_copy = copy.deepcopy(model.get_base_model())
-    # the copy still holds LoRAN layers: take them out to get the plain base model back
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(base_copy.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            parent_name, _, child = name.rpartition(".")
-            parent = base_copy.get_submodule(parent_name) if parent_name else base_copy
-            setattr(parent, child, module.get_base_layer())
-    from peft.utils import ModulesToSaveWrapper
-
-    for name, module in list(base_copy.named_modules()):
-        if isinstance(module, ModulesToSaveWrapper):
-            parent_name, _, child = name.rpartition(".")
-            parent = base_copy.get_submodule(parent_name) if parent_name else base_copy
-            setattr(parent, child, module.original_module)
+    base_copy = copy.deepcopy(model).unload()  # PEFT takes the LoRAN layers out again: the plain base model
     if hasattr(base_copy, "peft_config"):  # PEFT marks the model it wraps; the copy is a plain base model again
         del base_copy.peft_config
     lora = PeftModel(base_copy, copy.deepcopy(config)).eval()

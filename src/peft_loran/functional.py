@@ -201,11 +201,11 @@ def block_update(
         fused = kernels.value(activation, base_rows, at_least_float32(B_rows), at_least_float32(A), scaling)
         if fused is not None:
             return fused, []
-    if is_plain(stages) and not torch.compiler.is_compiling():
+    if is_plain(stages):
+        if torch.compiler.is_compiling():
+            return _plain_block_update(base_rows, B_rows, A, activation, scaling, keep)
         with kernels.eager_time():  # what the compiled kernels could save: "auto" mode compiles once it is large
             return _plain_block_update(base_rows, B_rows, A, activation, scaling, keep)
-    if is_plain(stages):
-        return _plain_block_update(base_rows, B_rows, A, activation, scaling, keep)
     h, saved = chain_rows(B_rows, A, stages, activation, keep=keep)
     return (h.mul_(scaling) if base_rows is None else torch.add(base_rows, h, alpha=scaling)), saved
 
@@ -274,11 +274,13 @@ def delta_weight(
     return _write_update_blocks(result, add_to, A, B, stages, activation, scaling, block_rows)
 
 
-def _update_blocks(A, B, stages, activation, scaling, block_rows) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(start, stop, scaling * H_K[start:stop])`` per row block (no grad; one block alive at a time)."""
+def _update_blocks(A, B, stages, activation, scaling, block_rows, base=None) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``(start, stop, base[start:stop] + scaling * H_K[start:stop])`` per row block (``base`` None: the update
+    alone), one block alive at a time. Autocast is switched off: under it ``B @ A`` would run in half precision and
+    ``f`` (``sin(w x)``) on its rounding."""
     for i0, i1 in row_blocks(B.shape[0], _last_width(A, stages), block_rows, A.device):
-        with torch.autocast(A.device.type, enabled=False):  # the update is float32 math, also inside autocast
-            block = block_update(None, B[i0:i1], A, stages, activation, scaling)[0]
+        with torch.autocast(A.device.type, enabled=False):
+            block = block_update(None if base is None else base[i0:i1], B[i0:i1], A, stages, activation, scaling)[0]
         yield i0, i1, block
 
 
@@ -311,12 +313,9 @@ def update_distance(A, B, stages, activation, scaling, left, right, block_rows=N
 
 
 def _write_update_blocks(result, base, A, B, stages, activation, scaling, block_rows) -> torch.Tensor:
-    """``result[rows] = base[rows] + scaling * H_K[rows]`` (``base`` None: the update alone) per row block. Autocast
-    is switched off: under it ``B @ A`` would run in half precision and ``f`` (``sin(w x)``) on its rounding."""
-    with torch.autocast(A.device.type, enabled=False):
-        for i0, i1 in row_blocks(result.shape[0], result.shape[1], block_rows, A.device):
-            base_rows = None if base is None else base[i0:i1]
-            result[i0:i1] = block_update(base_rows, B[i0:i1], A, stages, activation, scaling)[0]
+    """``result[rows] = base[rows] + scaling * H_K[rows]`` (``base`` None: the update alone) per row block."""
+    for i0, i1, block in _update_blocks(A, B, stages, activation, scaling, block_rows, base):
+        result[i0:i1] = block
     return result
 
 

@@ -144,19 +144,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from peft import PeftConfig, PeftModel
-
-    import peft_loran  # noqa: F401
-
     from .models import resolve_model
     from .training import Settings, cap_max_length, evaluate, load_base, main_metric, read_task_record
 
-    if not (Path(args.adapter) / "adapter_config.json").exists():
-        raise UserError(f"{args.adapter} is not an adapter directory (no adapter_config.json)")
-    try:
-        config = PeftConfig.from_pretrained(args.adapter)
-    except ValueError as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
+    config = adapter_config(args.adapter)
     record = read_task_record(args.adapter)
     task = evaluation_task_from(args, record)
     recorded_base = (record or {}).get("base_model") or config.base_model_name_or_path
@@ -170,10 +161,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     max_length = args.max_length or (record or {}).get("max_length") or 128
     settings = Settings(eval_limit=args.eval_limit, max_length=max_length, quiet=args.quiet)
     base, tokenizer = load_base(model_path, task, settings)
-    try:
-        model = PeftModel.from_pretrained(base, args.adapter).eval()
-    except ValueError as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
+    model = attach_adapter(base, args.adapter)
     cap_max_length(settings, model)
     metrics = evaluate(model, tokenizer, task, settings)
     metric = main_metric(task.kind)
@@ -295,18 +283,13 @@ def _export_errors() -> Iterator[None]:
 def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bool, quiet: bool):
     """A LoRAN adapter on its base model (causal LM, or sequence classification when the adapter says so), and the
     tokenizer saved with it (else the base's). Refuses adapters that are not LoRAN with one ``error:`` line."""
-    import torch
-    from peft import PeftConfig, PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import peft_loran
 
-    if not (Path(adapter) / "adapter_config.json").exists():
-        raise UserError(f"{adapter} is not an adapter directory (no adapter_config.json)")
-    try:
-        config = PeftConfig.from_pretrained(adapter)
-    except ValueError as exc:
-        raise UserError(str(exc).splitlines()[0]) from None
+    from .training import qlora_quantization
+
+    config = adapter_config(adapter)
     if not isinstance(config, peft_loran.LoranConfig):
         raise UserError(f"{adapter} is a {getattr(config.peft_type, 'value', config.peft_type)} adapter, not LoRAN: "
                         "it needs no export (serve it as it is)")
@@ -316,13 +299,7 @@ def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bo
     from .models import resolve_model
 
     path = resolve_model(spec, quiet=quiet)
-    kwargs: dict = {}
-    if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+    kwargs: dict = {"quantization_config": qlora_quantization()} if load_in_4bit else {}
     task = str(getattr(config.task_type, "value", config.task_type) or "")
     if task == "SEQ_CLS":
         base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=_saved_num_labels(adapter), **kwargs)
@@ -332,11 +309,31 @@ def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bo
     tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return attach_adapter(base, adapter), tokenizer
+
+
+def adapter_config(adapter: str):
+    """The adapter's PEFT config (ours, LoRA, the original's MLORA), or one ``error:`` line."""
+    from peft import PeftConfig
+
+    import peft_loran  # noqa: F401  (registers LORAN and MLORA)
+
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise UserError(f"{adapter} is not an adapter directory (no adapter_config.json)")
     try:
-        model = PeftModel.from_pretrained(base, adapter).eval()
+        return PeftConfig.from_pretrained(adapter)
     except ValueError as exc:
         raise UserError(str(exc).splitlines()[0]) from None
-    return model, tokenizer
+
+
+def attach_adapter(base, adapter: str):
+    """``PeftModel.from_pretrained`` in eval mode; a checkpoint that does not fit is one ``error:`` line."""
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(base, adapter).eval()
+    except ValueError as exc:
+        raise UserError(str(exc).splitlines()[0]) from None
 
 
 def _saved_num_labels(adapter: str) -> int:

@@ -140,13 +140,7 @@ def load_base(model_path: str, task: TaskData, settings: Settings):
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs: dict = {}
-    if settings.load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16)
+    kwargs: dict = {"quantization_config": qlora_quantization()} if settings.load_in_4bit else {}
     if task.kind == "classify":
         labels = task.labels
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -174,6 +168,14 @@ def cap_max_length(settings: "Settings", model) -> None:
         print(f"note: --max-length {settings.max_length} is more than the model's {limit} positions; using {limit}",
               file=sys.stderr, flush=True)
         settings.max_length = limit
+
+
+def qlora_quantization():
+    """The paper's QLoRA base: nf4 with double quantization, bf16 compute."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
 
 
 def _config(model_path: str):
