@@ -151,6 +151,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         sys.exit(2)
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # transformers reads this when imported: its load reports ("classifier.weight MISSING" for the new head, which is
+    # expected) stay hidden unless the user asks for them with TRANSFORMERS_VERBOSITY=info
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from peft_loran.cli.main import run
 
     run(args)

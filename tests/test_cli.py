@@ -355,6 +355,10 @@ def test_evaluate_uses_what_the_adapter_was_trained_on_and_refuses_what_does_not
                                               for t, w in [("tech", "software chip"), ("food", "recipe bake")]))
     assert run(["evaluate", str(out / "adapter"), "--eval-file", str(new), "--quiet"]) == 0
     assert "on 6 test examples of new" in capsys.readouterr().out
+    # a merged classifier keeps the class names
+    assert run(["export", str(out / "adapter"), "--merge", "--output-dir", str(tmp_path / "merged"), "--quiet"]) == 0
+    merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert merged_config["id2label"] == {"0": "food", "1": "sport", "2": "tech"}
     # what does not fit: another label set, another task, another base model
     other = tmp_path / "other.csv"
     other.write_text("text,label\nhello,politics\nworld,tech\n")

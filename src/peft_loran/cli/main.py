@@ -287,7 +287,7 @@ def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bo
 
     import peft_loran
 
-    from .training import qlora_quantization
+    from .training import qlora_quantization, read_task_record
 
     config = adapter_config(adapter)
     if not isinstance(config, peft_loran.LoranConfig):
@@ -302,7 +302,10 @@ def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bo
     kwargs: dict = {"quantization_config": qlora_quantization()} if load_in_4bit else {}
     task = str(getattr(config.task_type, "value", config.task_type) or "")
     if task == "SEQ_CLS":
-        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=_saved_num_labels(adapter), **kwargs)
+        labels = (read_task_record(adapter) or {}).get("labels")  # the class names, so a merged model keeps them
+        names = dict(id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}) if labels else {}
+        base = AutoModelForSequenceClassification.from_pretrained(path, num_labels=_saved_num_labels(adapter),
+                                                                  **names, **kwargs)
     else:
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     has_tokenizer = (Path(adapter) / "tokenizer_config.json").exists()
