@@ -12,8 +12,11 @@ whether the reloaded model gives the same logits (``DIR/fsdp_reload.json``).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -55,7 +58,8 @@ def main() -> None:
 
     distributed = args.mode != "single"
     if distributed:
-        dist.init_process_group("gloo")
+        # a collective that never completes fails after 2 minutes instead of hanging the test
+        dist.init_process_group("gloo", timeout=timedelta(seconds=120))
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
     ids = batch()
     local = ids.chunk(world)[rank]
@@ -152,4 +156,6 @@ def fsdp_reload(trained, out: Path, ids: torch.Tensor) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # a hang anywhere prints every thread's stack to stderr (which the test shows) and exits
+    faulthandler.dump_traceback_later(240, exit=True, file=sys.stderr)
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -30,8 +31,21 @@ def launch(mode: str, out: Path, nproc: int) -> None:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
                f"--master_port={free_port()}", str(WORKER), "--mode", mode, "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    if Path("/sys/class/net/lo").exists():
+        # gloo otherwise picks the interface its host name resolves to, which in some containers is not reachable:
+        # the ranks then wait for each other until the timeout (a hang seen once in CI)
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+    # its own process group, so that a timeout kills torchrun's workers too, not only torchrun
+    process = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"{mode} run did not finish in 300 s; the workers' stacks (faulthandler) and stderr:\n"
+                    f"{stderr[-8000:]}")
+    assert process.returncode == 0, stderr[-4000:]
 
 
 @pytest.fixture(scope="module")
