@@ -18,6 +18,7 @@ USAGE = """``peft-loran``: fine-tune LoRA and LoRAN side by side, train or evalu
 
     peft-loran compare                      # quick profile: MiniLM on BBC News topics, LoRA vs LoRAN, minutes on a CPU
     peft-loran compare --profile paper      # the paper's settings on SmolLM2-135M (hours on a CPU)
+    peft-loran compare --methods lora,loran,sine --rank 1,4 --seed 0,1,2 --output-dir runs/sweep   # a grid
     peft-loran train --method loran --task bbc-headline --model smollm2 --output-dir runs/headline
     peft-loran evaluate runs/headline/adapter --task bbc-headline
     peft-loran inspect runs/compare/adapters/loran
@@ -52,10 +53,12 @@ def _add_common(p: argparse.ArgumentParser, with_methods: bool = False) -> None:
     p.add_argument("--label-field", default="label")
     p.add_argument("--source-field", default="source")
     p.add_argument("--target-field", default="target")
+    several = " (compare: several, comma-separated, run as a grid)" if with_methods else ""
     if with_methods:
         p.add_argument("--methods", default="lora,loran",
-                       help="comma-separated: lora, loran, loran:<activation> (default: lora,loran)")
-    p.add_argument("--rank", type=int)
+                       help="comma-separated: lora, rslora, dora, hira (PEFT), loran, sine (Sine-LoRA), "
+                            "loran:<activation> (default: lora,loran)")
+    p.add_argument("--rank", help="rank r" + several)
     p.add_argument("--alpha", type=float)
     p.add_argument("--dropout", type=float)
     p.add_argument("--targets", help="comma-separated module names (default: the model's q/v projections)")
@@ -64,11 +67,15 @@ def _add_common(p: argparse.ArgumentParser, with_methods: bool = False) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--grad-accum", type=int)
     p.add_argument("--max-length", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", help="training seed (several, comma-separated, with compare: 0,1,2)")
+    p.add_argument("--lr", help="learning rate" + several)
+    p.add_argument("--seed", help="training seed" + (" (compare: several, comma-separated: 0,1,2)" if with_methods else ""))
     p.add_argument("--eval-limit", type=int, help="evaluate on at most this many test examples")
-    p.add_argument("--sinter-amplitude", type=float)
-    p.add_argument("--sinter-frequency", type=float)
+    p.add_argument("--eval-split", choices=["test", "validation"],
+                   help="evaluate on the test split (default) or on the validation split, to choose settings such as "
+                        "the learning rate without looking at the test split")
+    p.add_argument("--sinter-amplitude", help="Sinter's a (paper: 5e-5)" + several)
+    p.add_argument("--sinter-frequency", help="Sinter's w (paper: 1e4)" + several)
+    p.add_argument("--sine-frequency", help="Sine-LoRA's w (default 200)" + several)
     p.add_argument("--load-in-4bit", action="store_true", help="QLoRA: nf4 base with double quantization")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--gradient-checkpointing", action="store_true")
@@ -119,27 +126,65 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 
+#: Options that take a comma-separated list in ``compare`` (a grid), with the type of their values.
+LIST_OPTIONS = {"rank": int, "lr": float, "seed": int, "sinter_amplitude": float, "sinter_frequency": float,
+                "sine_frequency": float}
+#: A file in a compare output directory that makes it resumable (see peft_loran.cli.main.cmd_compare).
+SWEEP_STATE = "sweep.json"
+
+
+def option_values(args: argparse.Namespace, name: str) -> Optional[list]:
+    """The values of a list option (None when not given); ValueError with the message for the user."""
+    given = getattr(args, name, None)
+    if given is None:
+        return None
+    kind = LIST_OPTIONS[name]
+    flag = "--" + name.replace("_", "-")
+    try:
+        values = [kind(v) for v in str(given).split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values:
+        example = "0,1,2" if kind is int else "1e-4,3e-4"
+        raise ValueError(f"{flag} must be {'an integer' if kind is int else 'a number'} or a comma-separated list "
+                         f"such as {example}, got '{given}'")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{flag} lists a value twice: '{given}'")
+    if len(values) > 1 and args.command != "compare":
+        raise ValueError(f"{args.command} runs one {name.replace('_', ' ')}, got {flag} {given}; use compare for "
+                         "several")
+    return values
+
+
 def early_problem(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with the arguments that can be told without loading anything, or None."""
     for name in ("train_file", "eval_file"):
         path = getattr(args, name, None)
         if path and not Path(path).is_file():
             return f"data file not found: {path}"
-    seed = getattr(args, "seed", None)
-    if seed is not None:
+    for name in LIST_OPTIONS:
         try:
-            seeds = [int(s) for s in str(seed).split(",") if s.strip()]
-        except ValueError:
-            seeds = []
-        if not seeds:
-            return f"--seed must be an integer or a comma-separated list such as 0,1,2, got '{seed}'"
+            option_values(args, name)
+        except ValueError as exc:
+            return str(exc)
     adapter = getattr(args, "adapter", None)
     if adapter and not (Path(adapter) / "adapter_config.json").exists():
         return f"{adapter} is not an adapter directory (no adapter_config.json)"
     output = getattr(args, "output_dir", None)
-    if output and Path(output).exists() and not getattr(args, "overwrite", False):
+    resumable = args.command == "compare" and output and (Path(output) / SWEEP_STATE).exists()
+    if output and Path(output).exists() and not getattr(args, "overwrite", False) and not resumable:
         return f"output directory {output} exists; pass --overwrite to replace it"
     return None
+
+
+def quiet_child(quiet: bool) -> None:
+    """Initializer of the processes that train one run each: bitsandbytes' CPU-kernel notice is logged when PEFT
+    imports it, so its logger is quieted here, in this light module, before anything imports peft_loran."""
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from peft_loran.cli.training import quiet_libraries
+
+    quiet_libraries(quiet)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

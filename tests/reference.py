@@ -23,6 +23,8 @@ def activation(name: str, a: float = A_SIN, w: float = W_SIN):
         "identity": lambda x: x,
         "cos": lambda x: 1.0 * x * torch.cos(10000.0 * x) + 1.0 * x,
         "gaussian": lambda x: 0.5 * x * torch.exp(-(x**2)),
+        # Sine-LoRA (Ji et al.): sin(w x) / g, with a = 1 / g
+        "sine": lambda x: a * torch.sin(w * x),
     }
     return formulas[name]
 

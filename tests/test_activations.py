@@ -11,7 +11,7 @@ from peft_loran import get_activation, register_activation, unregister_activatio
 
 from .reference import activation as reference_activation
 
-NAMES = ["sinter", "cosinter", "sigmoid", "tanh", "relu", "silu", "swish", "identity", "cos", "gaussian"]
+NAMES = ["sinter", "cosinter", "sigmoid", "tanh", "relu", "silu", "swish", "identity", "cos", "gaussian", "sine"]
 ORIGINAL_SPELLINGS = {"Sin": "sinter", "Cos": "cos", "Sigmoid": "sigmoid", "Tanh": "tanh", "Relu": "relu",
                       "Silu": "silu", "Identity": "identity", "Swish": "swish", "Gaussian": "gaussian"}
 

@@ -99,8 +99,10 @@ def test_compare_end_to_end(tiny_encoder, cls_file, tmp_path, capsys):
     assert len({r["trainable_params"] for r in metrics["results"]}) == 1
     assert all(r["loss_curve"] for r in metrics["results"])
     assert (out / "comparison.png").stat().st_size > 1000
-    for name in ("lora", "loran", "loran-tanh"):
-        assert (out / "adapters" / name / "adapter_model.safetensors").exists()
+    for r in metrics["results"]:
+        assert (out / r["adapter"] / "adapter_model.safetensors").exists()
+        assert r["adapter"].startswith(f"adapters/{r['method'].replace(':', '-')}-r8-lr0.002-s0")
+        assert (r["rank"], r["lr"], r["seed"]) == (8, 0.002, 0)
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
@@ -192,8 +194,8 @@ def test_impossible_rank(tiny_encoder, cls_file, tmp_path, capsys, rank):
 
 
 def test_unknown_method_and_activation(tmp_path, capsys):
-    assert run(["compare", "--methods", "lora,dora", "--output-dir", str(tmp_path / "o")]) == 2
-    assert "unknown method 'dora'" in error_line(capsys)
+    assert run(["compare", "--methods", "lora,lorax", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "unknown method 'lorax'" in error_line(capsys)
     assert run(["compare", "--methods", "loran:softmax", "--output-dir", str(tmp_path / "o")]) == 2
     assert "Unknown activation 'softmax'" in error_line(capsys)
 
@@ -444,3 +446,69 @@ def test_bf16_trains_on_a_cpu_only_machine(tiny_encoder, cls_file, tmp_path):
                 "--bf16", "--output-dir", str(tmp_path / "bf16"), "--quiet"]) == 0
     metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
     assert metrics["loss_curve"][-1][0] == 2 and metrics["metrics"]["n"] > 0  # both steps ran, then evaluation
+
+
+# ------------------------------------------------------------------------------------- sweeps (issue 12)
+def test_sweep_grid_resumes_and_reports_per_cell(tiny_encoder, cls_file, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    common = ["compare", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "2", "--batch-size", "4",
+              "--methods", "lora,sine", "--rank", "1,2", "--sine-frequency", "50", "--output-dir", str(out), "--quiet"]
+    assert run(common + ["--seed", "0"]) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert sorted(first) == ["lora-r1-lr0.002-s0.json", "lora-r2-lr0.002-s0.json", "sine-r1-lr0.002-s0-w50.json",
+                             "sine-r2-lr0.002-s0-w50.json"]
+    capsys.readouterr()
+    # the same command with one more seed: the four finished cells are kept, four new ones run
+    assert run(common + ["--seed", "0,1"]) == 0
+    assert "resuming: 4 finished cell(s)" in capsys.readouterr().err
+    cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
+    assert len(cells) == 8 and all(cells[name] == mtime for name, mtime in first.items())
+    metrics = json.loads((out / "metrics.json").read_text())
+    results = metrics["results"]
+    assert sorted((r["method"], r["rank"], r["seed"]) for r in results) == sorted(
+        (m, k, s) for m in ("lora", "sine") for k in (1, 2) for s in (0, 1))
+    for r in results:
+        assert {"method", "rank", "lr", "seed", "metrics", "train_seconds", "peak_memory_mb", "nonlinear_share",
+                "effective_rank"} <= set(r)
+        assert (out / r["adapter"] / "adapter_model.safetensors").exists()
+        assert (r["nonlinear_share"] == 0.0) if r["method"] == "lora" else (0.0 < r["nonlinear_share"] < 1.0)
+        assert r["sine_frequency"] == 50.0 if r["method"] == "sine" else "sine_frequency" not in r
+    assert metrics["grid"]["rank"] == [1, 2] and metrics["grid"]["seed"] == [0, 1]
+    table = (out / "table.md").read_text()
+    assert "| sine r2 | 2 |" in table and "+-" in table and "(p=" in table
+    assert (out / "sweep.png").stat().st_size > 1000
+    # another shared setting (the step budget) cannot be mixed into these cells
+    assert run([*common, "--seed", "0", "--steps", "3"]) == 2
+    assert "holds a comparison with other settings (steps)" in error_line(capsys)
+
+
+def test_list_options_are_checked_before_anything_loads(tmp_path, capsys):
+    assert run(["compare", "--rank", "2,2", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--rank lists a value twice" in error_line(capsys)
+    assert run(["compare", "--lr", "fast", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "--lr must be a number or a comma-separated list" in error_line(capsys)
+    assert run(["train", "--rank", "1,2", "--output-dir", str(tmp_path / "o")]) == 2
+    assert "train runs one rank" in error_line(capsys)
+
+
+def test_training_processes_do_not_print_library_notices(tiny_encoder, cls_file, tmp_path, capfd):
+    """Each run trains in a spawned process: bitsandbytes' CPU-kernel notice (logged when PEFT imports it) must stay
+    hidden there too (capfd sees the child's stderr, capsys would not)."""
+    assert run(["compare", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "1", "--batch-size", "4",
+                "--methods", "lora", "--output-dir", str(tmp_path / "q"), "--quiet"]) == 0
+    err = capfd.readouterr().err
+    assert "gemm_4bit" not in err and "kernels-community" not in err
+
+
+def test_peft_baselines_run_as_methods(tiny_encoder, cls_file, tmp_path, capsys):
+    out = tmp_path / "baselines"
+    assert run(["compare", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "1", "--batch-size", "4",
+                "--rank", "2", "--methods", "rslora,dora,hira", "--output-dir", str(out), "--quiet"]) == 0
+    results = json.loads((out / "metrics.json").read_text())["results"]
+    assert [r["method"] for r in results] == ["rslora", "dora", "hira"]
+    types = {r["method"]: json.loads((out / r["adapter"] / "adapter_config.json").read_text()) for r in results}
+    assert types["rslora"]["use_rslora"] and types["dora"]["use_dora"] and types["hira"]["peft_type"] == "HIRA"
+    for r in results:
+        assert r["update_statistics"] and all(row["effective_rank"] >= 0 for row in r["update_statistics"])
+    # HiRA's update W0 * (B A) is high rank although B A has rank 2
+    assert max(row["effective_rank"] for row in results[2]["update_statistics"]) > 2

@@ -89,3 +89,22 @@ def atomic_directory(destination: Union[str, Path], overwrite: bool = False) -> 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+
+
+#: A lock on a directory that is written in place (a resumable sweep): the same rules as :func:`atomic_directory`'s.
+directory_lock = _destination_lock
+
+
+def write_text_atomic(path: Union[str, Path], text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file beside it and a rename: readers see the old file or the
+    whole new one, never a half-written one."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -7,7 +7,8 @@ registered without a derivative still works: its derivative is taken with autogr
 Names are case-insensitive. The original code's nine names ("Sin", "Sigmoid", "Tanh", "Relu", "Silu", "Identity",
 "Swish", "Cos", "Gaussian") compute exactly what the original computes (its ``Swish`` is ``x sigmoid(25 x)``, its
 ``Cos`` is ``x cos(1e4 x) + x`` with fixed constants, its ``Gaussian`` is ``0.5 x exp(-x^2)``); ``cosinter`` is our
-own Sinter-style cosine with configurable ``a`` and ``w``. See ``docs/activations.md`` for the formulas.
+own Sinter-style cosine with configurable ``a`` and ``w``; ``sine`` is Sine-LoRA's ``sin(w x) / g`` (Ji et al., ICLR
+2025). See ``docs/activations.md`` for the formulas.
 """
 
 from __future__ import annotations
@@ -161,6 +162,23 @@ def _cosinter(amplitude: float, frequency: float) -> Activation:
                       param_fn=_cosinter_value, param_derivative=_cosinter_derivative, params=(a, w))
 
 
+def _sine_value(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
+    return a * torch.sin(w * x)
+
+
+def _sine_derivative(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
+    return (a * w) * torch.cos(w * x)
+
+
+def _sine(amplitude: float, frequency: float) -> Activation:
+    """Sine-LoRA's ``a sin(w x)``; ``a`` is ``1 / g`` (``g = sqrt(in_features)`` per layer by default, set by the
+    layer from ``LoranConfig.sine_gain``), ``w`` is ``sine_frequency``. Near zero it is ``(a w) x``: LoRA with its
+    scale multiplied by ``w / g``."""
+    a, w = amplitude, frequency
+    return Activation("sine", lambda x: _sine_value(x, a, w), lambda x: _sine_derivative(x, a, w),
+                      param_fn=_sine_value, param_derivative=_sine_derivative, params=(a, w))
+
+
 def _sigmoid_derivative(x: torch.Tensor) -> torch.Tensor:
     s = torch.sigmoid(x)
     return s * (1 - s)
@@ -219,10 +237,11 @@ def _user(name: str, fn: TensorFn, derivative: Optional[TensorFn]) -> Activation
     return lambda amplitude, frequency: Activation(name, fn, derivative)
 
 
-# The original's nine (as its code computes them: fixture README) plus ``cosinter``.
+# The original's nine (as its code computes them: fixture README) plus ``cosinter`` and Sine-LoRA's ``sine``.
 _BUILTINS: dict[str, ActivationFactory] = {
     "sinter": _sinter,
     "cosinter": _cosinter,
+    "sine": _sine,
     "sigmoid": _fixed("sigmoid", torch.sigmoid, _sigmoid_derivative),
     "tanh": _fixed("tanh", torch.tanh, lambda x: 1 - torch.tanh(x) ** 2),
     "relu": _fixed("relu", torch.relu, lambda x: (x > 0).to(x.dtype)),
@@ -256,7 +275,8 @@ def canonical_name(name: str) -> str:
 
 
 def get_activation(name: str, amplitude: float = 5e-5, frequency: float = 1e4) -> Activation:
-    """Build the activation ``name``; ``amplitude``/``frequency`` are used by Sinter and its cosine sibling."""
+    """Build the activation ``name``; ``amplitude``/``frequency`` are used by Sinter and its cosine sibling, and by
+    ``sine`` as ``1 / g`` and ``w``."""
     for param, value in (("sinter_amplitude", amplitude), ("sinter_frequency", frequency)):
         if not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"`{param}` must be a finite number, got {value!r}.")

@@ -63,6 +63,9 @@ class LoranConfig(PeftConfig):
             ``x + a x sin(w x)``). See :func:`peft_loran.available_activations` and ``register_activation``.
         sinter_amplitude: ``a`` of Sinter (also used by ``"cosinter"``); paper: 5e-5.
         sinter_frequency: ``w`` of Sinter (also used by ``"cosinter"``); paper: 1e4.
+        sine_frequency: ``w`` of ``activation="sine"`` (Sine-LoRA: ``sin(w B A) / g``).
+        sine_gain: ``g`` of ``activation="sine"``; ``None`` (default, as Sine-LoRA's code): ``sqrt(in_features)`` of
+            each adapted layer. Near zero the update is ``(w / g) B A``: LoRA with its scale times ``w / g``.
         chain_dims: The original MLoRA chain's widths after the rank, ``r[1:]`` in its notation. ``None`` means
             plain LoRAN (``A`` is r x in_features of each layer). Without ``use_P`` every width must equal the
             layer's ``in_features``; with ``use_P`` the last ``P`` maps the last width to ``in_features``.
@@ -89,6 +92,8 @@ class LoranConfig(PeftConfig):
     activation: str = field(default="sinter", metadata={"help": "Element-wise non-linearity f."})
     sinter_amplitude: float = field(default=5e-5, metadata={"help": "Sinter amplitude a."})
     sinter_frequency: float = field(default=1e4, metadata={"help": "Sinter frequency w."})
+    sine_frequency: float = field(default=200.0, metadata={"help": "Sine-LoRA frequency w."})
+    sine_gain: Optional[float] = field(default=None, metadata={"help": "Sine-LoRA divisor g (None: sqrt(in))."})
     chain_dims: Optional[list[int]] = field(default=None, metadata={"help": "MLoRA chain widths after r."})
     use_P: bool = field(default=False, metadata={"help": "Trainable P_k after each activation."})
     use_b: bool = field(default=False, metadata={"help": "Trainable b_k after each stage."})
@@ -126,6 +131,12 @@ class LoranConfig(PeftConfig):
             raise ValueError(
                 f"`bias` must be 'none', 'all' or 'loran_only' ('mlora_only' in MLoraConfig), got {self.bias!r}."
             )
+        if not isinstance(self.sine_frequency, (int, float)) or not math.isfinite(self.sine_frequency) or \
+                self.sine_frequency == 0:
+            raise ValueError(f"`sine_frequency` must be a finite non-zero number, got {self.sine_frequency!r}.")
+        if self.sine_gain is not None and not (isinstance(self.sine_gain, (int, float)) and
+                                               math.isfinite(self.sine_gain) and self.sine_gain > 0):
+            raise ValueError(f"`sine_gain` must be a positive number or None (sqrt(in_features)), got {self.sine_gain!r}.")
         if self.block_rows is not None and (not isinstance(self.block_rows, int) or self.block_rows <= 0):
             raise ValueError(f"`block_rows` must be a positive integer or None, got {self.block_rows!r}.")
         if self.chain_dims is not None:
@@ -154,9 +165,14 @@ class LoranConfig(PeftConfig):
     def scaling(self) -> float:
         return self.loran_alpha / self.r
 
-    def build_activation(self) -> Activation:
-        """The configured ``f``, shifted to ``f(x) - f(0)`` when ``zero_centered``: what every layer applies."""
-        act = get_activation(self.activation, self.sinter_amplitude, self.sinter_frequency)
+    def build_activation(self, in_features: Optional[int] = None) -> Activation:
+        """The configured ``f``, shifted to ``f(x) - f(0)`` when ``zero_centered``: what every layer applies.
+        ``in_features`` (the width ``A`` multiplies) sets Sine-LoRA's default ``g = sqrt(in_features)``."""
+        if self.activation == "sine":
+            gain = self.sine_gain or math.sqrt(in_features or 1)
+            act = get_activation("sine", 1.0 / gain, self.sine_frequency)
+        else:
+            act = get_activation(self.activation, self.sinter_amplitude, self.sinter_frequency)
         return act.centered() if self.zero_centered else act
 
 

@@ -312,6 +312,31 @@ def update_distance(A, B, stages, activation, scaling, left, right, block_rows=N
                      _update_blocks(A, B, stages, activation, scaling, block_rows)))
 
 
+@torch.no_grad()
+def nonlinear_share(A, B, stages, activation, scaling, block_rows=None) -> Optional[float]:
+    """``||s f(BA) - s BA||^2 / ||s f(BA)||^2``: the share of the update's energy that the non-linearity makes
+    (0 for LoRA; at most ``a^2`` for Sinter with amplitude ``a``), in float64, block by block. None for chains
+    with ``P``/``b`` (no linear counterpart) and for an all-zero update."""
+    if not is_plain(stages):
+        return None
+    A64, B64 = A.detach().double(), B.detach().double()
+    total = update_sq_norm(A64, B64, stages, activation, scaling, block_rows)
+    if total == 0.0:
+        return None
+    return update_distance(A64, B64, stages, activation, scaling, scaling * B64, A64, block_rows) / total
+
+
+def effective_rank(singular_values: torch.Tensor) -> float:
+    """Roy & Vetterli's effective rank ``exp(entropy(sigma / sum(sigma)))``: between 1 and the number of non-zero
+    singular values, equal to k for k equal ones; it counts directions with real weight, not rounding noise."""
+    sv = singular_values.double().clamp_min(0)
+    if float(sv.sum()) == 0.0:
+        return 0.0
+    p = sv / sv.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def _write_update_blocks(result, base, A, B, stages, activation, scaling, block_rows) -> torch.Tensor:
     """``result[rows] = base[rows] + scaling * H_K[rows]`` (``base`` None: the update alone) per row block."""
     for i0, i1, block in _update_blocks(A, B, stages, activation, scaling, block_rows, base):

@@ -204,7 +204,7 @@ class LoranLayer(BaseTunerLayer):
         self.loran_dims[adapter_name] = dims
         self.loran_block_rows[adapter_name] = config.block_rows
         self.loran_eval_cache[adapter_name] = config.eval_cache
-        self.loran_activation[adapter_name] = config.build_activation()
+        self.loran_activation[adapter_name] = config.build_activation(in_features=dims[0])
         self.loran_dropout[adapter_name] = (
             nn.Dropout(p=config.loran_dropout) if config.loran_dropout > 0 else nn.Identity()
         )

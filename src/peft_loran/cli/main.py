@@ -7,6 +7,7 @@ User errors end with one line ``error: ...`` and exit code 2; Ctrl-C ends with e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -22,18 +23,21 @@ from .errors import UserError
 
 # ---------------------------------------------------------------------------------------------- settings
 def settings_from(args: argparse.Namespace):
+    """The run's Settings: the profile's defaults, then what was given (the first value of a list option)."""
+    from peft_loran_cli import LIST_OPTIONS, option_values
+
     from .training import Settings
 
     values = dict(PROFILES[args.profile])
     values.pop("task", None)
     for f in fields(Settings):
         given = getattr(args, f.name, None)
+        if f.name in LIST_OPTIONS:
+            given = (_checked_values(args, f.name) or [None])[0]
         if given is not None and given is not False:
             values[f.name] = given
     if isinstance(values.get("targets"), str):
         values["targets"] = [t.strip() for t in values["targets"].split(",") if t.strip()]
-    if isinstance(values.get("seed"), str):
-        values["seed"] = seeds_from(args)[0]
     settings = Settings(**{k: v for k, v in values.items() if k in {f.name for f in fields(Settings)}})
     settings.quiet = bool(args.quiet)
     settings.command = getattr(args, "command_line", "peft-loran")
@@ -41,16 +45,17 @@ def settings_from(args: argparse.Namespace):
     return settings
 
 
-def seeds_from(args: argparse.Namespace) -> list[int]:
-    if args.seed is None:
-        return [0]
+def _checked_values(args: argparse.Namespace, name: str) -> Optional[list]:
+    from peft_loran_cli import option_values
+
     try:
-        seeds = [int(s) for s in str(args.seed).split(",") if s.strip()]
-    except ValueError:
-        seeds = []
-    if not seeds:
-        raise UserError(f"--seed must be an integer or a comma-separated list such as 0,1,2, got '{args.seed}'")
-    return seeds
+        return option_values(args, name)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def seeds_from(args: argparse.Namespace) -> list[int]:
+    return _checked_values(args, "seed") or [0]
 
 
 def task_from(args: argparse.Namespace, profile_task: str):
@@ -82,7 +87,51 @@ def _write_json(path: Path, data) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+#: Settings that change from cell to cell of a sweep; every other setting is the same for all cells.
+GRID_OPTIONS = ("rank", "lr", "seed", "sinter_amplitude", "sinter_frequency", "sine_frequency")
+#: The activation parameters each kind of method uses (the others do not multiply its cells).
+METHOD_PARAMS = {"sinter": ("sinter_amplitude", "sinter_frequency"), "cosinter": ("sinter_amplitude", "sinter_frequency"),
+                 "sine": ("sine_frequency",)}
+
+
+def sweep_cells(args: argparse.Namespace, settings, methods: list[str]) -> list[dict]:
+    """Every cell of the grid: methods x ranks x learning rates x seeds, times the activation parameters for the
+    methods that use them. A cell is a dict of its method and its grid settings."""
+    from itertools import product
+
+    from .training import parse_method
+
+    values = {name: _checked_values(args, name) or [getattr(settings, name)] for name in GRID_OPTIONS}
+    cells = []
+    for seed, rank, lr, method in product(values["seed"], values["rank"], values["lr"], methods):
+        kind, activation = parse_method(method)
+        used = METHOD_PARAMS.get(activation or "sinter", ()) if kind == "loran" else ()
+        for params in product(*(values[p] for p in used)):
+            cells.append({"method": method, "rank": rank, "lr": lr, "seed": seed, **dict(zip(used, params))})
+    return cells
+
+
+def cell_name(cell: dict) -> str:
+    """A folder name that says what the cell is: ``loran-r4-lr0.002-s0`` (and ``-a0.5-w3`` for its parameters)."""
+    short = {"sinter_amplitude": "a", "sinter_frequency": "w", "sine_frequency": "w"}
+    extra = "".join(f"-{short[k]}{cell[k]:g}" for k in short if k in cell)
+    return f"{cell['method'].replace(':', '-')}-r{cell['rank']}-lr{cell['lr']:g}-s{cell['seed']}{extra}"
+
+
+def _fixed_settings(settings, task, model_path: str) -> dict:
+    """What every cell shares; a sweep resumes only into a directory made with the same."""
+    shared = {f.name: getattr(settings, f.name) for f in fields(settings)
+              if f.name not in GRID_OPTIONS + ("quiet", "command")}
+    return json.loads(json.dumps({"task": task.source, "model": model_path, "settings": shared}, default=str))
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
+    """Train every cell of the grid (each in its own process), keeping each finished cell on disk so that running
+    the same command again resumes; then write metrics.json, table.md and the plots."""
+    import shutil
+
+    from peft_loran._atomic import DirectoryInUseError, directory_lock, write_text_atomic
+
     from . import report
     from .models import resolve_model
     from .training import main_metric, parse_method, train_isolated
@@ -93,35 +142,92 @@ def cmd_compare(args: argparse.Namespace) -> int:
         parse_method(method)
     if len(set(methods)) != len(methods) or not methods:
         raise UserError(f"--methods must list distinct methods, got '{args.methods}'")
-    seeds = seeds_from(args)
     task = task_from(args, PROFILES[args.profile]["task"])
     model_path = resolve_model(settings.model, quiet=settings.quiet)
     metric = main_metric(task.kind)
-    with staged_output(args.output_dir, args.overwrite) as out:
-        results = []
-        for seed in seeds:
-            settings.seed = seed
-            for method in methods:
-                label = method if len(seeds) == 1 else f"{method} (seed {seed})"
+    cells = sweep_cells(args, settings, methods)
+    out = Path(args.output_dir)
+    fixed = _fixed_settings(settings, task, model_path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with directory_lock(out.resolve()):
+            done = _prepare_sweep_dir(out, fixed, args.overwrite, settings.quiet)
+            results = []
+            for number, cell in enumerate(cells, 1):
+                name = cell_name(cell)
+                key = json.dumps(cell, sort_keys=True)
+                if key in done:
+                    results.append(done[key])
+                    continue
+                run_settings = dataclasses.replace(settings, **{k: v for k, v in cell.items() if k != "method"})
+                run_settings.check()
                 if not settings.quiet:
                     budget = f"{settings.epochs:g} epochs" if settings.epochs else f"{settings.steps} steps"
-                    print(f"== {label}: {budget} on {task.name} ({len(task.train)} train examples)",
-                          file=sys.stderr, flush=True)
-                adapter_dir = out / "adapters" / (method.replace(":", "-") + ("" if len(seeds) == 1 else f"-s{seed}"))
-                result = train_isolated(method, task, settings, model_path, adapter_dir).as_dict()
-                result["method"] = label
-                result["seed"] = seed
+                    print(f"== [{number}/{len(cells)}] {name}: {budget} on {task.name} ({len(task.train)} train "
+                          "examples)", file=sys.stderr, flush=True)
+                staging = out / "adapters" / f".{name}.partial"
+                shutil.rmtree(staging, ignore_errors=True)
+                result = train_isolated(cell["method"], task, run_settings, model_path, staging).as_dict()
+                os.replace(staging, _fresh(out / "adapters" / name))
+                result.update(cell, cell=name, adapter=f"adapters/{name}", eval_split=settings.eval_split)
+                write_text_atomic(out / "cells" / f"{name}.json", json.dumps(result, indent=2, default=str) + "\n")
                 results.append(result)
-        report.plot_comparison(results, metric, out / "comparison.png")
-        table = report.comparison_table(results, metric)
-        _write_json(out / "metrics.json", {
-            "task": task.name, "task_kind": task.kind, "labels": task.labels, "metric": metric, "model": model_path,
-            "settings": {f.name: getattr(settings, f.name) for f in fields(settings)}, "results": results,
-        })
-        (out / "table.md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {args.output_dir}/metrics.json, comparison.png and adapters/")
+            report.write_sweep_reports(out, results, metric, {
+                "task": task.name, "task_kind": task.kind, "labels": task.labels, "metric": metric,
+                "model": model_path, "eval_split": settings.eval_split,
+                "settings": {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in GRID_OPTIONS},
+                "grid": {name: sorted({c[name] for c in cells if name in c}) for name in GRID_OPTIONS},
+                "methods": methods})
+    except DirectoryInUseError as exc:
+        raise UserError(f"{exc}; wait for it to finish or choose another --output-dir") from None
+    print(report.read_table(out))
+    print(f"\nwrote {args.output_dir}/metrics.json, table.md, {report.plot_names(results)} and adapters/")
     return 0
+
+
+def _fresh(path: Path) -> Path:
+    """``path`` with nothing at it (a leftover from an interrupted run is removed)."""
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+    return path
+
+
+def _prepare_sweep_dir(out: Path, fixed: dict, overwrite: bool, quiet: bool) -> dict:
+    """Create the sweep directory, or resume one made with the same shared settings: returns its finished cells
+    (keyed by their grid settings). ``--overwrite`` starts afresh."""
+    import shutil
+
+    from peft_loran._atomic import write_text_atomic
+    from peft_loran_cli import SWEEP_STATE
+
+    state = out / SWEEP_STATE
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+        print(f"note: --overwrite: removed the previous results in {out}", file=sys.stderr)
+    if out.exists():
+        if not state.exists():
+            raise UserError(f"output directory {out} exists; pass --overwrite to replace it")
+        before = json.loads(state.read_text())
+        if before != fixed:
+            differ = sorted(k for k in set(before["settings"]) | set(fixed["settings"])
+                            if before["settings"].get(k) != fixed["settings"].get(k))
+            differ += [k for k in ("task", "model") if before[k] != fixed[k]]
+            raise UserError(f"{out} holds a comparison with other settings ({', '.join(differ)}); run the same command "
+                            "to resume it, or pass --overwrite / choose another --output-dir")
+    else:
+        out.mkdir(parents=True)
+        write_text_atomic(state, json.dumps(fixed, indent=2) + "\n")
+    (out / "cells").mkdir(exist_ok=True)
+    (out / "adapters").mkdir(exist_ok=True)
+    done = {}
+    for path in sorted((out / "cells").glob("*.json")):
+        result = json.loads(path.read_text())
+        done[json.dumps({k: result[k] for k in ("method",) + GRID_OPTIONS if k in result}, sort_keys=True)] = result
+    if done:  # also with --quiet: the user should know that these results were not recomputed
+        print(f"resuming: {len(done)} finished cell(s) in {out} are kept", file=sys.stderr)
+    return done
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -218,9 +324,15 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"adapter {args.adapter}: {summary['peft_type']}, {summary['parameters']:,} parameters, "
           f"{len(summary['layers'])} adapted modules")
     for layer in summary["layers"]:
+        share = layer["nonlinear_share"]
         print(f"  {layer['layer']}: update {layer['shape'][0]}x{layer['shape'][1]}, rank {layer['numerical_rank']} "
-              f"(singular values above 1e-6 of the largest; r = {layer['r']}), energy beyond r "
-              f"{layer['energy_beyond_r']:.2e}")
+              f"(singular values above 1e-6 of the largest; r = {layer['r']}), effective rank "
+              f"{layer['effective_rank']:.1f}, energy beyond r {layer['energy_beyond_r']:.2e}, non-linear share "
+              f"{'n/a' if share is None else format(share, '.2e')}")
+    shares = [layer["nonlinear_share"] for layer in summary["layers"] if layer["nonlinear_share"] is not None]
+    if shares:
+        print(f"non-linear share of the update's energy, ||s f(BA) - s BA||^2 / ||s f(BA)||^2: at most {max(shares):.2e}"
+              + (" (below 1e-6: this adapter computes what LoRA would)" if max(shares) < 1e-6 else ""))
     print(f"spectrum plot: {summary['plot']}")
     return 0
 
@@ -375,6 +487,8 @@ def run(args: argparse.Namespace) -> None:
     except KeyboardInterrupt:
         where = getattr(args, "output_dir", None)
         note = f"; nothing was written to {where}" if where else ""
+        if args.command == "compare":
+            note = f"; finished cells are kept in {where}: run the same command to resume"
         print(f"interrupted{note}", file=sys.stderr)
         sys.exit(130)
     sys.exit(code)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -14,7 +15,7 @@ from .errors import UserError
 FORMULAS = {
     "sinter": "x + a x sin(w x)", "cosinter": "x + a x cos(w x)", "sigmoid": "1 / (1 + exp(-x))", "tanh": "tanh(x)",
     "relu": "max(x, 0)", "silu": "x sigmoid(x)", "swish": "x sigmoid(25 x)", "identity": "x",
-    "cos": "x cos(1e4 x) + x", "gaussian": "0.5 x exp(-x^2)",
+    "cos": "x cos(1e4 x) + x", "gaussian": "0.5 x exp(-x^2)", "sine": "sin(w x) / g",
 }
 
 
@@ -23,18 +24,162 @@ def activation_formula(config) -> str:
     formula = FORMULAS.get(config.activation, "a registered activation")
     if config.activation in ("sinter", "cosinter"):
         formula += f", a = {config.sinter_amplitude:g}, w = {config.sinter_frequency:g}"
+    if config.activation == "sine":
+        gain = f"{config.sine_gain:g}" if config.sine_gain else "sqrt(in_features) of each layer"
+        formula += f", w = {config.sine_frequency:g}, g = {gain} (Sine-LoRA)"
     if config.zero_centered and config.activation == "sigmoid":
         formula += " (minus f(0), so the update starts at zero)"
     return formula
 
 
-def comparison_table(results: list[dict], metric: str) -> str:
-    head = f"| method | {metric} | trainable params | train time (s) | peak memory (MB) |"
-    lines = [head, "|---|---|---|---|---|"]
+#: The settings that tell cells apart (besides the method), as in peft_loran.cli.main.GRID_OPTIONS.
+CELL_KEYS = ("rank", "lr", "sinter_amplitude", "sinter_frequency", "sine_frequency")
+_SHORT = {"rank": "r", "lr": "lr", "sinter_amplitude": "a", "sinter_frequency": "w", "sine_frequency": "w"}
+
+
+def _varying(results: list[dict]) -> list[str]:
+    return [k for k in CELL_KEYS if len({r.get(k) for r in results if k in r}) > 1]
+
+
+def group_label(result: dict, varying: list[str]) -> str:
+    """The method plus the settings that vary in this comparison (``loran r4``, ``sine w100``)."""
+    parts = [result["method"]] + [f"{_SHORT[k]}{result[k]:g}" for k in varying if k in result]
+    return " ".join(parts)
+
+
+def run_label(result: dict, results: list[dict]) -> str:
+    seeds = len({r.get("seed") for r in results}) > 1
+    return group_label(result, _varying(results)) + (f" (seed {result['seed']})" if seeds else "")
+
+
+def groups(results: list[dict]) -> dict[tuple, list[dict]]:
+    """Runs that differ only in their seed, in first-seen order."""
+    out: dict[tuple, list[dict]] = {}
     for r in results:
-        lines.append(f"| {r['method']} | {r['metrics'][metric]:.4f} | {r['trainable_params']:,} | "
-                     f"{r['train_seconds']:.1f} | {r['peak_memory_mb']:.0f} |")
+        out.setdefault((r["method"],) + tuple(r.get(k) for k in CELL_KEYS), []).append(r)
+    return out
+
+
+def sign_flip_p(differences: list[float]) -> Optional[float]:
+    """Two-sided p-value of a paired mean difference by exact sign flipping (all 2^n sign patterns): no normality
+    assumption, exact for the few seeds a sweep has. None with fewer than 2 pairs."""
+    from itertools import product
+
+    n = len(differences)
+    if n < 2 or n > 16:
+        return None
+    observed = abs(sum(differences))
+    extreme = sum(abs(sum(s * d for s, d in zip(signs, differences))) >= observed - 1e-12
+                  for signs in product((1, -1), repeat=n))
+    return extreme / 2**n
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+    return mean, std
+
+
+def paired_to_lora(runs: list[dict], results: list[dict], metric: str) -> list[float]:
+    """Per seed, this cell's metric minus LoRA's at the same rank and learning rate (same seed: same initial A,
+    data order and dropout masks)."""
+    lora = {(r["rank"], r["lr"], r["seed"]): r["metrics"][metric] for r in results if r["method"] == "lora"}
+    return [r["metrics"][metric] - lora[(r["rank"], r["lr"], r["seed"])] for r in runs
+            if (r["rank"], r["lr"], r["seed"]) in lora]
+
+
+def comparison_table(results: list[dict], metric: str) -> str:
+    """One row per cell (seeds pooled): mean +- std of the metric, the paired difference to LoRA with its sign-flip
+    p-value, time, memory, parameters, non-linear share and effective rank of the update."""
+    varying = _varying(results)
+    head = (f"| method | seeds | {metric} (mean +- std) | vs LoRA, paired (p) | trainable params | train time (s) | "
+            "peak memory (MB) | non-linear share | effective rank |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for runs in groups(results).values():
+        first = runs[0]
+        mean, std = _mean_std([r["metrics"][metric] for r in runs])
+        diffs = paired_to_lora(runs, results, metric) if first["method"] != "lora" else []
+        if diffs:
+            d_mean, d_std = _mean_std(diffs)
+            p = sign_flip_p(diffs)
+            paired = f"{d_mean:+.4f} +- {d_std:.4f}" + (f" (p={p:.2f})" if p is not None else "")
+        else:
+            paired = ""
+        shares = [r.get("nonlinear_share") for r in runs if r.get("nonlinear_share") is not None]
+        ranks = [r.get("effective_rank") for r in runs if r.get("effective_rank") is not None]
+        lines.append(
+            f"| {group_label(first, varying)} | {len(runs)} | {mean:.4f}" + (f" +- {std:.4f}" if len(runs) > 1 else "")
+            + f" | {paired} | {first['trainable_params']:,} | {_mean_std([r['train_seconds'] for r in runs])[0]:.1f} | "
+            f"{_mean_std([r['peak_memory_mb'] for r in runs])[0]:.0f} | "
+            f"{format(max(shares), '.2e') if shares else ''} | {format(_mean_std(ranks)[0], '.1f') if ranks else ''} |")
     return "\n".join(lines)
+
+
+def write_sweep_reports(out: Path, results: list[dict], metric: str, header: dict) -> None:
+    """metrics.json (every run), table.md, comparison.png (up to 8 runs) and sweep.png (more than one rank);
+    each written whole under a temporary name, then renamed."""
+    from peft_loran._atomic import write_text_atomic
+
+    write_text_atomic(out / "metrics.json", json.dumps({**header, "results": results}, indent=2, default=str) + "\n")
+    write_text_atomic(out / "table.md", comparison_table(results, metric) + "\n")
+    if len(results) <= 8:
+        _save_plot(lambda path: plot_comparison(results, metric, path), out / "comparison.png")
+    if len({r["rank"] for r in results}) > 1:
+        _save_plot(lambda path: plot_sweep(results, metric, path), out / "sweep.png")
+
+
+def plot_names(results: list[dict]) -> str:
+    names = (["comparison.png"] if len(results) <= 8 else []) + (["sweep.png"] if len({r["rank"] for r in results}) > 1
+                                                                 else [])
+    return ", ".join(names) or "no plot"
+
+
+def read_table(out: Path) -> str:
+    return (out / "table.md").read_text().rstrip("\n")
+
+
+def _save_plot(draw, path: Path) -> None:
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    draw(tmp)
+    os.replace(tmp, path)
+
+
+def plot_sweep(results: list[dict], metric: str, path: Path) -> None:
+    """The metric against the rank per method (mean and standard deviation over seeds), and the training time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    varying = [k for k in _varying(results) if k != "rank"]
+    lines: dict[str, dict[int, list[dict]]] = {}
+    for r in results:
+        lines.setdefault(group_label(r, varying), {}).setdefault(r["rank"], []).append(r)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = "oxs^Dv<>P*"
+    for i, (label, by_rank) in enumerate(lines.items()):
+        ranks = sorted(by_rank)
+        stats = [_mean_std([r["metrics"][metric] for r in by_rank[k]]) for k in ranks]
+        times = [_mean_std([r["train_seconds"] for r in by_rank[k]])[0] for k in ranks]
+        style = dict(marker=markers[i % len(markers)], linestyle=["-", "--", ":", "-."][i % 4], color=f"C{i}",
+                     markerfacecolor="none", capsize=3)
+        left.errorbar(ranks, [m for m, _ in stats], yerr=[s for _, s in stats], label=label, **style)
+        right.plot(ranks, times, label=label, **{k: v for k, v in style.items() if k != "capsize"})
+    seeds = sorted({r["seed"] for r in results})
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({r["rank"] for r in results}))
+        ax.set_xticklabels([str(k) for k in sorted({r["rank"] for r in results})])
+        ax.set_xlabel("rank r")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_ylabel(f"{metric} (mean +- std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
+    left.set_title(f"{metric} against rank")
+    right.set_ylabel("training time (s)")
+    right.set_title("training time against rank")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
@@ -46,6 +191,7 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    results = [{**r, "method": run_label(r, results)} for r in results]
     colors = [f"C{i}" for i in range(len(results))]  # the same colour for a method's line and bar
     # LoRA and LoRAN at the paper's setting draw almost the same curve: markers and dashes keep each one visible
     styles = [("o", "-"), ("x", "--"), ("s", ":"), ("^", "-."), ("D", (0, (5, 2, 1, 2)))]
@@ -66,7 +212,7 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     bars = right.bar(names, values, color=colors)
     for bar, value in zip(bars, values):
         right.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom")
-    right.set_title(f"test {metric}")
+    right.set_title(f"{results[0].get('eval_split', 'test')} {metric}")
     right.set_ylim(0, max(values) * 1.15 if max(values) > 0 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -102,23 +248,24 @@ def load_adapter(path: str):
 
 
 def layer_updates(config, tensors: dict[str, torch.Tensor]):
-    """Yield (layer name, rank r, dense update s*f(BA) or s*BA) for each adapted layer."""
+    """Yield (layer name, rank r, dense update s*f(BA) or s*BA, non-linear share) for each adapted layer."""
     from peft_loran import functional as LF
     from peft_loran.config import LoranConfig
 
     if isinstance(config, LoranConfig):
-        act = config.build_activation()
         for key in sorted(k for k in tensors if k.endswith("loran_A")):
             layer = key[: -len(".loran_A")]
             A, B = tensors[key].float(), tensors[layer + ".loran_B"].float()
+            act = config.build_activation(in_features=A.shape[1])
             stages = [(tensors.get(f"{layer}.loran_P.{k}"), tensors.get(f"{layer}.loran_b.{k}"))
                       for k in range(len(config.chain_dims or [A.shape[1]]))]
-            yield layer, config.r, LF.delta_weight(A, B, stages, act, config.scaling)
+            share = LF.nonlinear_share(A, B, stages, act, config.scaling)
+            yield layer, config.r, LF.delta_weight(A, B, stages, act, config.scaling), share
     elif getattr(config, "peft_type", None) == "LORA":
-        scaling = config.lora_alpha / config.r
+        scaling = config.lora_alpha / (config.r ** 0.5 if getattr(config, "use_rslora", False) else config.r)
         for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
             layer = key[: -len(".lora_A.weight")]
-            yield layer, config.r, scaling * tensors[layer + ".lora_B.weight"].float() @ tensors[key].float()
+            yield layer, config.r, scaling * tensors[layer + ".lora_B.weight"].float() @ tensors[key].float(), 0.0
     else:
         raise UserError(f"cannot inspect adapters of type {config.peft_type}; LoRAN, MLORA and LoRA are supported")
 
@@ -132,6 +279,7 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from peft_loran.config import LoranConfig
+    from peft_loran.functional import effective_rank
 
     written_type, config, tensors = load_adapter(path)
     layers = list(tqdm(layer_updates(config, tensors), desc="spectra", disable=quiet, leave=False))
@@ -141,16 +289,17 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     has_activation = isinstance(config, LoranConfig)
     fig, axes = plt.subplots(1, 2 if has_activation else 1, figsize=(12 if has_activation else 7, 4.5))
     spec_ax = axes[0] if has_activation else axes
-    kinds = sorted({name.split(".")[-1] for name, _, _ in layers})
+    kinds = sorted({layer[0].split(".")[-1] for layer in layers})
     color_of = {kind: f"C{i}" for i, kind in enumerate(kinds)}
-    count_of = {kind: sum(name.split(".")[-1] == kind for name, _, _ in layers) for kind in kinds}
-    for name, r, delta in layers:
+    count_of = {kind: sum(layer[0].split(".")[-1] == kind for layer in layers) for kind in kinds}
+    for name, r, delta, share in layers:
         sv = torch.linalg.svdvals(delta.double())
         # 1e-6 of the largest: above float32 rounding of the update, below Sinter's effect at the paper's setting
         numerical_rank = int((sv > sv[0] * 1e-6).sum()) if sv[0] > 0 else 0
         energy = float((sv[r:] ** 2).sum() / (sv**2).sum()) if sv[0] > 0 else 0.0
         summary["layers"].append({"layer": name, "shape": list(delta.shape), "r": r, "numerical_rank": numerical_rank,
-                                  "energy_beyond_r": energy, "top_singular_value": float(sv[0])})
+                                  "effective_rank": effective_rank(sv), "energy_beyond_r": energy,
+                                  "nonlinear_share": share, "top_singular_value": float(sv[0])})
         kind = name.split(".")[-1]  # one colour and one legend entry per kind of module
         spec_ax.semilogy(range(1, len(sv) + 1), (sv / sv[0]).clamp_min(1e-12), alpha=0.6, color=color_of[kind],
                          label=f"{kind} ({count_of[kind]} module{'s' if count_of[kind] > 1 else ''})")
@@ -163,8 +312,8 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     unique = dict(zip(labels, handles))
     spec_ax.legend(unique.values(), unique.keys(), fontsize=8)
     if has_activation:
-        act = config.build_activation()
         A_keys = [k for k in tensors if k.endswith("loran_A")]
+        act = config.build_activation(in_features=tensors[A_keys[0]].shape[1])
         B0 = tensors[A_keys[0][: -len("A")] + "B"].float()
         span = float((B0 @ tensors[A_keys[0]].float()).abs().max()) or 1.0
         x = torch.linspace(-span, span, 2001)

@@ -65,6 +65,8 @@ class Settings:
     gen_tokens: int = 24
     sinter_amplitude: float = 5e-5
     sinter_frequency: float = 1e4
+    sine_frequency: float = 200.0
+    eval_split: str = "test"  # "validation" to choose settings (learning rate, rank) without touching the test split
     load_in_4bit: bool = False
     bf16: bool = False
     gradient_checkpointing: bool = False
@@ -83,6 +85,10 @@ class Settings:
                 raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f"--lr must be a positive number, got {self.lr}")
+        if self.sine_frequency == 0 or not math.isfinite(self.sine_frequency):
+            raise UserError(f"--sine-frequency must be a finite non-zero number, got {self.sine_frequency}")
+        if self.eval_split not in ("test", "validation"):
+            raise UserError(f"--eval-split must be test or validation, got {self.eval_split}")
 
 
 @dataclass
@@ -94,22 +100,40 @@ class RunResult:
     peak_memory_mb: float
     memory_kind: str
     loss_curve: list = field(default_factory=list)
+    #: per adapted module: non-linear share of the update's energy, effective rank (peft_loran.diagnostics)
+    update_statistics: list = field(default_factory=list)
+    nonlinear_share: Optional[float] = None  # the largest over modules
+    effective_rank: Optional[float] = None  # the mean over modules
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------------- methods
+#: The methods ``compare`` and ``train`` know: PEFT's LoRA family as users would pick them, and ours.
+METHODS = {
+    "lora": "PEFT LoRA: s B A",
+    "rslora": "PEFT LoRA with rank-stabilised scaling alpha / sqrt(r)",
+    "dora": "PEFT DoRA: LoRA with a learned per-row magnitude",
+    "hira": "PEFT HiRA: W0 * (B A), element-wise (high rank, linear in B A)",
+    "loran": "LoRAN: s f(B A), f = Sinter x + a x sin(w x) (--sinter-amplitude, --sinter-frequency)",
+    "sine": "Sine-LoRA: s sin(w B A) / sqrt(in_features) (--sine-frequency); the same as loran:sine",
+}
+
+
 def parse_method(method: str) -> tuple[str, Optional[str]]:
-    """'lora', 'loran' or 'loran:<activation>'."""
+    """``(kind, activation)``: kind is a PEFT method (lora, rslora, dora, hira) or ``loran``; ``sine`` is
+    ``loran:sine``; ``loran:<activation>`` picks any registered activation."""
     kind, _, activation = method.partition(":")
-    if kind not in ("lora", "loran") or (kind == "lora" and activation):
-        raise UserError(f"unknown method '{method}'; use lora, loran or loran:<activation> (e.g. loran:tanh)")
+    if kind == "sine" and not activation:
+        return "loran", "sine"
+    if kind not in METHODS or kind == "sine" or (kind != "loran" and activation):
+        raise UserError(f"unknown method '{method}'; use {', '.join(METHODS)} or loran:<activation> (e.g. loran:tanh)")
     if activation:
         from peft_loran.activations import canonical_name
 
         try:
-            canonical_name(activation)
+            activation = canonical_name(activation)
         except ValueError as exc:
             raise UserError(str(exc).splitlines()[0]) from None
     return kind, activation or None
@@ -123,12 +147,21 @@ def peft_config(method: str, settings: Settings, task_kind: str, model_type: str
     kind, activation = parse_method(method)
     targets = settings.targets or default_targets(model_type)
     task_type = TaskType.SEQ_CLS if task_kind == "classify" else TaskType.CAUSAL_LM
-    if kind == "lora":
+    if kind in ("lora", "rslora", "dora"):
         return LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                          target_modules=targets, task_type=task_type)
+                          target_modules=targets, task_type=task_type, use_rslora=kind == "rslora",
+                          use_dora=kind == "dora")
+    if kind == "hira":
+        try:
+            from peft import HiraConfig
+        except ImportError:
+            raise UserError("method hira needs PEFT >= 0.20 (pip install -U peft)") from None
+        return HiraConfig(r=settings.rank, hira_dropout=settings.dropout, target_modules=targets,
+                          task_type=task_type)
     return LoranConfig(r=settings.rank, loran_alpha=settings.alpha, loran_dropout=settings.dropout,
                        target_modules=targets, task_type=task_type, activation=activation or "sinter",
-                       sinter_amplitude=settings.sinter_amplitude, sinter_frequency=settings.sinter_frequency)
+                       sinter_amplitude=settings.sinter_amplitude, sinter_frequency=settings.sinter_frequency,
+                       sine_frequency=settings.sine_frequency)
 
 
 # ----------------------------------------------------------------------------------------------------- models
@@ -288,6 +321,7 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
         model = get_peft_model(model, config)
     except ValueError as exc:
         raise UserError(f"{method}: {str(exc).splitlines()[0]}") from None
+    paired_init(model, settings.seed)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train_set = Encoded(task.train, tokenizer, task.kind, settings.max_length)
     with tempfile.TemporaryDirectory(prefix="peft-loran-trainer-") as scratch:  # we save adapters ourselves
@@ -315,12 +349,39 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
     curve = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     model.eval()
     metrics = evaluate(model, tokenizer, task, settings)
+    from peft_loran.diagnostics import summarize, update_statistics
+
+    stats = update_statistics(model)
+    summary = summarize(stats)
     if save_to is not None:
         model.save_pretrained(save_to)
         tokenizer.save_pretrained(save_to)
         write_task_record(save_to, task, settings, model_path)
         write_model_card(save_to, method, config, task, settings, model_path, metrics)
-    return RunResult(method, metrics, trainable, seconds, peak - before, kind, curve)
+    return RunResult(method, metrics, trainable, seconds, peak - before, kind, curve, stats,
+                     summary["nonlinear_share"], summary["effective_rank_mean"])
+
+
+def paired_init(model, seed: int) -> None:
+    """Draw every adapted module's ``A`` from a generator seeded by ``seed`` and the module's name, with LoRA's
+    initialisation (Kaiming uniform, a = sqrt(5)). PEFT's LoRA draws more random numbers while building its layers
+    than LoRAN does, so the same global seed alone gives them different ``A``; with this, every method of a
+    comparison cell starts from the same ``A`` (and ``B = 0``), and the Trainer, which re-seeds when it is built,
+    gives them the same data order and dropout masks: a paired difference then isolates the method."""
+    import hashlib
+
+    for name, module in model.named_modules():
+        for attribute in ("lora_A", "loran_A", "hira_A"):
+            factors = getattr(module, attribute, None)
+            if not isinstance(factors, torch.nn.ModuleDict | torch.nn.ParameterDict) or "default" not in factors:
+                continue
+            A = factors["default"]
+            A = A.weight if isinstance(A, torch.nn.Linear) else A
+            digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            bound = 1.0 / math.sqrt(A.shape[1])  # kaiming_uniform_(a=sqrt(5)) on (r, in): U(-1/sqrt(in), 1/sqrt(in))
+            with torch.no_grad():
+                A.copy_(torch.empty(A.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
 
 
 def logging_interval(steps: int) -> int:
@@ -351,8 +412,11 @@ def write_model_card(adapter_dir: Path, method: str, config, task: TaskData, set
     from .report import activation_formula
 
     kind, _ = parse_method(method)
-    if kind == "lora":
-        how = f"LoRA (PEFT), r = {config.r}, alpha = {config.lora_alpha}, dropout = {config.lora_dropout}"
+    if kind == "hira":
+        how = f"HiRA (PEFT), r = {config.r}, dropout = {config.hira_dropout}; update W0 * (B A)"
+    elif kind != "loran":
+        how = (f"{dict(lora='LoRA', rslora='rsLoRA', dora='DoRA')[kind]} (PEFT), r = {config.r}, "
+               f"alpha = {config.lora_alpha}, dropout = {config.lora_dropout}")
     else:
         how = (f"LoRAN (peft-loran), r = {config.r}, alpha = {config.loran_alpha}, dropout = {config.loran_dropout}; "
                f"update s f(BA) with f = `{config.activation}`: {activation_formula(config)}")
@@ -361,7 +425,7 @@ def write_model_card(adapter_dir: Path, method: str, config, task: TaskData, set
     card = f"""---
 library_name: peft
 base_model: {model_path}
-tags: [{'lora' if kind == 'lora' else 'loran, peft-loran'}]
+tags: [{kind if kind != 'loran' else 'loran, peft-loran'}]
 ---
 # {method} adapter for {Path(model_path).name}
 
@@ -369,7 +433,7 @@ tags: [{'lora' if kind == 'lora' else 'loran, peft-loran'}]
 - **Method:** {how}
 - **Targets:** {', '.join(sorted(config.target_modules)) if not isinstance(config.target_modules, str) else config.target_modules}
 - **Data:** {task.name} ({'classification into ' + ', '.join(task.labels) if task.kind == 'classify' else 'generation'}; source `{source}`), {len(task.train)} training examples, {settings.steps if not settings.epochs else str(settings.epochs) + ' epochs'} steps of batch {settings.batch_size}, lr {settings.lr}, seed {settings.seed}, max length {settings.max_length}
-- **Test metrics** ({metrics.get('n', len(task.test))} examples): `{json.dumps(shown)}`
+- **{settings.eval_split.capitalize()} metrics** ({metrics.get('n', len(task.test))} examples): `{json.dumps(shown)}`
 - **Made with:** `{settings.command or 'peft-loran'}`
 
 Load it with `import peft_loran` (LoRAN) and `PeftModel.from_pretrained(base, this_folder)`; `peft-loran evaluate
@@ -390,8 +454,10 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from peft_loran_cli import quiet_child
+
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=quiet_libraries, initargs=(settings.quiet,)) as pool:  # the CLI's settings
+                             initializer=quiet_child, initargs=(settings.quiet,)) as pool:  # the CLI's settings
         return pool.submit(train, method, task, settings, model_path, save_to).result()
 
 
@@ -411,9 +477,12 @@ def _keep_progress_bar_only(trainer, quiet: bool) -> None:
 
 # -------------------------------------------------------------------------------------------------- evaluation
 def evaluate(model, tokenizer, task: TaskData, settings: Settings) -> dict:
-    examples = task.test[: settings.eval_limit] if settings.eval_limit else task.test
+    """Metrics on the test split, or on the validation split with ``settings.eval_split == "validation"`` (for
+    choosing settings without looking at the test split)."""
+    split = task.validation if settings.eval_split == "validation" else task.test
+    examples = split[: settings.eval_limit] if settings.eval_limit else split
     if not examples:
-        raise UserError(f"task '{task.name}' has an empty test split")
+        raise UserError(f"task '{task.name}' has an empty {settings.eval_split} split")
     progress = _progress(len(examples), "evaluating", settings.quiet)
     if task.kind == "classify":
         return _evaluate_classification(model, tokenizer, examples, settings, progress)
