@@ -10,9 +10,12 @@ Two tasks:
   ``||Delta - T||_F^2``). The metric is the share of ``T``'s energy explained, ``1 - ||Delta - T||^2 / ||T||^2``; a
   linear rank-r update can explain at most the top r singular values' share (Eckart-Young), which the tables show as
   "rank-r bound". Two targets: ``powerlaw`` (random singular vectors, singular values i^-0.5: a generic full-rank
-  matrix) and ``sine`` (``sin(30 U V) / sqrt(128)`` with rank-4 ``U V``: a target in Sine-LoRA's own family). Runs
-  in-process, seconds each, through PEFT exactly as users use it.
+  matrix), ``sine`` (``sin(30 U V)`` with a rank-4 ``U V``, scaled to the same energy: a sine-structured target)
+  and ``sine-matched`` (``(16 / 4) sin(200 U V) / sqrt(128)``: exactly what a rank-4 Sine-LoRA update with the
+  study's alpha 16 and w 200 can represent, amplitude included). Runs in-process, seconds each, through PEFT as
+  users use it.
 * ``bbc``: the bundled BBC News topics (MiniLM, 5 classes) through ``peft-loran compare`` (one process per run).
+* ``headline``: BBC headline generation with SmolLM2-135M (ROUGE-L), minutes per run: three methods, two seeds.
 
 Per task: a learning rate per method chosen on validation data with one seed (never the test split), then every
 method at ranks x seeds with its chosen learning rate; LoRA alone over ranks 1, 4, 16, 64 first, to see whether rank
@@ -63,10 +66,14 @@ def synthetic_target(kind: str):
         V, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
         sv = torch.arange(1, d + 1, dtype=torch.float64) ** -0.5
         T = U @ torch.diag(sv) @ V.T
-    else:  # sine: sin(30 U V) / sqrt(d) with a rank-4 U V
+    elif kind == "sine":  # sin(30 U V) with a rank-4 U V, scaled to the others' energy
         U = torch.randn(d, 4, generator=g, dtype=torch.float64) / 4
         V = torch.randn(4, d, generator=g, dtype=torch.float64) / 4
         T = torch.sin(30 * U @ V) / math.sqrt(d)
+    else:  # sine-matched: exactly what a rank-4 Sine-LoRA update (alpha 16, w 200, g = sqrt(d)) can represent
+        U = torch.randn(d, 4, generator=g, dtype=torch.float64) * 0.07
+        V = torch.randn(4, d, generator=g, dtype=torch.float64) * 0.07
+        return ((16 / 4) * torch.sin(200 * U @ V) / math.sqrt(d)).float()
     T = T / T.norm() * 4.0  # the same energy for both targets
     return T.float()
 
@@ -157,7 +164,7 @@ class Store:
 def run_synthetic() -> list[dict]:
     store = Store("synthetic")
     rows = []
-    for target in ("powerlaw", "sine"):
+    for target in ("powerlaw", "sine", "sine-matched"):
         # learning rate per method: validation data (other inputs), seed 0, rank 4
         chosen = {}
         for method in METHODS:
@@ -187,18 +194,27 @@ def _add(store: Store, row: dict) -> dict:
 BBC_STEPS, BBC_LRS, BBC_RANKS, BBC_SCAN = 60, [2e-4, 1e-3, 5e-3], [1, 4], [1, 4, 16, 64]
 
 
-def compare(output: str, method: str, extra: list[str], ranks, lrs, seeds, split: str) -> list[dict]:
+#: The task options of each real task: (folder, study task name, metric, compare options)
+REAL = {
+    "bbc": ("bbc-topic", "accuracy", ["--model", "minilm", "--task", "bbc-topic", "--steps", str(BBC_STEPS)]),
+    "headline": ("bbc-headline", "rougeL", ["--model", "smollm2", "--task", "bbc-headline", "--steps", "60",
+                                            "--max-length", "160", "--eval-limit", "60"]),
+}
+
+
+def compare(output: str, method: str, extra: list[str], ranks, lrs, seeds, split: str, task: str = "bbc") -> list[dict]:
     """One resumable ``peft-loran compare`` sweep; its results as study rows."""
-    out = RUNS / "bbc" / output
-    cmd = [sys.executable, "-m", "peft_loran", "compare", "--model", "minilm", "--task", "bbc-topic",
-           "--steps", str(BBC_STEPS), "--methods", method, "--rank", ",".join(map(str, ranks)),
+    name, metric, options = REAL[task]
+    out = RUNS / task / output
+    cmd = [sys.executable, "-m", "peft_loran", "compare", *options, "--methods", method,
+           "--rank", ",".join(map(str, ranks)),
            "--lr", ",".join(f"{lr:g}" for lr in lrs), "--seed", ",".join(map(str, seeds)), "--eval-split", split,
            "--output-dir", str(out), "--quiet", *extra]
     print("$", " ".join(cmd[2:]), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL)
     results = json.loads((out / "metrics.json").read_text())["results"]
-    return [dict(task="bbc-topic", method=output.split("@")[0], rank=r["rank"], lr=r["lr"], seed=r["seed"],
-                 split=split, metric="accuracy", value=r["metrics"]["accuracy"], train_seconds=r["train_seconds"],
+    return [dict(task=name, method=output.split("@")[0], rank=r["rank"], lr=r["lr"], seed=r["seed"],
+                 split=split, metric=metric, value=r["metrics"][metric], train_seconds=r["train_seconds"],
                  peak_memory_mb=r["peak_memory_mb"], nonlinear_share=r["nonlinear_share"],
                  effective_rank=r["effective_rank"], trainable_params=r["trainable_params"]) for r in results]
 
@@ -213,6 +229,26 @@ def run_bbc() -> list[dict]:
         print(f"bbc {name}: lr {chosen[name]:g}", flush=True)
     for name, (method, extra) in METHODS.items():
         rows += compare(f"{name}@test", method, extra, BBC_RANKS, [chosen[name]], SEEDS, "test")
+    return rows
+
+
+HEADLINE_METHODS = ["lora", "loran-strong", "sine"]
+HEADLINE_LRS, HEADLINE_SEEDS = [5e-4, 2e-3], [0, 1]
+
+
+def run_headline() -> list[dict]:
+    """SmolLM2 headline generation: minutes per run on 2 CPU cores, so three methods (LoRA, the strong LoRAN setting,
+    Sine-LoRA), two learning rates on validation, then rank 4 with two seeds."""
+    rows, chosen = [], {}
+    for name in HEADLINE_METHODS:
+        method, extra = METHODS[name]
+        lr_rows = compare(f"{name}@lr", method, extra, [4], HEADLINE_LRS, [0], "validation", task="headline")
+        rows += lr_rows
+        chosen[name] = max(lr_rows, key=lambda r: r["value"])["lr"]
+        print(f"headline {name}: lr {chosen[name]:g}", flush=True)
+    for name in HEADLINE_METHODS:
+        method, extra = METHODS[name]
+        rows += compare(f"{name}@test", method, extra, [4], [chosen[name]], HEADLINE_SEEDS, "test", task="headline")
     return rows
 
 
@@ -248,7 +284,8 @@ def summarize(rows: list[dict]) -> str:
             continue
         out.append(f"### {task}\n")
         bound = task.startswith("synthetic")
-        out.append("| method | rank | lr | seeds | " + ("explained energy" if bound else "accuracy") +
+        metric = "explained energy" if bound else test[0]["metric"]
+        out.append("| method | rank | lr | seeds | " + metric +
                    " (mean +- std) | vs LoRA, paired (p) | " + ("rank-r bound | " if bound else "") +
                    "train s | non-linear share | effective rank |")
         out.append("|---" * (10 if bound else 9) + "|")
@@ -304,7 +341,8 @@ def plot(rows: list[dict]) -> None:
         ax.set_xticks(sorted({r["rank"] for r in test}))
         ax.set_xticklabels([str(k) for k in sorted({r["rank"] for r in test})])
         ax.set_xlabel("rank r")
-        ax.set_ylabel("explained energy" if task.startswith("synthetic") else "test accuracy")
+        ax.set_ylabel("explained energy" if task.startswith("synthetic") else
+                      ("test accuracy" if task == "bbc-topic" else "test ROUGE-L"))
         ax.set_title(task)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -331,17 +369,20 @@ def plot(rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["synthetic", "bbc"], help="run one task (default: both)")
+    parser.add_argument("--only", choices=["synthetic", "bbc", "headline"], help="run one task (default: all)")
     args = parser.parse_args()
     rows = []
     if args.only in (None, "synthetic"):
         rows += run_synthetic()
     if args.only in (None, "bbc"):
         rows += run_bbc()
+    if args.only in (None, "headline"):
+        rows += run_headline()
     existing = []
-    if args.only and (DOCS / "results.csv").exists():  # keep the other task's rows
+    prefix = {"synthetic": "synthetic", "bbc": "bbc-topic", "headline": "bbc-headline"}
+    if args.only and (DOCS / "results.csv").exists():  # keep the other tasks' rows
         with open(DOCS / "results.csv") as fh:
-            existing = [_typed(r) for r in csv.DictReader(fh) if not r["task"].startswith(args.only[:3])]
+            existing = [_typed(r) for r in csv.DictReader(fh) if not r["task"].startswith(prefix[args.only])]
     rows = existing + rows
     write_results(rows)
     (DOCS / "tables.md").write_text(summarize(rows) + "\n")

@@ -88,9 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="peft-loran", description=USAGE,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_common(sub.add_parser("compare", help="train LoRA and LoRAN with identical budgets and compare"), True)
+    _add_common(sub.add_parser("compare", help="train LoRA, LoRAN and other methods with identical budgets (a "
+                               "resumable grid over ranks, learning rates and seeds) and compare them"), True)
     train = sub.add_parser("train", help="train one method and save its adapter (PEFT format)")
-    train.add_argument("--method", default="loran", help="lora, loran or loran:<activation>")
+    train.add_argument("--method", default="loran",
+                       help="lora, rslora, dora, hira (PEFT), loran, sine (Sine-LoRA) or loran:<activation>")
     _add_common(train)
     ev = sub.add_parser("evaluate", help="evaluate a saved adapter (ours or an original MLORA one) on a task")
     ev.add_argument("adapter")
@@ -179,12 +181,28 @@ def early_problem(args: argparse.Namespace) -> Optional[str]:
 
 def quiet_child(quiet: bool) -> None:
     """Initializer of the processes that train one run each: bitsandbytes' CPU-kernel notice is logged when PEFT
-    imports it, so its logger is quieted here, in this light module, before anything imports peft_loran."""
+    imports it, so its logger is quieted here, in this light module, before anything imports peft_loran. The
+    process also ends when the command that started it is killed (otherwise it would train on, orphaned)."""
+    _exit_with_parent()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from peft_loran.cli.training import quiet_libraries
 
     quiet_libraries(quiet)
+
+
+def _exit_with_parent() -> None:
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(143)  # the parent is gone: nobody will read this run's result
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def main(argv: Optional[list[str]] = None) -> None:

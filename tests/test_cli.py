@@ -512,3 +512,48 @@ def test_peft_baselines_run_as_methods(tiny_encoder, cls_file, tmp_path, capsys)
         assert r["update_statistics"] and all(row["effective_rank"] >= 0 for row in r["update_statistics"])
     # HiRA's update W0 * (B A) is high rank although B A has rank 2
     assert max(row["effective_rank"] for row in results[2]["update_statistics"]) > 2
+
+
+def test_training_process_ends_when_the_command_is_killed(tiny_encoder, cls_file, tmp_path):
+    """Each run trains in a spawned process; killing the command (SIGKILL, no cleanup) must not leave it training
+    on as an orphan that holds memory and CPU."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    def children(pid: int) -> list[int]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(fields[1]) == pid:
+                    found.append(int(entry.name))
+        return found
+
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc (Linux)")
+    command = subprocess.Popen([sys.executable, "-m", "peft_loran", "compare", "--model", tiny_encoder, "--train-file",
+                                cls_file, "--steps", "100000", "--batch-size", "4", "--methods", "lora",
+                                "--output-dir", str(tmp_path / "killed"), "--quiet"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    workers: list[int] = []
+    while time.time() < deadline and not workers:
+        time.sleep(0.5)
+        workers = [c for c in children(command.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text()]
+    assert workers, "the training process did not start"
+    time.sleep(3)  # let it get into training
+    command.send_signal(signal.SIGKILL)
+    command.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+        time.sleep(0.5)
+    alive = [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in
+             Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+    for w in alive:  # do not leave it running if the check fails
+        os.kill(w, signal.SIGKILL)
+    assert not alive, f"training process {alive} outlived the killed command"

@@ -188,3 +188,13 @@ def test_paired_init_gives_every_method_the_same_initial_A():
     bound = 1 / math.sqrt(32)
     assert float(factors[0][0].abs().max()) <= bound and float(factors[0][0].std()) > bound / 3
     assert not torch.equal(factors[0][0], factors[0][1])  # each module its own draw
+
+
+def test_sign_flip_p_value_by_enumeration():
+    from peft_loran.cli.report import sign_flip_p
+
+    # five positive differences: only "all +" and "all -" are as extreme, 2 of 32 sign patterns
+    assert sign_flip_p([0.1, 0.2, 0.3, 0.1, 0.2]) == pytest.approx(2 / 32)
+    # symmetric differences: every pattern is at least as extreme as a zero sum
+    assert sign_flip_p([0.1, -0.1]) == 1.0
+    assert sign_flip_p([0.5]) is None

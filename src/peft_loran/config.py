@@ -136,7 +136,9 @@ class LoranConfig(PeftConfig):
             raise ValueError(f"`sine_frequency` must be a finite non-zero number, got {self.sine_frequency!r}.")
         if self.sine_gain is not None and not (isinstance(self.sine_gain, (int, float)) and
                                                math.isfinite(self.sine_gain) and self.sine_gain > 0):
-            raise ValueError(f"`sine_gain` must be a positive number or None (sqrt(in_features)), got {self.sine_gain!r}.")
+            raise ValueError(
+                f"`sine_gain` must be a positive number or None (sqrt(in_features)), got {self.sine_gain!r}."
+            )
         if self.block_rows is not None and (not isinstance(self.block_rows, int) or self.block_rows <= 0):
             raise ValueError(f"`block_rows` must be a positive integer or None, got {self.block_rows!r}.")
         if self.chain_dims is not None:

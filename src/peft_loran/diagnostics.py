@@ -45,7 +45,8 @@ def update_statistics(model: nn.Module, adapter: str = "default") -> list[dict]:
         elif hasattr(module, "get_delta_weight") and adapter in getattr(module, "lora_A", {}):
             r = module.r.get(adapter) if isinstance(getattr(module, "r", None), dict) else None
             update = module.get_delta_weight(adapter)
-            rows.append({"module": name, **module_statistics(update.float(), r, 0.0 if _is_plain_lora(module) else None)})
+            share = 0.0 if _is_plain_lora(module) else None
+            rows.append({"module": name, **module_statistics(update.float(), r, share)})
         elif hasattr(module, "get_delta_weight") and adapter in getattr(module, "hira_A", {}):
             # HiRA's update is the Hadamard product W0 * (B A): high rank from rank-r factors, linear in B A
             update = module.get_base_layer().weight.float() * module.get_delta_weight(adapter).float()

@@ -90,8 +90,8 @@ def _write_json(path: Path, data) -> None:
 #: Settings that change from cell to cell of a sweep; every other setting is the same for all cells.
 GRID_OPTIONS = ("rank", "lr", "seed", "sinter_amplitude", "sinter_frequency", "sine_frequency")
 #: The activation parameters each kind of method uses (the others do not multiply its cells).
-METHOD_PARAMS = {"sinter": ("sinter_amplitude", "sinter_frequency"), "cosinter": ("sinter_amplitude", "sinter_frequency"),
-                 "sine": ("sine_frequency",)}
+METHOD_PARAMS = {"sinter": ("sinter_amplitude", "sinter_frequency"),
+                 "cosinter": ("sinter_amplitude", "sinter_frequency"), "sine": ("sine_frequency",)}
 
 
 def sweep_cells(args: argparse.Namespace, settings, methods: list[str]) -> list[dict]:

@@ -213,6 +213,8 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     for bar, value in zip(bars, values):
         right.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom")
     right.set_title(f"{results[0].get('eval_split', 'test')} {metric}")
+    if len(results) > 3 or max(len(n) for n in names) > 10:  # keep the run names from running into each other
+        right.set_xticks(range(len(names)), names, rotation=30, ha="right")
     right.set_ylim(0, max(values) * 1.15 if max(values) > 0 else 1)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
