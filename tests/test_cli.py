@@ -557,3 +557,16 @@ def test_training_process_ends_when_the_command_is_killed(tiny_encoder, cls_file
     for w in alive:  # do not leave it running if the check fails
         os.kill(w, signal.SIGKILL)
     assert not alive, f"training process {alive} outlived the killed command"
+
+
+def test_compare_refuses_a_sweep_directory_another_run_is_writing(tiny_encoder, cls_file, tmp_path, capsys):
+    from peft_loran._atomic import directory_lock
+
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "sweep.json").write_text("{}")
+    with directory_lock(out.resolve()):
+        assert run(["compare", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "1", "--methods", "lora",
+                    "--output-dir", str(out), "--quiet"]) == 2
+    assert "being written by another run" in error_line(capsys)
+    assert not (out / "cells").exists()  # nothing was touched
