@@ -119,6 +119,23 @@ def dense_share(lin) -> float:
     return float((update - linear).pow(2).sum() / update.pow(2).sum())
 
 
+def test_share_beyond_scale_separates_sine_scale_from_nonlinearity():
+    """Near zero Sine-LoRA is LoRA times w / g: the literal share (vs s BA) is about (1 - g / w)^2, while the share
+    beyond the best multiple of BA (dense projection here) is close to zero."""
+    lin = make(["lin"]).lin
+    with torch.no_grad():
+        lin.loran_B["default"].mul_(1e-3)
+    (row,) = update_statistics(lin)
+    A, B, Ps, bs, s = layer_factors(lin)
+    D = naive_update(A, B, Ps, bs, reference_sine(12), s)
+    BA = B.double() @ A.double()
+    c = float((D * BA).sum() / BA.pow(2).sum())
+    assert row["nonlinear_beyond_scale"] == pytest.approx(float((D - c * BA).pow(2).sum() / D.pow(2).sum()),
+                                                          rel=1e-6, abs=1e-12)
+    assert row["nonlinear_beyond_scale"] < 1e-6
+    assert row["nonlinear_share"] == pytest.approx((1 - math.sqrt(12) / W) ** 2, rel=1e-3)
+
+
 def test_nonlinear_share_against_dense_and_its_bound():
     torch.manual_seed(0)
     model = inject_adapter_in_model(LoranConfig(target_modules=["lin"], init_weights=False, sinter_amplitude=0.5,
@@ -126,7 +143,7 @@ def test_nonlinear_share_against_dense_and_its_bound():
     rows = update_statistics(model)
     assert [r["module"] for r in rows] == ["lin"]
     assert rows[0]["nonlinear_share"] == pytest.approx(dense_share(model.lin), rel=1e-9)
-    assert 1e-3 < rows[0]["nonlinear_share"] <= 0.5**2  # |a x sin(wx)| <= a |x|
+    assert 1e-3 < rows[0]["nonlinear_share"] <= 0.5**2 / (1 - 0.5) ** 2  # |a x sin(wx)| <= a |x|
     # the paper's setting: the share is below a^2 = 2.5e-9
     paper = inject_adapter_in_model(LoranConfig(target_modules=["lin"], init_weights=False), Toy())
     assert update_statistics(paper)[0]["nonlinear_share"] <= 2.5e-9

@@ -313,17 +313,30 @@ def update_distance(A, B, stages, activation, scaling, left, right, block_rows=N
 
 
 @torch.no_grad()
-def nonlinear_share(A, B, stages, activation, scaling, block_rows=None) -> Optional[float]:
-    """``||s f(BA) - s BA||^2 / ||s f(BA)||^2``: the share of the update's energy that the non-linearity makes
-    (0 for LoRA; at most ``a^2`` for Sinter with amplitude ``a``), in float64, block by block. None for chains
-    with ``P``/``b`` (no linear counterpart) and for an all-zero update."""
+def nonlinear_share(A, B, stages, activation, scaling, block_rows=None) -> Optional[dict]:
+    """How much of the update ``D = s f(BA)`` the non-linearity makes, in float64, block by block:
+
+    * ``share``: ``||D - s BA||^2 / ||D||^2`` (0 for LoRA; for Sinter with amplitude ``a < 1`` at most
+      ``a^2 / (1 - a)^2``; it counts a mere change of scale as non-linear: Sine-LoRA's ``sin(w x) / g ~ (w / g) x``
+      gives about ``(1 - g / w)^2`` even where it is linear);
+    * ``beyond_scale``: ``min_c ||D - c BA||^2 / ||D||^2 = 1 - <D, BA>^2 / (||D||^2 ||BA||^2)``: what no multiple of
+      ``BA`` explains, the part of the update a rescaled LoRA could not give.
+
+    None for chains with ``P``/``b`` (no linear counterpart) and for an all-zero update."""
     if not is_plain(stages):
         return None
     A64, B64 = A.detach().double(), B.detach().double()
-    total = update_sq_norm(A64, B64, stages, activation, scaling, block_rows)
+    total = inner = 0.0
+    for i0, i1, block in _update_blocks(A64, B64, stages, activation, scaling, block_rows):
+        linear = B64[i0:i1] @ A64
+        total += float(block.pow(2).sum())
+        inner += float((block * linear).sum())
     if total == 0.0:
         return None
-    return update_distance(A64, B64, stages, activation, scaling, scaling * B64, A64, block_rows) / total
+    linear_sq = float(((B64.T @ B64) * (A64 @ A64.T)).sum())  # ||BA||^2 = trace(B^T B A A^T)
+    share = update_distance(A64, B64, stages, activation, scaling, scaling * B64, A64, block_rows) / total
+    beyond = 1.0 - inner * inner / (total * linear_sq) if linear_sq > 0 else 1.0
+    return {"share": share, "beyond_scale": max(0.0, beyond)}
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:

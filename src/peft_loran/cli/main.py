@@ -324,15 +324,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"adapter {args.adapter}: {summary['peft_type']}, {summary['parameters']:,} parameters, "
           f"{len(summary['layers'])} adapted modules")
     for layer in summary["layers"]:
-        share = layer["nonlinear_share"]
+        share, beyond = layer["nonlinear_share"], layer["nonlinear_beyond_scale"]
         print(f"  {layer['layer']}: update {layer['shape'][0]}x{layer['shape'][1]}, rank {layer['numerical_rank']} "
               f"(singular values above 1e-6 of the largest; r = {layer['r']}), effective rank "
               f"{layer['effective_rank']:.1f}, energy beyond r {layer['energy_beyond_r']:.2e}, non-linear share "
-              f"{'n/a' if share is None else format(share, '.2e')}")
+              + ("n/a" if share is None else f"{share:.2e} ({beyond:.2e} beyond a change of scale)"))
     shares = [layer["nonlinear_share"] for layer in summary["layers"] if layer["nonlinear_share"] is not None]
+    beyond = [layer["nonlinear_beyond_scale"] for layer in summary["layers"] if layer["nonlinear_share"] is not None]
     if shares:
-        print(f"non-linear share of the update's energy, ||s f(BA) - s BA||^2 / ||s f(BA)||^2: at most {max(shares):.2e}"
-              + (" (below 1e-6: this adapter computes what LoRA would)" if max(shares) < 1e-6 else ""))
+        print(f"non-linear share of the update's energy, ||s f(BA) - s BA||^2 / ||s f(BA)||^2: at most {max(shares):.2e};"
+              f" beyond the best multiple of BA (what a rescaled LoRA could not give): at most {max(beyond):.2e}"
+              + (" (below 1e-6: this adapter computes what a LoRA adapter would)" if max(beyond) < 1e-6 else ""))
     print(f"spectrum plot: {summary['plot']}")
     return 0
 

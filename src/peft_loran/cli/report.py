@@ -93,7 +93,7 @@ def comparison_table(results: list[dict], metric: str) -> str:
     p-value, time, memory, parameters, non-linear share and effective rank of the update."""
     varying = _varying(results)
     head = (f"| method | seeds | {metric} (mean +- std) | vs LoRA, paired (p) | trainable params | train time (s) | "
-            "peak memory (MB) | non-linear share | effective rank |")
+            "peak memory (MB) | non-linear share (beyond scale) | effective rank |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
     for runs in groups(results).values():
         first = runs[0]
@@ -106,12 +106,14 @@ def comparison_table(results: list[dict], metric: str) -> str:
         else:
             paired = ""
         shares = [r.get("nonlinear_share") for r in runs if r.get("nonlinear_share") is not None]
+        beyond = [r.get("nonlinear_beyond_scale") for r in runs if r.get("nonlinear_beyond_scale") is not None]
         ranks = [r.get("effective_rank") for r in runs if r.get("effective_rank") is not None]
+        share_text = (format(max(shares), ".2e") + (f" ({max(beyond):.1e})" if beyond else "")) if shares else ""
         lines.append(
             f"| {group_label(first, varying)} | {len(runs)} | {mean:.4f}" + (f" +- {std:.4f}" if len(runs) > 1 else "")
             + f" | {paired} | {first['trainable_params']:,} | {_mean_std([r['train_seconds'] for r in runs])[0]:.1f} | "
             f"{_mean_std([r['peak_memory_mb'] for r in runs])[0]:.0f} | "
-            f"{format(max(shares), '.2e') if shares else ''} | {format(_mean_std(ranks)[0], '.1f') if ranks else ''} |")
+            f"{share_text} | {format(_mean_std(ranks)[0], '.1f') if ranks else ''} |")
     return "\n".join(lines)
 
 
@@ -267,7 +269,8 @@ def layer_updates(config, tensors: dict[str, torch.Tensor]):
         scaling = config.lora_alpha / (config.r ** 0.5 if getattr(config, "use_rslora", False) else config.r)
         for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
             layer = key[: -len(".lora_A.weight")]
-            yield layer, config.r, scaling * tensors[layer + ".lora_B.weight"].float() @ tensors[key].float(), 0.0
+            yield (layer, config.r, scaling * tensors[layer + ".lora_B.weight"].float() @ tensors[key].float(),
+                   {"share": 0.0, "beyond_scale": 0.0})
     else:
         raise UserError(f"cannot inspect adapters of type {config.peft_type}; LoRAN, MLORA and LoRA are supported")
 
@@ -301,7 +304,9 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
         energy = float((sv[r:] ** 2).sum() / (sv**2).sum()) if sv[0] > 0 else 0.0
         summary["layers"].append({"layer": name, "shape": list(delta.shape), "r": r, "numerical_rank": numerical_rank,
                                   "effective_rank": effective_rank(sv), "energy_beyond_r": energy,
-                                  "nonlinear_share": share, "top_singular_value": float(sv[0])})
+                                  "nonlinear_share": share["share"] if share else None,
+                                  "nonlinear_beyond_scale": share["beyond_scale"] if share else None,
+                                  "top_singular_value": float(sv[0])})
         kind = name.split(".")[-1]  # one colour and one legend entry per kind of module
         spec_ax.semilogy(range(1, len(sv) + 1), (sv / sv[0]).clamp_min(1e-12), alpha=0.6, color=color_of[kind],
                          label=f"{kind} ({count_of[kind]} module{'s' if count_of[kind] > 1 else ''})")

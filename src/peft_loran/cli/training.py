@@ -103,6 +103,7 @@ class RunResult:
     #: per adapted module: non-linear share of the update's energy, effective rank (peft_loran.diagnostics)
     update_statistics: list = field(default_factory=list)
     nonlinear_share: Optional[float] = None  # the largest over modules
+    nonlinear_beyond_scale: Optional[float] = None  # the same, beyond the best multiple of B A (the largest)
     effective_rank: Optional[float] = None  # the mean over modules
 
     def as_dict(self) -> dict:
@@ -359,7 +360,7 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
         write_task_record(save_to, task, settings, model_path)
         write_model_card(save_to, method, config, task, settings, model_path, metrics)
     return RunResult(method, metrics, trainable, seconds, peak - before, kind, curve, stats,
-                     summary["nonlinear_share"], summary["effective_rank_mean"])
+                     summary["nonlinear_share"], summary["nonlinear_beyond_scale"], summary["effective_rank_mean"])
 
 
 def paired_init(model, seed: int) -> None:
