@@ -322,8 +322,12 @@ def plot(rows: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in rows if r["split"] == "test"})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.3), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    cols = min(3, len(tasks))
+    grid_rows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(grid_rows, cols, figsize=(5.5 * cols, 4.3 * grid_rows), squeeze=False)
+    for ax in axes.flat[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes.flat, tasks):
         test = [r for r in rows if r["task"] == task and r["split"] == "test"]
         for i, method in enumerate(METHODS):
             ranks = sorted({r["rank"] for r in test if r["method"] == method})
@@ -350,7 +354,7 @@ def plot(rows: list[dict]) -> None:
     fig.tight_layout()
     fig.savefig(DOCS / "by_rank.png", dpi=110)
     plt.close(fig)
-    scan = [r for r in rows if r["task"] == "bbc-topic" and r["method"] == "lora" and r["split"] == "validation"
+    scan = [r for r in rows if r["task"] == "bbc-topic" and r["method"] == "lora-scan" and r["split"] == "validation"
             and r["lr"] == 1e-3 and r["seed"] == 0]
     if len({r["rank"] for r in scan}) > 2:
         fig, ax = plt.subplots(figsize=(5.5, 4))
