@@ -326,15 +326,16 @@ def nonlinear_share(A, B, stages, activation, scaling, block_rows=None) -> Optio
     if not is_plain(stages):
         return None
     A64, B64 = A.detach().double(), B.detach().double()
-    total = inner = 0.0
-    for i0, i1, block in _update_blocks(A64, B64, stages, activation, scaling, block_rows):
+    total = inner = distance = 0.0
+    for i0, i1, block in _update_blocks(A64, B64, stages, activation, scaling, block_rows):  # each block built once
         linear = B64[i0:i1] @ A64
         total += float(block.pow(2).sum())
         inner += float((block * linear).sum())
+        distance += float((block - scaling * linear).pow(2).sum())
     if total == 0.0:
         return None
     linear_sq = float(((B64.T @ B64) * (A64 @ A64.T)).sum())  # ||BA||^2 = trace(B^T B A A^T)
-    share = update_distance(A64, B64, stages, activation, scaling, scaling * B64, A64, block_rows) / total
+    share = distance / total
     beyond = 1.0 - inner * inner / (total * linear_sq) if linear_sq > 0 else 1.0
     return {"share": share, "beyond_scale": max(0.0, beyond)}
 

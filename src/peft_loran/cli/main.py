@@ -24,7 +24,7 @@ from .errors import UserError
 # ---------------------------------------------------------------------------------------------- settings
 def settings_from(args: argparse.Namespace):
     """The run's Settings: the profile's defaults, then what was given (the first value of a list option)."""
-    from peft_loran_cli import LIST_OPTIONS, option_values
+    from peft_loran_cli import LIST_OPTIONS
 
     from .training import Settings
 
@@ -151,7 +151,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with directory_lock(out.resolve()):
-            done = _prepare_sweep_dir(out, fixed, args.overwrite, settings.quiet)
+            done = _prepare_sweep_dir(out, fixed, args.overwrite)
             results = []
             for number, cell in enumerate(cells, 1):
                 name = cell_name(cell)
@@ -172,7 +172,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                 result.update(cell, cell=name, adapter=f"adapters/{name}", eval_split=settings.eval_split)
                 write_text_atomic(out / "cells" / f"{name}.json", json.dumps(result, indent=2, default=str) + "\n")
                 results.append(result)
-            report.write_sweep_reports(out, results, metric, {
+            plots = report.write_sweep_reports(out, results, metric, {
                 "task": task.name, "task_kind": task.kind, "labels": task.labels, "metric": metric,
                 "model": model_path, "eval_split": settings.eval_split,
                 "settings": {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in GRID_OPTIONS},
@@ -181,7 +181,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     except DirectoryInUseError as exc:
         raise UserError(f"{exc}; wait for it to finish or choose another --output-dir") from None
     print(report.read_table(out))
-    print(f"\nwrote {args.output_dir}/metrics.json, table.md, {report.plot_names(results)} and adapters/")
+    print(f"\nwrote {args.output_dir}/metrics.json, table.md, {', '.join(plots) or 'no plot'} and adapters/")
     return 0
 
 
@@ -194,7 +194,7 @@ def _fresh(path: Path) -> Path:
     return path
 
 
-def _prepare_sweep_dir(out: Path, fixed: dict, overwrite: bool, quiet: bool) -> dict:
+def _prepare_sweep_dir(out: Path, fixed: dict, overwrite: bool) -> dict:
     """Create the sweep directory, or resume one made with the same shared settings: returns its finished cells
     (keyed by their grid settings). ``--overwrite`` starts afresh."""
     import shutil

@@ -117,23 +117,21 @@ def comparison_table(results: list[dict], metric: str) -> str:
     return "\n".join(lines)
 
 
-def write_sweep_reports(out: Path, results: list[dict], metric: str, header: dict) -> None:
+def write_sweep_reports(out: Path, results: list[dict], metric: str, header: dict) -> list[str]:
     """metrics.json (every run), table.md, comparison.png (up to 8 runs) and sweep.png (more than one rank);
-    each written whole under a temporary name, then renamed."""
+    each written whole under a temporary name, then renamed. Returns the plots' file names."""
     from peft_loran._atomic import write_text_atomic
 
     write_text_atomic(out / "metrics.json", json.dumps({**header, "results": results}, indent=2, default=str) + "\n")
     write_text_atomic(out / "table.md", comparison_table(results, metric) + "\n")
+    plots = []
     if len(results) <= 8:
         _save_plot(lambda path: plot_comparison(results, metric, path), out / "comparison.png")
+        plots.append("comparison.png")
     if len({r["rank"] for r in results}) > 1:
         _save_plot(lambda path: plot_sweep(results, metric, path), out / "sweep.png")
-
-
-def plot_names(results: list[dict]) -> str:
-    names = (["comparison.png"] if len(results) <= 8 else []) + (["sweep.png"] if len({r["rank"] for r in results}) > 1
-                                                                 else [])
-    return ", ".join(names) or "no plot"
+        plots.append("sweep.png")
+    return plots
 
 
 def read_table(out: Path) -> str:
