@@ -323,6 +323,32 @@ def test_eval_cache_memory_budget():
     assert not any(m._loran_cache for m in layers) and budget.used == 0
 
 
+def test_training_after_an_evaluation_frees_the_cache():
+    """An evaluation inside a training loop must not leave the dense updates allocated for the rest of training."""
+    import gc
+    import weakref
+
+    from peft_loran.layer import LoranLayer
+
+    model = cached_model()
+    set_eval_cache(model, True, max_mb=1.0)
+    layers = [m for m in model.modules() if isinstance(m, LoranLayer)]
+    budget = layers[0]._loran_cache.budget
+    run(model)  # the evaluation builds every layer's cache
+    cached = [weakref.ref(entry.value) for m in layers for entry in m._loran_cache.values()]
+    assert len(cached) == len(layers) and budget.used > 0
+    model.train()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    loss = model(input_ids=IDS).logits.pow(2).mean()
+    gc.collect()
+    assert all(ref() is None for ref in cached), "a training forward left cached updates alive"
+    assert budget.used == 0
+    loss.backward()
+    opt.step()
+    model.eval()
+    torch.testing.assert_close(run(model), fresh_reference(model), atol=1e-5, rtol=1e-5)
+
+
 def test_eval_cache_is_per_adapter():
     model = cached_model()
     model.add_adapter("uncached", LoranConfig(init_weights=False, eval_cache=False))

@@ -436,6 +436,10 @@ class LoranLayer(BaseTunerLayer):
         adapters = self._active_here()
         if self.merged or not adapters:
             return self.base_layer(x, *args, **kwargs)
+        if self._loran_cache and self._grad_needed(x, adapters):
+            # training resumed (e.g. after an evaluation inside the Trainer's loop): the next optimizer step makes
+            # the cached updates stale anyway, so free them now instead of carrying them through training
+            self._loran_cache.clear()
         return self._adapted_forward(x, adapters, *args, **kwargs)
 
     def _adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -285,7 +285,9 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     from peft_loran.functional import effective_rank
 
     written_type, config, tensors = load_adapter(path)
-    layers = list(tqdm(layer_updates(config, tensors), desc="spectra", disable=quiet, leave=False))
+    modules = sum(k.endswith(("loran_A", "lora_A.weight")) for k in tensors)
+    layers = list(tqdm(layer_updates(config, tensors), desc="spectra", total=modules, unit="module", disable=quiet,
+                       leave=False))
     if not layers:
         raise UserError(f"{path}: no adapter layers found in the weights")
     summary = {"peft_type": written_type, "parameters": sum(t.numel() for t in tensors.values()), "layers": []}
