@@ -537,4 +537,26 @@ def test_default_block_rows_stay_within_budget_and_round_to_gemm_friendly_height
         exact = max(1, 2**18 // cols)
         assert rows == (exact - exact % 16 if exact >= 64 else exact)
     assert LF.default_block_rows(2816, cpu, elements=2**18) == 80  # 93 rounded down
+
+
+def test_cpu_block_budget_follows_the_kernels_in_use(monkeypatch):
+    """Compiled kernels: 2^19-element CPU blocks; eager kernels: 2^18; the environment variable overrides both."""
+    from peft_loran import kernels
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("PEFT_LORAN_BLOCK_ELEMENTS", raising=False)
+    try:
+        kernels.set_kernel_compilation("1")
+        assert LF.block_elements(cpu) == 2**19
+        assert LF.default_block_rows(1024, cpu) == 512
+        kernels.set_kernel_compilation("0")
+        assert LF.block_elements(cpu) == 2**18
+        kernels.set_kernel_compilation("auto")
+        monkeypatch.setenv("PEFT_LORAN_COMPILE_AFTER", "1e9")  # auto, before a job has run long enough: eager
+        assert LF.block_elements(cpu) == 2**18
+        monkeypatch.setenv("PEFT_LORAN_BLOCK_ELEMENTS", "4096")
+        kernels.set_kernel_compilation("1")
+        assert LF.block_elements(cpu) == 4096
+    finally:
+        kernels.set_kernel_compilation(None)
     assert [b for b in LF.row_blocks(100, 2816, 7)][1] == (7, 14)  # an explicit height is kept as given

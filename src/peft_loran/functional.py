@@ -30,22 +30,27 @@ from .activations import Activation
 Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
 #: Elements of one transient ``(rows, in)`` float32 block; backward keeps about five such temporaries alive. On CPU
-#: 2**18 (1 MiB) keeps the element-wise passes in cache and the transient memory small (2**20 was a few percent
-#: faster with the compiled kernels but cost up to 100 MB more peak RSS, docs/benchmarks.md); on GPUs 2**22
-#: (16 MiB) keeps the GEMMs wide. Override per layer with ``LoranConfig(block_rows=...)`` or for the process with
-#: the environment variable ``PEFT_LORAN_BLOCK_ELEMENTS``.
+#: the eager kernels are fastest at 2**18 (1 MiB: their several passes over a block stay in cache); the compiled
+#: kernels make one pass and their per-block GEMMs are wider at 2**19, which made the all-seven-projection training
+#: step about 13% faster in an interleaved A/B for 8-23 MB more peak memory, still at most LoRA's (2**20: faster
+#: again, but up to 1.36x LoRA's peak memory at 128 tokens; docs/benchmarks.md). On GPUs 2**22 (16 MiB) keeps the GEMMs wide. Override per
+#: layer with ``LoranConfig(block_rows=...)`` or for the process with ``PEFT_LORAN_BLOCK_ELEMENTS``.
 BLOCK_ELEMENTS = {"cpu": 2**18}
+BLOCK_ELEMENTS_COMPILED = {"cpu": 2**19}
 DEFAULT_BLOCK_ELEMENTS_ACCELERATOR = 2**22
 
 
 def block_elements(device: torch.device) -> int:
     """The block budget: ``PEFT_LORAN_BLOCK_ELEMENTS`` (read on each use, so it can change within a process), else
-    the device's default. A per-layer ``LoranConfig(block_rows=...)`` takes precedence over both."""
+    the device's default, which on CPU depends on whether the compiled kernels run now. A per-layer
+    ``LoranConfig(block_rows=...)`` takes precedence over both."""
     env = os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS", "").strip()
     if env:
         if not env.isdigit() or int(env) <= 0:
             raise ValueError(f"PEFT_LORAN_BLOCK_ELEMENTS={env!r} must be a positive integer (elements per block).")
         return int(env)
+    if device.type in BLOCK_ELEMENTS_COMPILED and kernels.compiled_now(device):
+        return BLOCK_ELEMENTS_COMPILED[device.type]
     return BLOCK_ELEMENTS.get(device.type, DEFAULT_BLOCK_ELEMENTS_ACCELERATOR)
 
 

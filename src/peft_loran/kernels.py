@@ -140,6 +140,16 @@ def _usable(activation: Activation, reference: torch.Tensor, numel: int, need_de
     return True
 
 
+def compiled_now(device: torch.device) -> bool:
+    """Whether the compiled kernels would serve a large block on ``device`` at this point of the process (the mode
+    allows it and, for ``auto``, the device has a compiler and the process has done enough eager work): the block
+    budget depends on it (functional.block_elements)."""
+    mode = kernel_compilation()
+    if mode == "0":
+        return False
+    return mode == "1" or (_auto_device(device) and _eager_seconds >= compile_after_seconds())
+
+
 #: Up to this rank the kernels form ``B A`` inside their loop (r multiply-adds per element) instead of calling a
 #: GEMM: BLAS is slow for such a thin inner dimension. Above it the GEMM wins (measured at r = 16 and 32).
 INLINE_PRODUCT_MAX_RANK = 8
