@@ -33,8 +33,9 @@ Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 #: the eager kernels are fastest at 2**18 (1 MiB: their several passes over a block stay in cache); the compiled
 #: kernels make one pass and their per-block GEMMs are wider at 2**19, which made the all-seven-projection training
 #: step about 13% faster in an interleaved A/B for 8-23 MB more peak memory, still at most LoRA's (2**20: faster
-#: again, but up to 1.36x LoRA's peak memory at 128 tokens; docs/benchmarks.md). On GPUs 2**22 (16 MiB) keeps the GEMMs wide. Override per
-#: layer with ``LoranConfig(block_rows=...)`` or for the process with ``PEFT_LORAN_BLOCK_ELEMENTS``.
+#: again, but up to 1.36x LoRA's peak memory at 128 tokens; docs/benchmarks.md). On GPUs 2**22 (16 MiB) keeps the
+#: GEMMs wide. Override per layer with ``LoranConfig(block_rows=...)`` or for the process with
+#: ``PEFT_LORAN_BLOCK_ELEMENTS``.
 BLOCK_ELEMENTS = {"cpu": 2**18}
 BLOCK_ELEMENTS_COMPILED = {"cpu": 2**19}
 DEFAULT_BLOCK_ELEMENTS_ACCELERATOR = 2**22

@@ -131,13 +131,7 @@ def _usable(activation: Activation, reference: torch.Tensor, numel: int, need_de
         return False
     if activation.name in _failures:
         return False
-    mode = kernel_compilation()
-    if mode == "0":
-        return False
-    if mode == "auto" and (numel < MIN_ELEMENTS or not _auto_device(reference.device)
-                           or _eager_seconds < compile_after_seconds()):
-        return False
-    return True
+    return compiled_now(reference.device) and (numel >= MIN_ELEMENTS or kernel_compilation() == "1")
 
 
 def compiled_now(device: torch.device) -> bool:
