@@ -24,14 +24,12 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import TARGETS, Case, _build, _release_freed_memory  # noqa: E402
+from bench import TARGETS, Case, _build, _median_seconds, _release_freed_memory  # noqa: E402
 
 METHODS = ("base", "lora", "loran", "loran_budget", "loran_nocache", "loran_merged")
 BASES = ("float32", "4bit")
@@ -102,13 +100,9 @@ def run_child(base: str, method: str, targets: str, saved: str) -> dict:
             _release_freed_memory()
             reset_peak_memory("cpu")
             call()  # warm-up: builds LoRAN's cache
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
+            seconds = _median_seconds(call, repeats, "cpu")
             result[f"{what}_mem_mb"] = peak_memory("cpu")[0] - model_rss  # both above the adapted model
-            result[f"{what}_s"] = statistics.median(times)
+            result[f"{what}_s"] = seconds
             if what == "eval" and method.startswith("loran") and method != "loran_merged":
                 import peft_loran
 

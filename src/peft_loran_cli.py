@@ -219,7 +219,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from peft_loran.cli.main import run
 
-    run(args)
+    try:
+        run(args)
+    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other command-line tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        sys.exit(0)
 
 
 if __name__ == "__main__":

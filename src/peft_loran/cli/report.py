@@ -249,28 +249,38 @@ def load_adapter(path: str):
     return written_type, config, convert_original_state_dict(tensors)
 
 
-def layer_updates(config, tensors: dict[str, torch.Tensor]):
-    """Yield (layer name, rank r, dense update s*f(BA) or s*BA, non-linear share) for each adapted layer."""
+def adapted_layers(config, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """The names of the adapted layers in an adapter's tensors (LoRAN / original MLORA, or PEFT LoRA)."""
+    from peft_loran.config import LoranConfig
+
+    if isinstance(config, LoranConfig):
+        suffix = ".loran_A"
+    elif getattr(config, "peft_type", None) == "LORA":
+        suffix = ".lora_A.weight"
+    else:
+        raise UserError(f"cannot inspect adapters of type {config.peft_type}; LoRAN, MLORA and LoRA are supported")
+    return sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
+
+
+def layer_updates(config, tensors: dict[str, torch.Tensor], layers: list[str]):
+    """Yield (layer name, rank r, dense update s*f(BA) or s*BA, non-linear share) for each of ``layers``."""
     from peft_loran import functional as LF
     from peft_loran.config import LoranConfig
 
     if isinstance(config, LoranConfig):
-        for key in sorted(k for k in tensors if k.endswith("loran_A")):
-            layer = key[: -len(".loran_A")]
-            A, B = tensors[key].float(), tensors[layer + ".loran_B"].float()
+        for layer in layers:
+            A, B = tensors[layer + ".loran_A"].float(), tensors[layer + ".loran_B"].float()
             act = config.build_activation(in_features=A.shape[1])
             stages = [(tensors.get(f"{layer}.loran_P.{k}"), tensors.get(f"{layer}.loran_b.{k}"))
                       for k in range(len(config.chain_dims or [A.shape[1]]))]
             share = LF.nonlinear_share(A, B, stages, act, config.scaling)
             yield layer, config.r, LF.delta_weight(A, B, stages, act, config.scaling), share
-    elif getattr(config, "peft_type", None) == "LORA":
-        scaling = config.lora_alpha / (config.r ** 0.5 if getattr(config, "use_rslora", False) else config.r)
-        for key in sorted(k for k in tensors if k.endswith("lora_A.weight")):
-            layer = key[: -len(".lora_A.weight")]
-            yield (layer, config.r, scaling * tensors[layer + ".lora_B.weight"].float() @ tensors[key].float(),
-                   {"share": 0.0, "beyond_scale": 0.0})
     else:
-        raise UserError(f"cannot inspect adapters of type {config.peft_type}; LoRAN, MLORA and LoRA are supported")
+        scaling = config.lora_alpha / (config.r ** 0.5 if getattr(config, "use_rslora", False) else config.r)
+        for layer in layers:
+            yield (layer, config.r,
+                   scaling * tensors[layer + ".lora_B.weight"].float() @ tensors[layer + ".lora_A.weight"].float(),
+                   {"share": 0.0, "beyond_scale": 0.0})
 
 
 def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
@@ -285,9 +295,9 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     from peft_loran.functional import effective_rank
 
     written_type, config, tensors = load_adapter(path)
-    modules = sum(k.endswith(("loran_A", "lora_A.weight")) for k in tensors)
-    layers = list(tqdm(layer_updates(config, tensors), desc="spectra", total=modules, unit="module", disable=quiet,
-                       leave=False))
+    names = adapted_layers(config, tensors)
+    layers = list(tqdm(layer_updates(config, tensors, names), desc="spectra", total=len(names), unit="module",
+                       disable=quiet, leave=False))
     if not layers:
         raise UserError(f"{path}: no adapter layers found in the weights")
     summary = {"peft_type": written_type, "parameters": sum(t.numel() for t in tensors.values()), "layers": []}
