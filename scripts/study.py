@@ -191,7 +191,7 @@ def _add(store: Store, row: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ BBC
-BBC_STEPS, BBC_LRS, BBC_RANKS, BBC_SCAN = 60, [2e-4, 1e-3, 5e-3, 2e-2], [1, 4], [1, 4, 16, 64]
+BBC_STEPS, BBC_LRS, BBC_RANKS, BBC_SCAN = 60, [2e-4, 1e-3, 5e-3, 2e-2], [1, 2, 4, 8, 16], [1, 4, 16, 64]
 
 
 #: The task options of each real task: (folder, study task name, metric, compare options)
@@ -220,16 +220,40 @@ def compare(output: str, method: str, extra: list[str], ranks, lrs, seeds, split
                  effective_rank=r["effective_rank"], trainable_params=r["trainable_params"]) for r in results]
 
 
+def committed_rows(task: str) -> list[dict]:
+    """The rows of ``task`` already in docs/study/results.csv: a rerun reuses them instead of training them again
+    (each is a finished run of the same command; delete the file to start over)."""
+    if not (DOCS / "results.csv").exists():
+        return []
+    with open(DOCS / "results.csv") as fh:
+        return [_typed(r) for r in csv.DictReader(fh) if r["task"] == task]
+
+
+def _reuse_or_compare(done: list[dict], output: str, method: str, extra: list[str], ranks, lrs, seeds,
+                      split: str, task: str = "bbc") -> list[dict]:
+    """The committed rows of this sweep, plus a ``compare`` run for the ranks that have none yet."""
+    name = output.split("@")[0]
+    mine = [r for r in done if r["method"] == name and r["split"] == split and r["lr"] in lrs
+            and r["seed"] in seeds and r["rank"] in ranks]
+    missing = [k for k in ranks if not any(r["rank"] == k for r in mine)]
+    if missing:
+        suffix = "" if missing == list(ranks) else "-r" + "-".join(map(str, missing))
+        mine += compare(output + suffix, method, extra, missing, lrs, seeds, split, task)
+    return mine
+
+
 def run_bbc() -> list[dict]:
-    rows = compare("lora-scan", "lora", [], BBC_SCAN, [1e-3], [0], "validation")
+    done = committed_rows(REAL["bbc"][0])
+    rows = _reuse_or_compare(done, "lora-scan", "lora", [], BBC_SCAN, [1e-3], [0], "validation")
     chosen = {}
     for name, (method, extra) in METHODS.items():
-        lr_rows = compare(f"{name}@lr", method, extra, [4], BBC_LRS, [0], "validation")
+        lr_rows = _reuse_or_compare(done, f"{name}@lr", method, extra, [4], BBC_LRS, [0], "validation")
+        lr_rows = [r for r in lr_rows if r["method"] == name]
         rows += lr_rows
         chosen[name] = max(lr_rows, key=lambda r: r["value"])["lr"]
         print(f"bbc {name}: lr {chosen[name]:g}", flush=True)
     for name, (method, extra) in METHODS.items():
-        rows += compare(f"{name}@test", method, extra, BBC_RANKS, [chosen[name]], SEEDS, "test")
+        rows += _reuse_or_compare(done, f"{name}@test", method, extra, BBC_RANKS, [chosen[name]], SEEDS, "test")
     return rows
 
 
