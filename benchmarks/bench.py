@@ -3,6 +3,8 @@
     python benchmarks/bench.py --preset headline          # hidden 1024, 8 layers, 256 tokens, r=8 (the targets)
     python benchmarks/bench.py --preset grid              # widths x tokens x ranks x targets (smaller models)
     python benchmarks/bench.py --preset layers            # peak memory vs number of layers
+    python benchmarks/bench.py --preset paper             # the paper's recipe at Llama-2-7B's layer shapes
+    python benchmarks/bench.py --preset paper-scan        # its step-time ratio over tokens x rank, next to the floor
     python benchmarks/bench.py --preset all --out docs/benchmarks.md
 
 Methods: ``lora`` (PEFT LoRA), ``naive`` (LoRAN the original's way: dense ``f(BA)`` through plain autograd; kept
@@ -43,6 +45,11 @@ class Case:
     dropout: float = 0.0
     gen_tokens: int = 24
     gen_repeats: int = 3
+    intermediate: int = 0  # 0: 2.75 x hidden, rounded to 64
+    heads: int = 0  # 0: hidden / 64
+    vocab: int = 4096
+    alpha: float = 0.0  # 0: 2 x rank
+    evaluate: bool = True  # also measure the eval forward and generation
 
 
 # ------------------------------------------------------------------------------------------------ child process
@@ -86,9 +93,10 @@ def _build(case: Case):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    heads = max(1, case.hidden // 64)
+    heads = case.heads or max(1, case.hidden // 64)
     config = LlamaConfig(
-        vocab_size=4096, hidden_size=case.hidden, intermediate_size=int(case.hidden * 2.75) // 64 * 64,
+        vocab_size=case.vocab, hidden_size=case.hidden,
+        intermediate_size=case.intermediate or int(case.hidden * 2.75) // 64 * 64,
         num_hidden_layers=case.layers, num_attention_heads=heads, num_key_value_heads=heads,
         max_position_embeddings=max(512, case.tokens + 64), tie_word_embeddings=False,
     )
@@ -99,17 +107,18 @@ def _build(case: Case):
 def _adapt(model, case: Case):
     if case.method == "base":
         return model
+    alpha = case.alpha or 2 * case.rank
     if case.method == "naive":
-        return NaiveLoran.wrap(model, TARGETS[case.targets], case.rank, 2 * case.rank, case.dropout)
+        return NaiveLoran.wrap(model, TARGETS[case.targets], case.rank, alpha, case.dropout)
     from peft import LoraConfig, get_peft_model
 
     if case.method == "lora":
-        config = LoraConfig(r=case.rank, lora_alpha=2 * case.rank, target_modules=TARGETS[case.targets],
+        config = LoraConfig(r=case.rank, lora_alpha=alpha, target_modules=TARGETS[case.targets],
                             lora_dropout=case.dropout)
     else:
         from peft_loran import LoranConfig
 
-        config = LoranConfig(r=case.rank, loran_alpha=2 * case.rank, target_modules=TARGETS[case.targets],
+        config = LoranConfig(r=case.rank, loran_alpha=alpha, target_modules=TARGETS[case.targets],
                              loran_dropout=case.dropout)
     return get_peft_model(model, config)
 
@@ -164,11 +173,12 @@ def run_child(case: Case) -> dict:
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     model = _build(case)
-    ids = torch.randint(0, 4096, (case.batch, case.tokens), device=case.device)
+    ids = torch.randint(0, case.vocab, (case.batch, case.tokens), device=case.device)
     result: dict = {}
 
     # the bare base model, in this same process, is the yardstick for the adapted eval forward and generation
-    result["base_eval_s"], result["base_gen_tok_s"] = _eval_and_generate(model, ids, case)
+    if case.evaluate:
+        result["base_eval_s"], result["base_gen_tok_s"] = _eval_and_generate(model, ids, case)
 
     model = _adapt(model, case)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -205,7 +215,8 @@ def run_child(case: Case) -> dict:
             times.append(time.perf_counter() - t0)
     result["train_step_s"] = statistics.median(times)
     result["train_mem_mb"] = peak_memory(case.device)[0] - before
-    result["eval_s"], result["gen_tok_s"] = _eval_and_generate(model, ids, case)
+    if case.evaluate:
+        result["eval_s"], result["gen_tok_s"] = _eval_and_generate(model, ids, case)
     return result
 
 
@@ -227,14 +238,14 @@ def measure(case: Case) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def compare(base: Case, repeats: int = 1) -> dict:
+def compare(base: Case, repeats: int = 1, methods: tuple = METHODS) -> dict:
     """LoRA, naive LoRAN and ours on the same shape, one process after the other; ratios against LoRA / the base
     model. With ``repeats`` > 1 the sequence runs that many times, its order rotated each time, and each figure is
     the median over the repeats (every single measurement is kept under ``"runs"``): on a noisy machine one process
     per method can land in a slow minute."""
-    runs: dict[str, list[dict]] = {method: [] for method in METHODS}
+    runs: dict[str, list[dict]] = {method: [] for method in methods}
     for rep in range(repeats):
-        for method in METHODS[rep % len(METHODS):] + METHODS[: rep % len(METHODS)]:
+        for method in methods[rep % len(methods):] + methods[: rep % len(methods)]:
             runs[method].append(measure(Case(**{**asdict(base), "method": method})))
             print(f"  {method:6s} {json.dumps(runs[method][-1])}", file=sys.stderr, flush=True)
     if repeats == 1:
@@ -281,11 +292,72 @@ def warmup_table(results: list[tuple[Case, dict]]) -> str:
 
 
 def render(name: str, results: list[tuple[Case, dict]]) -> str:
-    if name in ("layers", "generation"):
-        return {"layers": layer_table, "generation": generation_table}[name](results)
+    if name in ("layers", "generation", "paper-scan"):
+        return {"layers": layer_table, "generation": generation_table, "paper-scan": scan_table}[name](results)
+    if name == "paper":
+        return f"{paper_table(results)}\n\nOne-time costs:\n\n{warmup_table(results)}"
     if not any("warmup_s" in row for _, rows in results for row in rows.values()):
         return table(results)
     return f"{table(results)}\n\nOne-time costs:\n\n{warmup_table(results)}"
+
+
+def gemm_flops(case: Case, method: str) -> float:
+    """Multiply-add work (FLOPs) of one training step's matrix products: every base linear layer forward and its
+    input gradient (weights frozen), attention (scores and values, forward and backward), the LM head; plus the
+    adapters. LoRA: its two thin products, forward and backward. LoRAN (ours): per adapted layer one dense
+    ``dD = G^T x``, four ``out x in x r`` products (``B A`` in forward and again in backward, ``dB``, ``dA``), and with
+    dropout two dense products more (``x_d D^T`` in forward, ``G D`` in backward). Element-wise work is not counted:
+    this is the floor that the step-time ratio is compared with."""
+    n, h = case.tokens * case.batch, case.hidden
+    inter = case.intermediate or int(h * 2.75) // 64 * 64
+    heads = case.heads or max(1, h // 64)
+    kv = h  # num_key_value_heads == heads in these models
+    linear = 2 * h * h + 2 * kv * h + 3 * h * inter  # q, o (h x h), k, v (kv x h), gate, up, down
+    per_layer = 2 * n * linear * 2 + 4 * n * n * h * 3  # forward + input gradient; attention forward + 2x backward
+    total = case.layers * per_layer + 2 * n * h * case.vocab * 2
+    shapes = {"q_proj": (h, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, h), "gate_proj": (inter, h),
+              "up_proj": (inter, h), "down_proj": (h, inter)}
+    extra = 0.0
+    for name in TARGETS[case.targets]:
+        out_f, in_f = shapes[name]
+        if method == "lora":
+            extra += 3 * 2 * n * case.rank * (in_f + out_f)
+        else:
+            extra += 2 * n * out_f * in_f + 4 * 2 * out_f * in_f * case.rank
+            extra += 2 * 2 * n * out_f * in_f if case.dropout else 0
+    return case.layers * extra + total
+
+
+def floor_ratio(case: Case) -> float:
+    return gemm_flops(case, "loran") / gemm_flops(case, "lora")
+
+
+def paper_table(results: list[tuple[Case, dict]]) -> str:
+    lines = ["| layers | tokens | r | targets | dropout | step LoRA (s) | step ours (s) | ours / LoRA | floor (GEMMs) | "
+             "naive / LoRA | mem LoRA (MB) | mem ours / LoRA | mem naive / LoRA | eval ours / base | "
+             "eval LoRA / base | gen tok/s ours / LoRA |", "|" + "---|" * 16]
+    for case, rows in results:
+        lora, ours, naive = rows["lora"], rows["loran"], rows.get("naive")
+        lines.append(
+            f"| {case.layers} | {case.tokens} | {case.rank} | {case.targets} | {case.dropout} | "
+            f"{lora['train_step_s']:.2f} | {ours['train_step_s']:.2f} | "
+            f"{fmt_ratio(ours['train_step_s'], lora['train_step_s'])} | {floor_ratio(case):.2f}x | "
+            f"{fmt_ratio(naive['train_step_s'], lora['train_step_s']) if naive else 'n/a'} | "
+            f"{lora['train_mem_mb']:.0f} | {fmt_ratio(ours['train_mem_mb'], lora['train_mem_mb'])} | "
+            f"{fmt_ratio(naive['train_mem_mb'], lora['train_mem_mb']) if naive else 'n/a'} | "
+            f"{fmt_ratio(ours['eval_s'], ours['base_eval_s'])} | {fmt_ratio(lora['eval_s'], lora['base_eval_s'])} | "
+            f"{fmt_ratio(ours['gen_tok_s'], lora['gen_tok_s'])} |")
+    return "\n".join(lines)
+
+
+def scan_table(results: list[tuple[Case, dict]]) -> str:
+    lines = ["| tokens | r | dropout | step LoRA (s) | step ours (s) | ours / LoRA | floor (GEMMs) | above the floor |",
+             "|---|---|---|---|---|---|---|---|"]
+    for case, rows in results:
+        lora, ours = rows["lora"]["train_step_s"], rows["loran"]["train_step_s"]
+        lines.append(f"| {case.tokens} | {case.rank} | {case.dropout} | {lora:.2f} | {ours:.2f} | "
+                     f"{fmt_ratio(ours, lora)} | {floor_ratio(case):.2f}x | {ours / lora - floor_ratio(case):+.2f} |")
+    return "\n".join(lines)
 
 
 def layer_table(results: list[tuple[Case, dict]]) -> str:
@@ -322,15 +394,27 @@ def presets(name: str, device: str, dtype: str) -> dict[str, list[Case]]:
         headline += [Case(**common, hidden=4096, layers=4, tokens=512, targets=t, steps=5) for t in ("qv", "all")]
     generation = [Case(**common, targets=t, steps=1, gen_tokens=64, gen_repeats=5) for t in ("qv", "all")]
     targets = headline[:2]  # the issue's target configurations only (dropout 0), e.g. for --repeats
-    chosen = {"headline": headline, "targets": targets, "grid": grid, "layers": layers, "generation": generation}
-    if name == "all":  # "targets" is a subset of "headline"
-        return {key: cases for key, cases in chosen.items() if key != "targets"}
+    # the paper's recipe (r = 64, alpha 16, q/v) on Llama-2-7B's layer shapes: hidden 4096, intermediate 11008,
+    # 32 heads; 2 layers and a 1000-word vocabulary keep it within a CPU's memory and patience
+    seven_b = dict(common, hidden=4096, intermediate=11008, heads=32, vocab=1000, alpha=16.0, targets="qv")
+    paper = [Case(**seven_b, layers=2, tokens=512, rank=64, dropout=d, steps=3, gen_tokens=8) for d in (0.0, 0.2)]
+    scan = [Case(**seven_b, layers=1, tokens=n, rank=r, steps=1, evaluate=False)
+            for n in (256, 1024, 2048, 4096) for r in (8, 16, 64)]
+    chosen = {"headline": headline, "targets": targets, "grid": grid, "layers": layers, "generation": generation,
+              "paper": paper, "paper-scan": scan}
+    if name == "all":  # "targets" is a subset of "headline"; the paper's shapes take long: run them by name
+        return {key: cases for key, cases in chosen.items() if key not in ("targets", "paper", "paper-scan")}
     return {name: chosen[name]}
+
+
+#: the methods each preset measures (the paper's shapes: the naive yardstick once, without dropout)
+PRESET_METHODS = {"paper": ("lora", "loran", "naive"), "paper-scan": ("lora", "loran")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="headline", choices=["headline", "targets", "grid", "layers", "generation", "all"])
+    parser.add_argument("--preset", default="headline",
+                        choices=["headline", "targets", "grid", "layers", "generation", "paper", "paper-scan", "all"])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", help="write the markdown tables here (atomically)")
@@ -357,7 +441,10 @@ def main() -> None:
         results = []
         for case in cases:
             print(f"[{name}] {case}", file=sys.stderr, flush=True)
-            results.append((case, compare(case, args.repeats)))
+            methods = PRESET_METHODS.get(name, METHODS)
+            if name == "paper" and case.dropout:
+                methods = ("lora", "loran")
+            results.append((case, compare(case, args.repeats, methods)))
         raw[name] = [{"case": asdict(c), "results": r} for c, r in results]
         sections.append((name, render(name, results)))
 

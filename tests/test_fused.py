@@ -123,8 +123,9 @@ def test_weight_sized_transients_are_bounded_by_block_rows(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- eval cache
 def cached_model():
+    """A model with the eval cache switched on (it is off by default)."""
     model = get_peft_model(tiny_llama(0), LoranConfig(init_weights=False, sinter_amplitude=0.5,
-                                                      sinter_frequency=3.0)).eval()
+                                                      sinter_frequency=3.0, eval_cache=True)).eval()
     return model
 
 
@@ -147,6 +148,15 @@ def run(model):
 
 def q_proj(model):
     return model.base_model.model.model.layers[0].self_attn.q_proj
+
+
+def test_the_cache_is_off_by_default_and_evaluation_holds_no_weight_sized_tensor():
+    model = get_peft_model(tiny_llama(0), LoranConfig(init_weights=False)).eval()
+    out = run(model)
+    assert not any(getattr(m, "_loran_cache", None) for m in model.modules())
+    set_eval_cache(model, True)
+    torch.testing.assert_close(run(model), out, atol=1e-5, rtol=1e-5)
+    assert q_proj(model)._loran_cache
 
 
 def test_cache_is_used_and_matches_uncached():
@@ -235,7 +245,7 @@ SLOTS = {  # which cached tensor serves the no-grad call
 def slot_model(slot):
     cfg = SLOTS[slot]
     model = get_peft_model(tiny_llama(0), LoranConfig(init_weights=False, sinter_amplitude=0.5, sinter_frequency=3.0,
-                                                      loran_dropout=cfg["dropout"]))
+                                                      loran_dropout=cfg["dropout"], eval_cache=True))
     return model.to(cfg["dtype"]).eval() if cfg["dtype"] != torch.float32 else model.eval()
 
 
@@ -540,23 +550,19 @@ def test_default_block_rows_stay_within_budget_and_round_to_gemm_friendly_height
 
 
 def test_cpu_block_budget_follows_the_kernels_in_use(monkeypatch):
-    """Compiled kernels: 2^19-element CPU blocks; eager kernels: 2^18; the environment variable overrides both."""
-    from peft_loran import kernels
-
+    """Compiled kernels: 2^19-element CPU blocks, eager: 2^18, each at least MIN_BLOCK_ROWS rows within
+    MAX_BLOCK_ELEMENTS (wide layers); the environment variable overrides all of it."""
     cpu = torch.device("cpu")
     monkeypatch.delenv("PEFT_LORAN_BLOCK_ELEMENTS", raising=False)
-    try:
-        kernels.set_kernel_compilation("1")
-        assert LF.block_elements(cpu) == 2**19
-        assert LF.default_block_rows(1024, cpu) == 512
-        kernels.set_kernel_compilation("0")
-        assert LF.block_elements(cpu) == 2**18
-        kernels.set_kernel_compilation("auto")
-        monkeypatch.setenv("PEFT_LORAN_COMPILE_AFTER", "1e9")  # auto, before a job has run long enough: eager
-        assert LF.block_elements(cpu) == 2**18
-        monkeypatch.setenv("PEFT_LORAN_BLOCK_ELEMENTS", "4096")
-        kernels.set_kernel_compilation("1")
-        assert LF.block_elements(cpu) == 4096
-    finally:
-        kernels.set_kernel_compilation(None)
+    assert LF.block_elements(cpu, compiled=True) == 2**19 and LF.block_elements(cpu, compiled=False) == 2**18
+    for compiled in (True, False):
+        for cols in [64, 1024, 2816, 4096, 11008, 300_000]:
+            rows = LF.default_block_rows(cols, cpu, compiled=compiled)
+            by_budget = LF.block_elements(cpu, compiled) // cols
+            floor_rows = min(LF.MIN_BLOCK_ROWS[compiled], LF.MAX_BLOCK_ELEMENTS // cols)
+            wanted = max(by_budget, floor_rows, 1)
+            assert rows <= wanted and (rows == wanted or wanted - rows < 16 and rows % 16 == 0), (cols, rows)
+    assert LF.default_block_rows(4096, cpu, compiled=True) == 512  # a 7B layer: 512 rows, not 128
+    monkeypatch.setenv("PEFT_LORAN_BLOCK_ELEMENTS", "4096")
+    assert LF.block_elements(cpu, compiled=True) == 4096 and LF.default_block_rows(4096, cpu, compiled=True) == 1
     assert [b for b in LF.row_blocks(100, 2816, 7)][1] == (7, 14)  # an explicit height is kept as given

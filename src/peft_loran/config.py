@@ -79,11 +79,14 @@ class LoranConfig(PeftConfig):
         target_modules / exclude_modules / layers_to_transform / layers_pattern / modules_to_save: as in LoRA.
         fan_in_fan_out: ``True`` for layers that store the weight as (in, out), e.g. GPT-2's ``Conv1D``.
         bias: ``"none"``, ``"all"`` or ``"loran_only"``: which biases are trained.
-        block_rows: Output rows per block in the fused computation (``None``: about 16 MiB of float32 per
-            block). Smaller saves transient memory, larger saves kernel launches.
-        eval_cache: Reuse the dense update (or the effective weight) between no-grad calls, so inference with
-            an unmerged adapter runs at the base model's speed. Costs one weight-sized tensor per adapted layer;
-            switch off when memory matters more (or merge).
+        block_rows: Output rows per block in the fused computation (``None``: from the block budget, 1-8 MiB of
+            float32 per block on CPU, 16 MiB on GPUs). Smaller saves transient memory, larger saves passes.
+        eval_cache: Keep the dense update (or the effective weight) between no-grad calls, so generation with an
+            unmerged adapter runs at the base model's speed. Off by default: it holds one weight-sized tensor per
+            adapted layer (in the compute dtype: 4-8x the weights of a 4-bit base), more than training needs, so
+            an evaluation inside training could run out of memory where LoRA does not. Without it each no-grad
+            call builds the update block by block (no extra memory). For fast inference merge the adapter, or turn
+            the cache on (``set_eval_cache(model, True, max_mb=...)``) where the memory is there.
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the LoRAN factors."})
@@ -109,7 +112,7 @@ class LoranConfig(PeftConfig):
     bias: Literal["none", "all", "loran_only"] = field(default="none")
     modules_to_save: Optional[list[str]] = field(default=None)
     block_rows: Optional[int] = field(default=None)
-    eval_cache: bool = field(default=True)
+    eval_cache: bool = field(default=False)
 
     def __post_init__(self) -> None:
         super().__post_init__()

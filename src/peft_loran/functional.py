@@ -29,30 +29,40 @@ from .activations import Activation
 # A stage of the chain: (P or None, b or None).
 Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
-#: Elements of one transient ``(rows, in)`` float32 block; backward keeps about five such temporaries alive. On CPU
-#: the eager kernels are fastest at 2**18 (1 MiB: their several passes over a block stay in cache); the compiled
-#: kernels make one pass and their per-block GEMMs are wider at 2**19, which made the all-seven-projection training
-#: step about 13% faster in an interleaved A/B for 8-23 MB more peak memory, still at most LoRA's (2**20: faster
-#: again, but up to 1.36x LoRA's peak memory at 128 tokens; docs/benchmarks.md). On GPUs 2**22 (16 MiB) keeps the
-#: GEMMs wide. Override per layer with ``LoranConfig(block_rows=...)`` or for the process with
-#: ``PEFT_LORAN_BLOCK_ELEMENTS``.
+#: Elements of one transient ``(rows, in)`` float32 block on CPU; backward keeps about five such temporaries alive.
+#: The eager kernels make several passes over a block, which stay in cache at 2**18 (1 MiB); the compiled kernels
+#: make one pass and their per-block GEMMs are wider at 2**19. On accelerators 2**22 (16 MiB) keeps the GEMMs wide.
+#: Override per layer with ``LoranConfig(block_rows=...)`` or for the process with ``PEFT_LORAN_BLOCK_ELEMENTS``.
 BLOCK_ELEMENTS = {"cpu": 2**18}
 BLOCK_ELEMENTS_COMPILED = {"cpu": 2**19}
 DEFAULT_BLOCK_ELEMENTS_ACCELERATOR = 2**22
+#: ... but at least this many rows per block (compiled, eager), up to :data:`MAX_BLOCK_ELEMENTS`: every block costs
+#: a pass over the whole ``(tokens, in)`` input gradient and a repacking of the input for its GEMMs, so on wide layers
+#: short blocks spend more on those passes than on the update itself (a 4096-wide layer at 512 tokens: 128-row
+#: blocks took 1.5x the fused step time of 512-row ones; docs/benchmarks.md).
+MIN_BLOCK_ROWS = {True: 512, False: 256}
+MAX_BLOCK_ELEMENTS = 2**21
 
 
-def block_elements(device: torch.device) -> int:
+def block_elements(device: torch.device, compiled: bool = False) -> int:
     """The block budget: ``PEFT_LORAN_BLOCK_ELEMENTS`` (read on each use, so it can change within a process), else
-    the device's default, which on CPU depends on whether the compiled kernels run now. A per-layer
+    the device's default, which on CPU depends on whether the layer runs on the compiled kernels. A per-layer
     ``LoranConfig(block_rows=...)`` takes precedence over both."""
-    env = os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS", "").strip()
+    env = _env_block_elements()
     if env:
-        if not env.isdigit() or int(env) <= 0:
-            raise ValueError(f"PEFT_LORAN_BLOCK_ELEMENTS={env!r} must be a positive integer (elements per block).")
-        return int(env)
-    if device.type in BLOCK_ELEMENTS_COMPILED and kernels.compiled_now(device):
+        return env
+    if compiled and device.type in BLOCK_ELEMENTS_COMPILED:
         return BLOCK_ELEMENTS_COMPILED[device.type]
     return BLOCK_ELEMENTS.get(device.type, DEFAULT_BLOCK_ELEMENTS_ACCELERATOR)
+
+
+def _env_block_elements() -> Optional[int]:
+    env = os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS", "").strip()
+    if not env:
+        return None
+    if not env.isdigit() or int(env) <= 0:
+        raise ValueError(f"PEFT_LORAN_BLOCK_ELEMENTS={env!r} must be a positive integer (elements per block).")
+    return int(env)
 
 
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
@@ -91,21 +101,35 @@ def page_aligned_copy(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> t
 GEMM_ROW_MULTIPLE = 16
 
 
-def default_block_rows(cols: int, device: torch.device, elements: Optional[int] = None) -> int:
+def default_block_rows(
+    cols: int, device: torch.device, elements: Optional[int] = None, compiled: bool = False
+) -> int:
     """Rows per block for a ``cols``-wide matrix: as many as the block budget (``elements``, default the device's)
-    allows, GEMM-friendly."""
-    rows = max(1, (elements or block_elements(device)) // max(cols, 1))
+    allows, at least :data:`MIN_BLOCK_ROWS` on CPU within :data:`MAX_BLOCK_ELEMENTS` (unless a budget is given),
+    GEMM-friendly."""
+    cols = max(cols, 1)
+    rows = max(1, (elements or block_elements(device, compiled)) // cols)
+    if elements is None and device.type == "cpu" and _env_block_elements() is None:
+        rows = max(rows, min(MIN_BLOCK_ROWS[compiled], MAX_BLOCK_ELEMENTS // cols))
     return rows - rows % GEMM_ROW_MULTIPLE if rows >= 4 * GEMM_ROW_MULTIPLE else rows
 
 
 def row_blocks(
-    rows: int, cols: int, block_rows: Optional[int] = None, device: torch.device = torch.device("cpu")
+    rows: int, cols: int, block_rows: Optional[int] = None, device: torch.device = torch.device("cpu"),
+    compiled: bool = False,
 ) -> Iterator[tuple[int, int]]:
-    """Yield ``(start, stop)`` row ranges whose ``(stop - start) * cols`` stays within the block budget (or of
-    ``block_rows`` rows, when given)."""
-    step = block_rows if block_rows else default_block_rows(cols, device)
+    """Yield ``(start, stop)`` row ranges of ``block_rows`` rows, or by default as many as fit the block budget of
+    a layer on the compiled kernels or not (:func:`default_block_rows`)."""
+    step = block_rows if block_rows else default_block_rows(cols, device, compiled=compiled)
     for start in range(0, rows, step):
         yield start, min(start + step, rows)
+
+
+def uses_compiled_kernels(activation: Activation, stages: Sequence[Stage], rows: int, cols: int,
+                          device: torch.device) -> bool:
+    """Whether a ``(rows, cols)`` update runs on the compiled kernels (plain ``f(B A)`` only): the shape, the
+    activation, the device and the mode decide, never the clock (:func:`peft_loran.kernels.compiles`)."""
+    return is_plain(stages) and kernels.compiles(activation, rows, cols, device)
 
 
 def chain_rows(
@@ -198,20 +222,18 @@ def block_update(
     activation: Activation,
     scaling: float,
     keep: bool = False,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, list[tuple]]:
     """``base_rows + scaling * H`` (``base_rows`` None: just the scaled update) for a block of rows, plus what
-    :func:`chain_rows_backward` needs when ``keep``. The plain case goes through the activation's fused
-    ``block_fn`` where it has one (fewest passes over memory), else its ``scaled_add``; chains through
-    :func:`chain_rows`."""
-    if is_plain(stages) and not keep:
+    :func:`chain_rows_backward` needs when ``keep``. The plain case goes through the compiled kernel when
+    ``compiled`` (:func:`uses_compiled_kernels`), else the activation's fused ``block_fn`` where it has one (fewest
+    passes over memory), else its ``scaled_add``; chains through :func:`chain_rows`."""
+    if compiled and not keep and is_plain(stages):
         fused = kernels.value(activation, base_rows, at_least_float32(B_rows), at_least_float32(A), scaling)
         if fused is not None:
             return fused, []
     if is_plain(stages):
-        if torch.compiler.is_compiling():
-            return _plain_block_update(base_rows, B_rows, A, activation, scaling, keep)
-        with kernels.eager_time():  # what the compiled kernels could save: "auto" mode compiles once it is large
-            return _plain_block_update(base_rows, B_rows, A, activation, scaling, keep)
+        return _plain_block_update(base_rows, B_rows, A, activation, scaling, keep)
     h, saved = chain_rows(B_rows, A, stages, activation, keep=keep)
     return (h.mul_(scaling) if base_rows is None else torch.add(base_rows, h, alpha=scaling)), saved
 
@@ -239,16 +261,18 @@ def block_update_and_grads(
     scaling: float,
     grad_h: Optional[torch.Tensor],
     need_update: bool = True,
+    compiled: bool = False,
 ) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
     """One block of the backward: the update as :func:`block_update` builds it (when ``need_update``; it feeds
     ``dx``) and, given ``grad_h`` (the gradient of the block's ``H_K`` rows), :func:`chain_rows_backward`'s
     ``(grad_B_rows, grad_A, grad_P, grad_b)``. The plain case runs as one compiled kernel where available
     (:mod:`peft_loran.kernels`), which is why ``grad_h`` comes in before the update is built."""
     if grad_h is None:
-        update = block_update(base_rows, B_rows, A, stages, activation, scaling)[0] if need_update else None
+        update = block_update(base_rows, B_rows, A, stages, activation, scaling, compiled=compiled)[0] \
+            if need_update else None
         return update, None
     B32, A32 = at_least_float32(B_rows), at_least_float32(A)
-    if is_plain(stages):
+    if compiled and is_plain(stages):
         fused = kernels.value_and_grad(activation, base_rows, B32, A32, scaling, grad_h, need_update)
         if fused is not None:
             update, grad_z = fused
@@ -284,9 +308,12 @@ def _update_blocks(A, B, stages, activation, scaling, block_rows, base=None) -> 
     """``(start, stop, base[start:stop] + scaling * H_K[start:stop])`` per row block (``base`` None: the update
     alone), one block alive at a time. Autocast is switched off: under it ``B @ A`` would run in half precision and
     ``f`` (``sin(w x)``) on its rounding."""
-    for i0, i1 in row_blocks(B.shape[0], _last_width(A, stages), block_rows, A.device):
+    rows, cols = B.shape[0], _last_width(A, stages)
+    compiled = uses_compiled_kernels(activation, stages, rows, cols, A.device)
+    for i0, i1 in row_blocks(rows, cols, block_rows, A.device, compiled):
         with torch.autocast(A.device.type, enabled=False):
-            block = block_update(None if base is None else base[i0:i1], B[i0:i1], A, stages, activation, scaling)[0]
+            block = block_update(None if base is None else base[i0:i1], B[i0:i1], A, stages, activation, scaling,
+                                 compiled=compiled)[0]
         yield i0, i1, block
 
 
@@ -385,17 +412,18 @@ def fused_forward(x, weight, bias, weight_in_out, scaling, activation, block_row
     """The forward of :class:`FusedLoranMatmul` (see there) without autograd: what no-grad calls run, eager or
     compiled (``torch.compile`` traces it as plain tensor code)."""
     chunks = []
-    for i0, i1 in row_blocks(B.shape[0], x.shape[-1], block_rows, x.device):
+    compiled = uses_compiled_kernels(activation, stages, B.shape[0], x.shape[-1], x.device)
+    for i0, i1 in row_blocks(B.shape[0], x.shape[-1], block_rows, x.device, compiled):
         bias_block = bias[i0:i1] if bias is not None else None
         if weight is None:
-            update = block_update(None, B[i0:i1], A, stages, activation, scaling)[0]
+            update = block_update(None, B[i0:i1], A, stages, activation, scaling, compiled=compiled)[0]
             chunks.append(x @ update.to(x.dtype).T)
         elif weight_in_out:
-            folded = block_update(weight[:, i0:i1].T, B[i0:i1], A, stages, activation, scaling)[0]
+            folded = block_update(weight[:, i0:i1].T, B[i0:i1], A, stages, activation, scaling, compiled=compiled)[0]
             folded = folded.T.to(x.dtype).contiguous()
             chunks.append(x @ folded if bias_block is None else torch.addmm(bias_block, x, folded))
         else:
-            folded = block_update(weight[i0:i1], B[i0:i1], A, stages, activation, scaling)[0]
+            folded = block_update(weight[i0:i1], B[i0:i1], A, stages, activation, scaling, compiled=compiled)[0]
             chunks.append(torch.nn.functional.linear(x, folded.to(x.dtype), bias_block))
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
 
@@ -435,7 +463,8 @@ class FusedLoranMatmul(torch.autograd.Function):
         grad_flat = [torch.zeros_like(at_least_float32(t)) if t is not None else None
                      for t in flat_stages] if need_factors else [None] * len(flat_stages)
 
-        for i0, i1 in row_blocks(B.shape[0], x.shape[-1], ctx.block_rows, x.device):
+        compiled = uses_compiled_kernels(activation, stages, B.shape[0], x.shape[-1], x.device)
+        for i0, i1 in row_blocks(B.shape[0], x.shape[-1], ctx.block_rows, x.device, compiled):
             g = grad_out[:, i0:i1]
             # W + s f(BA) is only needed for dx; the factor gradients need only f'
             base_rows = None
@@ -443,7 +472,7 @@ class FusedLoranMatmul(torch.autograd.Function):
                 base_rows = weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1]
             grad_h = at_least_float32((g * scaling).T @ x) if need_factors else None
             update, block_grads = block_update_and_grads(
-                base_rows, B[i0:i1], A, stages, activation, scaling, grad_h, need_update=need_x
+                base_rows, B[i0:i1], A, stages, activation, scaling, grad_h, need_update=need_x, compiled=compiled
             )
             del grad_h
             if need_x:

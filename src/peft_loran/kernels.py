@@ -3,48 +3,43 @@
 Why this exists: per block, the fused path's dense work is the rank-r product ``u = B A``, ``f(u)``, ``f'(u)``
 and a few element-wise combinations with the base weight and the gradient. In eager PyTorch each of those is a
 separate pass over the block (and ``B A`` with a tiny inner dimension is a GEMM that BLAS does badly).
-``torch.compile`` (inductor) turns the whole sequence into one loop; on 2 CPU cores this took all seven
-projections of the headline benchmark from 1.70x to 1.48x LoRA's step time (docs/benchmarks.md).
+``torch.compile`` (inductor) turns the whole sequence into one loop (docs/benchmarks.md measures what it saves).
 
 The kernels are built from the built-in activations' parameterised ``f`` and ``f'`` (``Activation.param_fn``):
 every float constant (Sinter's ``a`` and ``w``, the scaling, the zero-centring offset) is an argument, so one
 compiled kernel per function serves every setting and layer, and nothing global is patched per call. Registered
-user activations and chains with ``P``/``b`` stay on the eager path (``P`` mixes columns). The kernels are used only
-for blocks of at least :data:`MIN_ELEMENTS` elements (below that, compiling and calling cost more than they save),
-on CPUs with a C++ compiler (on GPUs only with ``PEFT_LORAN_COMPILE=1``: not yet run there), and never while an
-outer ``torch.compile`` is tracing (it fuses the eager code itself).
+user activations and chains with ``P``/``b`` stay on the eager path (``P`` mixes columns). By default the kernels
+serve wide layers on CPUs with a C++ compiler (:func:`compiles`; on GPUs only with ``PEFT_LORAN_COMPILE=1``: not yet
+run there), and never while an outer ``torch.compile`` is tracing (it fuses the eager code itself).
 
 If compiling fails (no working compiler, an inductor error), a warning gives the whole reason and that function
 runs on the eager kernels, which compute the same thing; other functions and other processes are unaffected
 (:func:`compile_failures` lists what failed). Any other error (out of memory, a bug) is raised as it is.
 
 Switch: ``set_kernel_compilation("auto" | "0" | "1")`` for this process, else the environment variable
-``PEFT_LORAN_COMPILE`` (read on each use) = ``auto`` (default: compile once the job has shown it is long enough
-to pay for it, :data:`AUTO_COMPILE_AFTER_SECONDS` of eager element-wise work) / ``0`` (never) / ``1`` (at once,
-any block size: the benchmarks' steady state and the tests).
+``PEFT_LORAN_COMPILE`` (read on each use) = ``auto`` (default: compile for layers whose update has at least
+:data:`AUTO_COMPILE_MIN_ELEMENTS` elements, on CPUs with a C++ compiler) / ``0`` (never) / ``1`` (every plain layer,
+any size, any device). Which kernels run is decided by that mode, the activation, the device and the layer's shape,
+never by a clock or by how long the process has run: the same configuration always runs the same kernels, so a
+seeded run reproduces bit for bit.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import time
 import warnings
-from contextlib import contextmanager
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
 
 import torch
 
 from .activations import Activation
 
-#: Smallest block (rows x cols) worth a compiled call; tiny test models stay eager.
-MIN_ELEMENTS = 2**15
-#: ``auto`` compiles only once the process has spent this long (seconds) in the eager element-wise work the
-#: kernels replace: compiling costs 15-30 s on a fresh machine (empty inductor cache) and saves a few to ~25% of
-#: that work afterwards, so short jobs finish sooner without it and long ones pay it back. Override with the
-#: environment variable ``PEFT_LORAN_COMPILE_AFTER`` (seconds, read when used; 0 compiles at once).
-AUTO_COMPILE_AFTER_SECONDS = 60.0
-_eager_seconds = 0.0
+#: ``auto`` compiles the kernels for layers whose update (out x in) has at least this many elements (2048 x 2048).
+#: Compiling costs about 15 s once per process on an empty inductor cache (docs/benchmarks.md, one-time costs); at
+#: 4096-wide layers the kernels save about a third of a second per adapted layer and training step, at 1024-wide
+#: ones a few milliseconds, so wide layers pay it back within a few steps and narrow ones would not.
+AUTO_COMPILE_MIN_ELEMENTS = 2**22
 
 _MODES = ("auto", "0", "1")
 _mode: Optional[str] = None  # set_kernel_compilation's choice; None: the environment decides
@@ -81,31 +76,6 @@ def kernel_compilation() -> str:
     return value
 
 
-@contextmanager
-def eager_time() -> Iterator[None]:
-    """Count the time of an eager element-wise block towards ``auto``'s compile decision."""
-    global _eager_seconds
-    started = time.perf_counter()
-    try:
-        yield
-    finally:
-        _eager_seconds += time.perf_counter() - started
-
-
-def compile_after_seconds() -> float:
-    """``PEFT_LORAN_COMPILE_AFTER`` if set, else :data:`AUTO_COMPILE_AFTER_SECONDS`."""
-    value = os.environ.get("PEFT_LORAN_COMPILE_AFTER", "").strip()
-    if not value:
-        return AUTO_COMPILE_AFTER_SECONDS
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = -1.0
-    if not seconds >= 0:
-        raise ValueError(f"PEFT_LORAN_COMPILE_AFTER={value!r} must be a number of seconds >= 0.")
-    return seconds
-
-
 def compile_failures() -> dict[str, str]:
     """Activations whose kernels failed to compile in this process, with the reason (they run eagerly)."""
     return dict(_failures)
@@ -122,26 +92,23 @@ def _auto_device(device: torch.device) -> bool:
     return _device_ok[device.type]
 
 
-def _usable(activation: Activation, reference: torch.Tensor, numel: int, need_derivative: bool) -> bool:
-    # Only in no-grad code (the fused Function's forward/backward, merges, the eval cache): with grad enabled the
-    # caller wants autograd through the eager ops.
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or activation.param_fn is None:
+def compiles(activation: Activation, rows: int, cols: int, device: torch.device) -> bool:
+    """Whether the compiled kernels serve a plain update ``f(B A)`` of shape ``(rows, cols)`` on ``device``: decided
+    by the mode, the activation, the device and the shape alone (the block budget depends on it too)."""
+    if activation.param_fn is None or activation.name in _failures:
         return False
-    if need_derivative and activation.param_derivative is None:
-        return False
-    if activation.name in _failures:
-        return False
-    return compiled_now(reference.device) and (numel >= MIN_ELEMENTS or kernel_compilation() == "1")
-
-
-def compiled_now(device: torch.device) -> bool:
-    """Whether the compiled kernels would serve a large block on ``device`` at this point of the process (the mode
-    allows it and, for ``auto``, the device has a compiler and the process has done enough eager work): the block
-    budget depends on it (functional.block_elements)."""
     mode = kernel_compilation()
     if mode == "0":
         return False
-    return mode == "1" or (_auto_device(device) and _eager_seconds >= compile_after_seconds())
+    return mode == "1" or (_auto_device(device) and rows * cols >= AUTO_COMPILE_MIN_ELEMENTS)
+
+
+def _usable(activation: Activation, need_derivative: bool) -> bool:
+    # Only in no-grad code (the fused Function's forward/backward, merges, the eval cache): with grad enabled the
+    # caller wants autograd through the eager ops; under an outer torch.compile the eager code is traced instead.
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or activation.param_fn is None:
+        return False
+    return not (need_derivative and activation.param_derivative is None) and activation.name not in _failures
 
 
 #: Up to this rank the kernels form ``B A`` inside their loop (r multiply-adds per element) instead of calling a
@@ -202,10 +169,11 @@ def _run(activation: Activation, name: str, *args):
 def value(
     activation: Activation, base: Optional[torch.Tensor], B_rows: torch.Tensor, A: torch.Tensor, scaling: float
 ) -> Optional[torch.Tensor]:
-    """``base + scaling * f(B_rows A)`` (``base`` None: 0) in one compiled pass, or None: use the eager path.
+    """``base + scaling * f(B_rows A)`` (``base`` None: 0) in one compiled pass, or None: use the eager path. The
+    caller has decided with :func:`compiles` that this layer uses the kernels.
 
     ``B_rows`` and ``A`` are float32 (or float64); so is the result."""
-    if not _usable(activation, A, B_rows.shape[0] * A.shape[1], need_derivative=False):
+    if not _usable(activation, need_derivative=False):
         return None
     return _run(activation, "value", base, B_rows, A, scaling, activation.offset)
 
@@ -221,7 +189,7 @@ def value_and_grad(
 ) -> Optional[tuple[Optional[torch.Tensor], torch.Tensor]]:
     """``(base + scaling * f(B_rows A) or None, grad_h * f'(B_rows A))`` in one compiled pass, or None: use the
     eager path. The value is skipped (None) when ``need_value`` is False."""
-    if not _usable(activation, A, grad_h.numel(), need_derivative=True):
+    if not _usable(activation, need_derivative=True):
         return None
     if need_value:
         return _run(activation, "value_and_grad", base, B_rows, A, scaling, activation.offset, grad_h)

@@ -332,7 +332,7 @@ class LoranLayer(BaseTunerLayer):
         """The no-grad cache serves eager inference only: while ``torch.compile`` traces, the update is computed in
         the graph (reading data pointers or building page-aligned copies would break it)."""
         return (
-            all(self.loran_eval_cache.get(a, True) for a in adapters)
+            all(self.loran_eval_cache.get(a, False) for a in adapters)
             and not self._grad_needed(x, adapters)
             and not torch.compiler.is_compiling()
         )
