@@ -66,7 +66,7 @@ def main() -> None:
         rows.append(("`peft-loran --help`", "-", seconds, None))
 
         model_cache = {**env, "PEFT_LORAN_CACHE": os.path.join(scratch, "models")}
-        convert = [sys.executable, "-c", "from peft_loran.cli.models import resolve_model; resolve_model('smollm2', quiet=True)"]
+        convert = [sys.executable, "-c", "from peft_loran_cli.models import resolve_model; resolve_model('smollm2', quiet=True)"]
         for state in ("empty cache", "converted model in place"):
             seconds, _ = timed(convert, model_cache)
             rows.append(("SmolLM2 GGUF -> safetensors (process)", state, seconds, None))

@@ -100,7 +100,7 @@ def synthetic_run(target: str, method: str, rank: int, lr: float, seed: int, spl
     from peft import get_peft_model
 
     import peft_loran  # noqa: F401
-    from peft_loran.cli.training import paired_init
+    from peft_loran_cli.training import paired_init
     from peft_loran.diagnostics import update_statistics
 
     T = synthetic_target(target)
@@ -296,7 +296,7 @@ def write_results(rows: list[dict]) -> None:
 def summarize(rows: list[dict]) -> str:
     """Per task: mean +- std per method and rank over seeds (test split), paired difference to LoRA with an exact
     sign-flip p-value, time, non-linear share, effective rank."""
-    from peft_loran.cli.report import sign_flip_p
+    from peft_loran_cli.report import sign_flip_p
 
     def mean_std(values):
         m = sum(values) / len(values)

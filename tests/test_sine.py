@@ -169,7 +169,7 @@ def test_paired_init_gives_every_method_the_same_initial_A():
     from peft import HiraConfig
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peft_loran.cli.training import paired_init
+    from peft_loran_cli.training import paired_init
 
     def build(config, pair=True):
         torch.manual_seed(0)
@@ -208,7 +208,7 @@ def test_paired_init_gives_every_method_the_same_initial_A():
 
 
 def test_sign_flip_p_value_by_enumeration():
-    from peft_loran.cli.report import sign_flip_p
+    from peft_loran_cli.report import sign_flip_p
 
     # five positive differences: only "all +" and "all -" are as extreme, 2 of 32 sign patterns
     assert sign_flip_p([0.1, 0.2, 0.3, 0.1, 0.2]) == pytest.approx(2 / 32)

@@ -5,13 +5,6 @@
 :class:`LoranConfig` adapters and with checkpoints of the original code (peft_type ``MLORA``).
 """
 
-import sys as _sys
-
-if _sys.argv[:1] == ["-m"] and __name__ == "peft_loran":  # being imported by ``python -m peft_loran`` (the CLI):
-    import logging as _logging  # quiet bitsandbytes' CPU-kernel notice, as the ``peft-loran`` entry point does
-
-    _logging.getLogger("bitsandbytes").setLevel(_logging.ERROR)
-
 from .activations import Activation, available_activations, get_activation, register_activation, unregister_activation
 from .compat import CorruptCheckpointError, UnsafeCheckpointError, convert_original_checkpoint
 from .config import LORAN, MLORA, LoranConfig, MLoraConfig

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .errors import UserError
+from .options import GRID_OPTIONS, SHORT_NAMES
 
 
 FORMULAS = {
@@ -32,9 +33,9 @@ def activation_formula(config) -> str:
     return formula
 
 
-#: The settings that tell cells apart (besides the method), as in peft_loran.cli.main.GRID_OPTIONS.
-CELL_KEYS = ("rank", "lr", "sinter_amplitude", "sinter_frequency", "sine_frequency")
-_SHORT = {"rank": "r", "lr": "lr", "sinter_amplitude": "a", "sinter_frequency": "w", "sine_frequency": "w"}
+#: The settings that tell cells apart in a report (besides the method; seeds are averaged over).
+CELL_KEYS = tuple(k for k in GRID_OPTIONS if k != "seed")
+_SHORT = SHORT_NAMES
 
 
 def _varying(results: list[dict]) -> list[str]:

@@ -14,6 +14,7 @@ machine, independent of file-system order.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import importlib.util
 import io
@@ -269,3 +270,66 @@ def evaluation_task(path: str, kind: str, labels: list[str], source: dict) -> Ta
         for e in examples:
             e.label, e.target = labels.index(e.target), None
     return TaskData(Path(path).stem, kind, [], [], examples, labels=list(labels), source=dict(source, eval_file=path))
+
+
+# ------------------------------------------------------------------------------------------ what a command reads
+_KIND_WORDS = {"classify": "classification", "generate": "generation"}
+#: The file in an adapter folder that records what it was trained on (written by ``train`` and ``compare``).
+TASK_RECORD = "peft_loran_task.json"
+
+
+def read_task_record(adapter_dir: str) -> Optional[dict]:
+    path = Path(adapter_dir) / TASK_RECORD
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; the adapter's task record is damaged") from None
+
+
+def task_from(args: argparse.Namespace, profile_task: str):
+    if args.train_file:
+        return user_task(args.train_file, args.eval_file, args.task_type, args.text_field, args.label_field,
+                         args.source_field, args.target_field)
+    return load_task(args.task or profile_task)
+
+
+def evaluation_task_from(args: argparse.Namespace, record: Optional[dict]):
+    """The data ``evaluate`` runs on: ``--eval-file`` (read with the adapter's field names and labels), ``--task``,
+    or by default what the adapter was trained on (its record); a task that does not fit the adapter is an error."""
+    if args.task and args.eval_file:
+        raise UserError("give --task or --eval-file, not both")
+    if record is None and not (args.task or args.eval_file):
+        raise UserError(f"{args.adapter} records no task (it was not written by peft-loran train/compare); pass "
+                        "--task or --eval-file")
+    kind = record["kind"] if record else (args.task_type or "generate")
+    if record and args.task_type and args.task_type != kind:
+        raise UserError(f"the adapter was trained for {_KIND_WORDS[kind]}; it cannot be evaluated as "
+                        f"{_KIND_WORDS[args.task_type]} (--task-type {args.task_type})")
+    labels = record["labels"] if record else None
+    if args.eval_file:
+        if record is None and kind == "classify":
+            raise UserError("--eval-file with an adapter that records no labels cannot map classes to its outputs; "
+                            "use an adapter written by peft-loran train/compare")
+        source = record["source"] if record else {
+            "source_field": args.source_field, "target_field": args.target_field}
+        return evaluation_task(args.eval_file, kind, labels or [], source)
+    if args.task:
+        task = load_task(args.task)
+    elif "task" in record["source"]:
+        task = load_task(record["source"]["task"])
+    else:
+        source = record["source"]
+        if not Path(source["train_file"]).exists():
+            raise UserError(f"the adapter was trained on {source['train_file']}, which is gone; pass --eval-file")
+        task = user_task(source["train_file"], source.get("eval_file"), source["task_type"], source["text_field"],
+                         source["label_field"], source["source_field"], source["target_field"])
+    if record is not None:
+        if task.kind != kind:
+            raise UserError(f"the adapter was trained for {_KIND_WORDS[kind]}; task '{task.name}' is "
+                            f"{_KIND_WORDS[task.kind]}")
+        if kind == "classify" and task.labels != labels:
+            raise UserError(f"task '{task.name}' has the labels {', '.join(task.labels)}; the adapter was trained on "
+                            f"{', '.join(labels)}")
+    return task

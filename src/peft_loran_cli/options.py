@@ -1,16 +1,12 @@
-"""The ``peft-loran`` entry point, kept light: it parses the arguments and answers ``--help`` and the input errors
-that need no model before anything imports torch, transformers or PEFT, and it quiets bitsandbytes' CPU-kernel
-notice (logged whenever PEFT imports bitsandbytes) for the command line only. The commands themselves are in
-:mod:`peft_loran.cli.main`.
+"""What the command line accepts, and the checks that need no model: the parser, the profiles, the list options
+and the rules for every number. Pure Python (no torch): the entry point answers ``--help`` and bad input from here
+in a fraction of a second, and the commands use the same definitions.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-import shlex
-import sys
+import math
 from pathlib import Path
 from typing import Optional
 
@@ -99,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--model", help="base model (default: the one recorded in the adapter)")
     ev.add_argument("--task", help="a bundled task (default: what the adapter was trained on)")
     ev.add_argument("--eval-file", help="your own JSONL/CSV, read with the field names the adapter was trained with")
-    ev.add_argument("--task-type", choices=["classify", "generate"], default="generate",
-                    help="with --eval-file, for adapters that record no task (e.g. the original code's)")
+    ev.add_argument("--task-type", choices=["classify", "generate"],
+                    help="with --eval-file, for adapters that record no task (e.g. the original code's; default "
+                         "generate); others must match what the adapter was trained for")
     ev.add_argument("--source-field", default="source")
     ev.add_argument("--target-field", default="target")
     ev.add_argument("--eval-limit", type=int)
@@ -131,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
 #: Options that take a comma-separated list in ``compare`` (a grid), with the type of their values.
 LIST_OPTIONS = {"rank": int, "lr": float, "seed": int, "sinter_amplitude": float, "sinter_frequency": float,
                 "sine_frequency": float}
+#: The settings that change from cell to cell of a sweep (every other setting is the same for all cells).
+GRID_OPTIONS = tuple(LIST_OPTIONS)
+#: Their short names in cell folders and plot labels.
+SHORT_NAMES = {"rank": "r", "lr": "lr", "seed": "s", "sinter_amplitude": "a", "sinter_frequency": "w",
+               "sine_frequency": "w"}
 #: A file in a compare output directory that makes it resumable (see peft_loran.cli.main.cmd_compare).
 SWEEP_STATE = "sweep.json"
 
@@ -158,6 +160,33 @@ def option_values(args: argparse.Namespace, name: str) -> Optional[list]:
     return values
 
 
+#: What each number must be: (test, what it must be). One definition for the early checks and ``Settings.check``.
+NUMBER_RULES = {
+    "rank": (lambda v: v > 0, "a positive integer"),
+    "alpha": (lambda v: v > 0 and math.isfinite(v), "a positive number"),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "steps": (lambda v: v > 0, "positive"),
+    "epochs": (lambda v: v > 0 and math.isfinite(v), "a positive number"),
+    "batch_size": (lambda v: v > 0, "positive"),
+    "grad_accum": (lambda v: v > 0, "positive"),
+    "max_length": (lambda v: v > 0, "positive"),
+    "gen_tokens": (lambda v: v > 0, "positive"),
+    "eval_limit": (lambda v: v > 0, "positive"),
+    "lr": (lambda v: v > 0 and math.isfinite(v), "a positive number"),
+    "sinter_amplitude": (math.isfinite, "a finite number"),
+    "sinter_frequency": (math.isfinite, "a finite number"),
+    "sine_frequency": (lambda v: v != 0 and math.isfinite(v), "a finite non-zero number"),
+}
+
+
+def number_problem(name: str, value) -> Optional[str]:
+    """The message for a number that breaks its rule (:data:`NUMBER_RULES`), or None."""
+    rule = NUMBER_RULES.get(name)
+    if value is None or rule is None or rule[0](value):
+        return None
+    return f"--{name.replace('_', '-')} must be {rule[1]}, got {value:g}"
+
+
 def early_problem(args: argparse.Namespace) -> Optional[str]:
     """What is wrong with the arguments that can be told without loading anything, or None."""
     for name in ("train_file", "eval_file"):
@@ -166,65 +195,35 @@ def early_problem(args: argparse.Namespace) -> Optional[str]:
             return f"data file not found: {path}"
     for name in LIST_OPTIONS:
         try:
-            option_values(args, name)
+            values = option_values(args, name)
         except ValueError as exc:
             return str(exc)
+        for value in values or []:
+            if number_problem(name, value):
+                return number_problem(name, value)
+    for name in NUMBER_RULES:
+        if name not in LIST_OPTIONS and number_problem(name, getattr(args, name, None)):
+            return number_problem(name, getattr(args, name))
     adapter = getattr(args, "adapter", None)
     if adapter and not (Path(adapter) / "adapter_config.json").exists():
         return f"{adapter} is not an adapter directory (no adapter_config.json)"
     output = getattr(args, "output_dir", None)
+    if output and Path(output).exists() and not Path(output).is_dir():
+        return f"--output-dir {output} is a file, not a directory; choose another --output-dir (nothing was removed)"
     resumable = args.command == "compare" and output and (Path(output) / SWEEP_STATE).exists()
     if output and Path(output).exists() and not getattr(args, "overwrite", False) and not resumable:
         return f"output directory {output} exists; pass --overwrite to replace it"
     return None
 
 
-def quiet_child(quiet: bool) -> None:
-    """Initializer of the processes that train one run each: bitsandbytes' CPU-kernel notice is logged when PEFT
-    imports it, so its logger is quieted here, in this light module, before anything imports peft_loran. The
-    process also ends when the command that started it is killed (otherwise it would train on, orphaned)."""
-    _exit_with_parent()
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from peft_loran.cli.training import quiet_libraries
+def prepare_data(args: argparse.Namespace) -> None:
+    """Read and check the data the command will use (the user's files, a bundled task, an adapter's task record),
+    before any model is loaded: ``args.task_data`` (and ``args.task_record`` for ``evaluate``). Pure Python, so a
+    bad file is reported in a fraction of a second. Raises UserError."""
+    from .data import evaluation_task_from, read_task_record, task_from
 
-    quiet_libraries(quiet)
-
-
-def _exit_with_parent() -> None:
-    import threading
-    import time
-
-    parent = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(2)
-        os._exit(143)  # the parent is gone: nobody will read this run's result
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    args = build_parser().parse_args(argv)
-    args.command_line = shlex.join(["peft-loran", *(sys.argv[1:] if argv is None else argv)])
-    problem = early_problem(args)
-    if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # transformers reads this when imported: its load reports ("classifier.weight MISSING" for the new head, which is
-    # expected) stay hidden unless the user asks for them with TRANSFORMERS_VERBOSITY=info
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    from peft_loran.cli.main import run
-
-    try:
-        run(args)
-    except BrokenPipeError:  # output piped into `head` and the like: stop quietly, as other command-line tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
-        sys.exit(0)
-
-
-if __name__ == "__main__":
-    main()
+    if args.command in ("compare", "train"):
+        args.task_data = task_from(args, PROFILES[args.profile]["task"])
+    elif args.command == "evaluate":
+        args.task_record = read_task_record(args.adapter)
+        args.task_data = evaluation_task_from(args, args.task_record)

@@ -1,5 +1,6 @@
 """The commands of ``peft-loran`` (compare, train, evaluate, export, inspect). The parser, the usage text and the
-checks that need no model live in the light entry point :mod:`peft_loran_cli`, which calls :func:`run`.
+checks that need no model are in :mod:`.options`; the entry point (:func:`peft_loran_cli.main`) runs them first,
+then :func:`run`.
 
 User errors end with one line ``error: ...`` and exit code 2; Ctrl-C ends with exit code 130.
 """
@@ -17,15 +18,12 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Iterator, Optional
 
-from peft_loran_cli import PROFILES, build_parser  # noqa: F401  (the parser lives in the light entry point)
-
 from .errors import UserError
+from .options import GRID_OPTIONS, LIST_OPTIONS, PROFILES, SHORT_NAMES, SWEEP_STATE, option_values
 
 # ---------------------------------------------------------------------------------------------- settings
 def settings_from(args: argparse.Namespace):
     """The run's Settings: the profile's defaults, then what was given (the first value of a list option)."""
-    from peft_loran_cli import LIST_OPTIONS
-
     from .training import Settings
 
     values = dict(PROFILES[args.profile])
@@ -46,8 +44,6 @@ def settings_from(args: argparse.Namespace):
 
 
 def _checked_values(args: argparse.Namespace, name: str) -> Optional[list]:
-    from peft_loran_cli import option_values
-
     try:
         return option_values(args, name)
     except ValueError as exc:
@@ -56,15 +52,6 @@ def _checked_values(args: argparse.Namespace, name: str) -> Optional[list]:
 
 def seeds_from(args: argparse.Namespace) -> list[int]:
     return _checked_values(args, "seed") or [0]
-
-
-def task_from(args: argparse.Namespace, profile_task: str):
-    from .data import load_task, user_task
-
-    if args.train_file:
-        return user_task(args.train_file, args.eval_file, args.task_type, args.text_field, args.label_field,
-                         args.source_field, args.target_field)
-    return load_task(args.task or profile_task)
 
 
 # -------------------------------------------------------------------------------------------- output dirs
@@ -87,8 +74,6 @@ def _write_json(path: Path, data) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ commands
-#: Settings that change from cell to cell of a sweep; every other setting is the same for all cells.
-GRID_OPTIONS = ("rank", "lr", "seed", "sinter_amplitude", "sinter_frequency", "sine_frequency")
 #: The activation parameters each kind of method uses (the others do not multiply its cells).
 METHOD_PARAMS = {"sinter": ("sinter_amplitude", "sinter_frequency"),
                  "cosinter": ("sinter_amplitude", "sinter_frequency"), "sine": ("sine_frequency",)}
@@ -113,8 +98,8 @@ def sweep_cells(args: argparse.Namespace, settings, methods: list[str]) -> list[
 
 def cell_name(cell: dict) -> str:
     """A folder name that says what the cell is: ``loran-r4-lr0.002-s0`` (and ``-a0.5-w3`` for its parameters)."""
-    short = {"sinter_amplitude": "a", "sinter_frequency": "w", "sine_frequency": "w"}
-    extra = "".join(f"-{short[k]}{cell[k]:g}" for k in short if k in cell)
+    params = ("sinter_amplitude", "sinter_frequency", "sine_frequency")
+    extra = "".join(f"-{SHORT_NAMES[k]}{cell[k]:g}" for k in params if k in cell)
     return f"{cell['method'].replace(':', '-')}-r{cell['rank']}-lr{cell['lr']:g}-s{cell['seed']}{extra}"
 
 
@@ -142,7 +127,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         parse_method(method)
     if len(set(methods)) != len(methods) or not methods:
         raise UserError(f"--methods must list distinct methods, got '{args.methods}'")
-    task = task_from(args, PROFILES[args.profile]["task"])
+    task = args.task_data
     model_path = resolve_model(settings.model, quiet=settings.quiet)
     metric = main_metric(task.kind)
     cells = sweep_cells(args, settings, methods)
@@ -200,7 +185,6 @@ def _prepare_sweep_dir(out: Path, fixed: dict, overwrite: bool) -> dict:
     import shutil
 
     from peft_loran._atomic import write_text_atomic
-    from peft_loran_cli import SWEEP_STATE
 
     state = out / SWEEP_STATE
     if out.exists() and overwrite:
@@ -238,7 +222,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if len(seeds_from(args)) > 1:
         raise UserError(f"train runs one seed, got --seed {args.seed}; use compare for several")
     settings = settings_from(args)
-    task = task_from(args, PROFILES[args.profile]["task"])
+    task = args.task_data
     model_path = resolve_model(settings.model, quiet=settings.quiet)
     with staged_output(args.output_dir, args.overwrite) as out:
         result = train(args.method, task, settings, model_path, out / "adapter").as_dict()
@@ -251,11 +235,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .models import resolve_model
-    from .training import Settings, cap_max_length, evaluate, load_base, main_metric, read_task_record
+    from .training import Settings, cap_max_length, evaluate, load_base, main_metric
 
     config = adapter_config(args.adapter)
-    record = read_task_record(args.adapter)
-    task = evaluation_task_from(args, record)
+    record, task = args.task_record, args.task_data
     recorded_base = (record or {}).get("base_model") or config.base_model_name_or_path
     model_spec = args.model or recorded_base
     if not model_spec:
@@ -265,54 +248,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         raise UserError(f"the adapter was trained on {record['base_model']}, not {model_path}; evaluating it on "
                         "another base model gives numbers that mean nothing (leave out --model)")
     max_length = args.max_length or (record or {}).get("max_length") or 128
-    settings = Settings(eval_limit=args.eval_limit, max_length=max_length, quiet=args.quiet)
+    same_data = not (args.task or args.eval_file)  # the run's own data: score the examples the run scored
+    eval_limit = args.eval_limit or ((record or {}).get("eval_limit") if same_data else None)
+    eval_split = (record or {}).get("eval_split", "test") if same_data else "test"
+    settings = Settings(eval_limit=eval_limit, eval_split=eval_split, max_length=max_length, quiet=args.quiet)
     base, tokenizer = load_base(model_path, task, settings)
     model = attach_adapter(base, args.adapter)
     cap_max_length(settings, model)
     metrics = evaluate(model, tokenizer, task, settings)
     metric = main_metric(task.kind)
     print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}))
-    print(f"{metric}: {metrics[metric]:.4f} on {metrics['n']} test examples of {task.name}")
+    print(f"{metric}: {metrics[metric]:.4f} on {metrics['n']} {settings.eval_split} examples of {task.name}")
     return 0
 
 
-def evaluation_task_from(args: argparse.Namespace, record: Optional[dict]):
-    """The data ``evaluate`` runs on: ``--eval-file`` (read with the adapter's field names and labels), ``--task``,
-    or by default what the adapter was trained on (its record); a task that does not fit the adapter is an error."""
-    from .data import evaluation_task, load_task, user_task
-
-    if args.task and args.eval_file:
-        raise UserError("give --task or --eval-file, not both")
-    if record is None and not (args.task or args.eval_file):
-        raise UserError(f"{args.adapter} records no task (it was not written by peft-loran train/compare); pass "
-                        "--task or --eval-file")
-    kind = record["kind"] if record else args.task_type
-    labels = record["labels"] if record else None
-    if args.eval_file:
-        if record is None and kind == "classify":
-            raise UserError("--eval-file with an adapter that records no labels cannot map classes to its outputs; "
-                            "use an adapter written by peft-loran train/compare")
-        source = record["source"] if record else {
-            "source_field": args.source_field, "target_field": args.target_field}
-        return evaluation_task(args.eval_file, kind, labels or [], source)
-    if args.task:
-        task = load_task(args.task)
-    elif "task" in record["source"]:
-        task = load_task(record["source"]["task"])
-    else:
-        source = record["source"]
-        if not Path(source["train_file"]).exists():
-            raise UserError(f"the adapter was trained on {source['train_file']}, which is gone; pass --eval-file")
-        task = user_task(source["train_file"], source.get("eval_file"), source["task_type"], source["text_field"],
-                         source["label_field"], source["source_field"], source["target_field"])
-    if record is not None:
-        if task.kind != kind:
-            raise UserError(f"the adapter was trained for {'classification' if kind == 'classify' else 'generation'};"
-                            f" task '{task.name}' is {'classification' if task.kind == 'classify' else 'generation'}")
-        if kind == "classify" and task.labels != labels:
-            raise UserError(f"task '{task.name}' has the labels {', '.join(task.labels)}; the adapter was trained on "
-                            f"{', '.join(labels)}")
-    return task
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -401,7 +350,8 @@ def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bo
 
     import peft_loran
 
-    from .training import qlora_quantization, read_task_record
+    from .data import read_task_record
+    from .training import qlora_quantization
 
     config = adapter_config(adapter)
     if not isinstance(config, peft_loran.LoranConfig):
@@ -467,13 +417,6 @@ def _saved_num_labels(adapter: str) -> int:
 
 COMMANDS = {"compare": cmd_compare, "train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export,
             "inspect": cmd_inspect}
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """The command line (also ``python -m peft_loran``): the same as the ``peft-loran`` entry point."""
-    import peft_loran_cli
-
-    peft_loran_cli.main(argv)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -19,20 +19,40 @@ from typing import Optional
 
 import torch
 
-from .data import Example, TaskData
+from .data import TASK_RECORD, Example, TaskData, read_task_record  # noqa: F401  (re-exported)
 from .errors import UserError
 from .models import default_targets
 
 
+def quiet_child(quiet: bool) -> None:
+    """Initializer of the processes that train one run each (before they import peft_loran, PEFT or bitsandbytes):
+    the same quiet as the command, and the process ends when the command that started it is killed (otherwise it
+    would train on, orphaned)."""
+    _exit_with_parent()
+    quiet_libraries(quiet)
+
+
+def _exit_with_parent() -> None:
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2)
+        os._exit(143)  # the parent is gone: nobody will read this run's result
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def quiet_libraries(quiet: bool = False) -> None:
-    """Keep the command line's log concise: bitsandbytes' optional-kernel notice on CPU and transformers' load
-    reports (e.g. "classifier.weight MISSING" for the new head, which is expected) are hidden; set
-    TRANSFORMERS_VERBOSITY=info to see them."""
-    import logging
+    """Keep the command line's log concise (library notices: :func:`peft_loran_cli.quiet_library_notices`;
+    deprecation warnings meant for library developers); ``--quiet``: the result only, no progress bars."""
     import warnings
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from . import quiet_library_notices
+
+    quiet_library_notices()
     # deprecation notices inside transformers/PEFT/torch are for their developers, not for users of this program
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -74,19 +94,12 @@ class Settings:
     command: str = ""  # the command line that started the run, for the model card
 
     def check(self) -> None:
-        if self.rank <= 0:
-            raise UserError(f"--rank must be a positive integer, got {self.rank}")
-        if not 0 <= self.dropout < 1:
-            raise UserError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.epochs is not None and not (self.epochs > 0 and math.isfinite(self.epochs)):
-            raise UserError(f"--epochs must be a positive number, got {self.epochs}")
-        for name in ("steps", "batch_size", "max_length", "grad_accum", "gen_tokens"):
-            if getattr(self, name) <= 0:
-                raise UserError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UserError(f"--lr must be a positive number, got {self.lr}")
-        if self.sine_frequency == 0 or not math.isfinite(self.sine_frequency):
-            raise UserError(f"--sine-frequency must be a finite non-zero number, got {self.sine_frequency}")
+        from .options import number_problem
+
+        for name, value in asdict(self).items():
+            problem = number_problem(name, value)
+            if problem:
+                raise UserError(problem)
         if self.eval_split not in ("test", "validation"):
             raise UserError(f"--eval-split must be test or validation, got {self.eval_split}")
 
@@ -391,7 +404,6 @@ def logging_interval(steps: int) -> int:
     return max(d for d in range(1, target + 1) if steps % d == 0)
 
 
-TASK_RECORD = "peft_loran_task.json"
 
 
 def write_task_record(adapter_dir: Path, task: TaskData, settings: Settings, model_path: str) -> None:
@@ -402,8 +414,20 @@ def write_task_record(adapter_dir: Path, task: TaskData, settings: Settings, mod
         "id2label": {str(i): label for i, label in enumerate(task.labels)},
         "label2id": {label: i for i, label in enumerate(task.labels)},
         "max_length": settings.max_length, "base_model": model_path,
+        # the examples the run's reported metric was computed on, so `evaluate` reproduces it by default
+        "eval_split": settings.eval_split, "eval_limit": settings.eval_limit,
     }
     (Path(adapter_dir) / TASK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+_METHOD_TITLES = {"lora": "LoRA", "rslora": "rsLoRA", "dora": "DoRA", "hira": "HiRA", "loran": "LoRAN"}
+
+
+def _model_title(model_path: str) -> str:
+    """A readable name of the base model: its folder, skipping generic names such as ``model`` (the folder of a
+    bundled model inside its package)."""
+    parts = [p for p in Path(model_path).parts if p.lower() not in ("/", "model", "models", "weights", "snapshots")]
+    return parts[-1] if parts else str(model_path)
 
 
 def write_model_card(adapter_dir: Path, method: str, config, task: TaskData, settings: Settings, model_path: str,
@@ -428,7 +452,7 @@ library_name: peft
 base_model: {model_path}
 tags: [{kind if kind != 'loran' else 'loran, peft-loran'}]
 ---
-# {method} adapter for {Path(model_path).name}
+# {_METHOD_TITLES.get(parse_method(method)[0], method)} adapter for {_model_title(model_path)}
 
 - **Base model:** `{model_path}`
 - **Method:** {how}
@@ -443,19 +467,12 @@ this_folder` evaluates it again on the same data (`peft_loran_task.json` records
     (Path(adapter_dir) / "README.md").write_text(card)
 
 
-def read_task_record(adapter_dir: str) -> Optional[dict]:
-    path = Path(adapter_dir) / TASK_RECORD
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def train_isolated(method: str, task: TaskData, settings: Settings, model_path: str,
                    save_to: Optional[Path]) -> RunResult:
     """:func:`train` in a fresh process, so every method of a comparison starts from the same memory state and
     its peak memory is its own (errors and Ctrl-C come back to the caller as usual)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-
-    from peft_loran_cli import quiet_child
 
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                              initializer=quiet_child, initargs=(settings.quiet,)) as pool:  # the CLI's settings
