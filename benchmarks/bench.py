@@ -310,7 +310,6 @@ def gemm_flops(case: Case, method: str) -> float:
     this is the floor that the step-time ratio is compared with."""
     n, h = case.tokens * case.batch, case.hidden
     inter = case.intermediate or int(h * 2.75) // 64 * 64
-    heads = case.heads or max(1, h // 64)
     kv = h  # num_key_value_heads == heads in these models
     linear = 2 * h * h + 2 * kv * h + 3 * h * inter  # q, o (h x h), k, v (kv x h), gate, up, down
     per_layer = 2 * n * linear * 2 + 4 * n * n * h * 3  # forward + input gradient; attention forward + 2x backward

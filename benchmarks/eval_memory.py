@@ -1,21 +1,19 @@
-"""What evaluation and generation hold in memory, and what they cost in time: base vs PEFT LoRA vs LoRAN with the
-eval cache, with a cache budget, without the cache, and merged; float32 and 4-bit (bitsandbytes NF4) bases.
+"""What evaluation and generation add to a training process's memory, and what they cost in time: base vs PEFT
+LoRA vs LoRAN (default: no eval cache; with the full cache; merged); float32 and 4-bit (bitsandbytes NF4) bases.
 
-    python benchmarks/eval_memory.py [--targets all|qv] [--json results/benchmarks/eval-memory-cpu.json]
-    python benchmarks/eval_memory.py --from-json results/benchmarks/eval-memory-cpu.json      # re-render
+    python benchmarks/eval_memory.py [--targets all|qv] [--json results/benchmarks/eval-memory-all-cpu.json]
+    python benchmarks/eval_memory.py --from-json results/benchmarks/eval-memory-all-cpu.json      # re-render
 
-Each (base, method) runs in a fresh process: build the Llama-shaped model (hidden 1024, 8 layers, as bench.py's
-headline; the 4-bit base is the same random model saved once and loaded with ``BitsAndBytesConfig(load_in_4bit)``),
-run one 1-token forward (bitsandbytes repacks 4-bit weights on the first CPU forward; that one-time transient
-is not what evaluation holds), adapt it (r = 8, random factors), then measure from the adapted model's RSS: **eval**, a no-grad forward of 256
-tokens, run 4 times after one warm-up (the warm-up builds LoRAN's cache, so the peak includes what the cache keeps);
-**gen**, greedy generation of 32 tokens from a 16-token prompt, 3 times after one warm-up. Memory is peak RSS above
-the adapted model before its first call (``/proc/self/status`` VmHWM after ``clear_refs``), for eval and for
-gen alike (gen runs after eval in the same process, so both include the cache); times are medians. LoRAN methods:
-``loran`` (default: cache on, unbounded), ``loran_budget`` (``set_eval_cache(model, True, max_mb=...)`` with
-half of what the full cache needs: half the layers cached, the rest per call), ``loran_nocache``
-(``set_eval_cache(model, False)``: every call rebuilds ``f(BA)`` block by block) and ``loran_merged``
-(``merge_and_unload()``: the base model's cost by construction, shown as the floor).
+Each (base, method) runs in a fresh process, as a Trainer does it: build the Llama-shaped model (hidden 1024, 4
+layers; the 4-bit base is the same random model saved once and loaded with ``BitsAndBytesConfig(load_in_4bit)``),
+adapt it (r = 8, random factors), train 3 AdamW steps on 256 tokens, then evaluate (a no-grad forward of 256 tokens,
+1 warm-up + 4 timed) and generate (16 greedy tokens from a 16-token prompt, 1 warm-up + 3 timed). **raise** is how
+far evaluation and generation push the process's peak RSS above the peak training reached (``/proc/self/status``
+VmHWM; 0 when they fit under it): the memory an evaluation inside training needs beyond training's own. Times
+are medians. ``base`` does not train (its rows are the speed yardstick). LoRAN methods: ``loran`` (the default:
+no cache, every no-grad call builds ``f(BA)`` block by block), ``loran_cache`` (``set_eval_cache(model, True)``:
+one weight-sized matrix per adapted layer in the compute dtype) and ``loran_merged`` (``merge_and_unload()`` after
+training: the base model's cost at inference).
 """
 
 from __future__ import annotations
@@ -31,15 +29,16 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import TARGETS, Case, _build, _median_seconds, _release_freed_memory  # noqa: E402
 
-METHODS = ("base", "lora", "loran", "loran_budget", "loran_nocache", "loran_merged")
+METHODS = ("base", "lora", "loran", "loran_cache", "loran_merged")
 BASES = ("float32", "4bit")
+LAYERS = 4
 
 
 def _model(base: str, saved: str):
     import torch
 
     if base == "float32":
-        return _build(Case(method="base"))
+        return _build(Case(method="base", layers=LAYERS))
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
@@ -60,21 +59,9 @@ def _adapt(model, method: str, targets: str):
     if method == "lora":
         return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=modules, init_lora_weights=False))
     model = get_peft_model(model, LoranConfig(r=8, loran_alpha=16, target_modules=modules, init_weights=False))
-    if method == "loran_budget":
-        full = sum(_cache_bytes(m) for m in model.modules() if isinstance(m, peft_loran.LoranLayer))
-        peft_loran.set_eval_cache(model, True, max_mb=full / 2 / 2**20)
-    elif method == "loran_nocache":
-        peft_loran.set_eval_cache(model, False)
-    elif method == "loran_merged":
-        model = model.merge_and_unload()
+    if method == "loran_cache":
+        peft_loran.set_eval_cache(model, True)
     return model
-
-
-def _cache_bytes(layer) -> int:
-    """Bytes one layer's cache entry takes: a weight-sized matrix in the compute dtype, which is float32 for both
-    bases here (the 4-bit model keeps its other modules, and so its activations, in float32)."""
-    base = layer.get_base_layer()
-    return base.out_features * base.in_features * 4
 
 
 def run_child(base: str, method: str, targets: str, saved: str) -> dict:
@@ -89,27 +76,38 @@ def run_child(base: str, method: str, targets: str, saved: str) -> dict:
     model = _model(base, saved).eval()
     with torch.no_grad():  # bitsandbytes repacks 4-bit weights on the first CPU forward: keep that out of the figures
         model(input_ids=ids[:, :1])
-    model = _adapt(model, method, targets).eval()
-    gen_kwargs = dict(max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    model = _adapt(model, method, targets)
     result: dict = {}
     _release_freed_memory()
-    model_rss = reset_peak_memory("cpu")
+    reset_peak_memory("cpu")
+    if method != "base":  # train as a Trainer would, then evaluate inside the same process
+        model.train()
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+        for _ in range(3):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        if method == "loran_merged":
+            model = model.merge_and_unload()
+    train_peak = peak_memory("cpu")[0]
+    result["train_peak_mb"] = train_peak
+    model.eval()
+    gen_kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         for what, call, repeats in (("eval", lambda: model(input_ids=ids), 4),
                                     ("gen", lambda: model.generate(input_ids=prompt, **gen_kwargs), 3)):
-            _release_freed_memory()
-            reset_peak_memory("cpu")
-            call()  # warm-up: builds LoRAN's cache
-            seconds = _median_seconds(call, repeats, "cpu")
-            result[f"{what}_mem_mb"] = peak_memory("cpu")[0] - model_rss  # both above the adapted model
-            result[f"{what}_s"] = seconds
-            if what == "eval" and method.startswith("loran") and method != "loran_merged":
-                import peft_loran
+            call()  # warm-up (builds LoRAN's cache when it is on)
+            result[f"{what}_s"] = _median_seconds(call, repeats, "cpu")
+            result[f"{what}_raise_mb"] = max(0.0, peak_memory("cpu")[0] - train_peak)
+    if method.startswith("loran") and method != "loran_merged":
+        import peft_loran
 
-                layers = [m for m in model.modules() if isinstance(m, peft_loran.LoranLayer)]
-                result["cached_layers"] = sum(bool(m._loran_cache) for m in layers)
-                result["adapted_layers"] = len(layers)
-    result["gen_tok_s"] = 32 / result.pop("gen_s")
+        layers = [m for m in model.modules() if isinstance(m, peft_loran.LoranLayer)]
+        result["cached_layers"] = sum(bool(m._loran_cache) for m in layers)
+        result["adapted_layers"] = len(layers)
+    result["gen_tok_s"] = 16 / result.pop("gen_s")
     return result
 
 
@@ -123,9 +121,8 @@ def measure(base: str, method: str, targets: str, saved: str) -> dict:
 
 def render(results: dict) -> str:
     lines = [f"targets: {results['targets']}; {results['machine']}", "",
-             "| base | method | cached layers | eval mem (MB) | eval forward (s) | eval / base | gen mem (MB) "
-             "| gen tok/s | gen / base |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| base | method | cached layers | eval raise (MB) | gen raise (MB) | eval forward (s) | eval / base | "
+             "gen tok/s | gen / base |", "|---|---|---|---|---|---|---|---|---|"]
     for base in BASES:
         rows = results["runs"].get(base)
         if not rows:
@@ -134,8 +131,10 @@ def render(results: dict) -> str:
         for method in METHODS:
             r = rows[method]
             cached = f"{r['cached_layers']} of {r['adapted_layers']}" if "cached_layers" in r else ""
-            lines.append(f"| {base} | {method} | {cached} | {r['eval_mem_mb']:.0f} | {r['eval_s']:.3f} | "
-                         f"{r['eval_s'] / ref['eval_s']:.2f}x | {r['gen_mem_mb']:.0f} | {r['gen_tok_s']:.1f} | "
+            raise_text = ("" if method == "base" else f"{r['eval_raise_mb']:.0f}", "" if method == "base"
+                          else f"{r['gen_raise_mb']:.0f}")
+            lines.append(f"| {base} | {method} | {cached} | {raise_text[0]} | {raise_text[1]} | {r['eval_s']:.3f} | "
+                         f"{r['eval_s'] / ref['eval_s']:.2f}x | {r['gen_tok_s']:.1f} | "
                          f"{r['gen_tok_s'] / ref['gen_tok_s']:.2f}x |")
     return "\n".join(lines)
 
@@ -160,7 +159,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as saved:
         bases = args.bases.split(",")
         if "4bit" in bases:
-            _build(Case(method="base")).save_pretrained(saved)
+            _build(Case(method="base", layers=LAYERS)).save_pretrained(saved)
         for base in bases:
             results["runs"][base] = {}
             for method in METHODS:

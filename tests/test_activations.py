@@ -28,8 +28,8 @@ def test_analytic_derivative_matches_autograd(name):
     x = torch.linspace(-3, 3, 101, dtype=torch.float64).requires_grad_()
     x = x[x.abs() > 1e-6].detach().requires_grad_()  # relu's kink
     act = get_activation(name, 0.3, 2.0)
-    (auto,) = torch.autograd.grad(act.fn(x).sum(), x)
-    torch.testing.assert_close(act.derivative(x.detach()), auto)
+    (auto,) = torch.autograd.grad(act(x).sum(), x)
+    torch.testing.assert_close(act.value_and_derivative(x.detach())[1], auto)
 
 
 @pytest.mark.parametrize("spelling", list(ORIGINAL_SPELLINGS))
@@ -97,7 +97,7 @@ def test_registered_activation_works_with_and_without_derivative():
             x = torch.randn(7, dtype=torch.float64)
             g = torch.randn(7, dtype=torch.float64)
             xr = x.clone().requires_grad_()
-            (auto,) = torch.autograd.grad(act.fn(xr), xr, g)
+            (auto,) = torch.autograd.grad(act(xr), xr, g)
             torch.testing.assert_close(act.grad(x, g), auto)
         config = peft_loran.LoranConfig(activation="Softsign_Test", target_modules=["lin"])
         assert config.activation == "softsign_test"
@@ -106,3 +106,52 @@ def test_registered_activation_works_with_and_without_derivative():
         unregister_activation("cube_test")
     with pytest.raises(ValueError, match="cannot be unregistered"):
         unregister_activation("sinter")
+
+
+def test_docs_table_is_the_definitions_table():
+    """docs/activations.md shows the table made from the definitions themselves, so the two cannot drift apart."""
+    from pathlib import Path
+
+    from peft_loran.activations import formula_table
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "activations.md").read_text()
+    assert formula_table() in docs
+
+
+def test_a_registered_activation_with_parameters_runs_on_the_compiled_kernels_like_a_builtin():
+    """``f(x) = x + c x^3`` with its constant declared as a parameter: set per adapter, compiled, and equal to the
+    plain reference in a training step."""
+    from peft import inject_adapter_in_model
+
+    from peft_loran import LoranConfig, kernels, set_kernel_compilation
+
+    from .reference import naive_linear_output
+    from .test_fused import One
+
+    register_activation("cubic_test", lambda x, c: x + c * x**3, lambda x, c: 1 + 3 * c * x**2, params={"c": 0.1},
+                        formula="x + c x^3")
+    calls = []
+    original = kernels._run
+    try:
+        set_kernel_compilation("1")
+        kernels._run = lambda *args: calls.append(args[1]) or original(*args)
+        config = LoranConfig(target_modules=["layer"], activation="cubic_test", activation_params={"c": 0.7},
+                             init_weights=False, r=4, loran_alpha=4)
+        layer = inject_adapter_in_model(config, One(24, 20, conv=False)).layer.train()
+        assert layer.loran_activation["default"].describe() == "x + c x^3, c = 0.7"
+        x = torch.randn(3, 24, requires_grad=True)
+        y = layer(x)
+        A, B = layer.loran_A["default"], layer.loran_B["default"]
+        grads = torch.autograd.grad(y.sum(), [x, A, B])
+        base = layer.get_base_layer()
+        ref = naive_linear_output(x, base.weight, base.bias, A, B, [], [], lambda z: z + 0.7 * z**3, 1.0)
+        torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
+        for g, r in zip(grads, torch.autograd.grad(ref.sum(), [x, A, B])):
+            torch.testing.assert_close(g.double(), r.double(), atol=1e-5, rtol=1e-4)
+        assert {"value", "value_and_grad"} <= set(calls)
+        with pytest.raises(ValueError, match="activation_params.*does not have.*its parameters: c"):
+            LoranConfig(activation="cubic_test", activation_params={"k": 1.0})
+    finally:
+        kernels._run = original
+        set_kernel_compilation(None)
+        unregister_activation("cubic_test")

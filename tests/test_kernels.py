@@ -20,6 +20,8 @@ from .test_fused import One, check_fused_layer_against_reference
 SETTINGS = [("sinter", 0.5, 3.0), ("sinter", 5e-5, 1e4), ("tanh", 0, 0), ("sigmoid", 0, 0), ("gaussian", 0, 0),
             ("cosinter", 0.5, 3.0), ("swish", 0, 0), ("cos", 0, 1e4)]
 
+pytestmark = pytest.mark.usefixtures("on_device")  # conftest: --device / PEFT_LORAN_TEST_DEVICE
+
 
 @pytest.fixture(autouse=True)
 def compiled_kernels():
@@ -209,8 +211,9 @@ def test_auto_mode_decides_by_shape_device_and_mode_only(monkeypatch):
     assert not kernels.compiles(act, 4096, 4096, cpu)
     set_kernel_compilation("1")
     assert kernels.compiles(act, 2, 2, cpu)
+    set_kernel_compilation("auto")
     register_activation("user_sq", lambda x: x * x, lambda x: 2 * x, overwrite=True)
-    try:
-        assert not kernels.compiles(get_activation("user_sq"), 4096, 4096, cpu)
+    try:  # registered activations compile like the built-ins
+        assert kernels.compiles(get_activation("user_sq"), 4096, 4096, cpu) == has_compiler
     finally:
         unregister_activation("user_sq")

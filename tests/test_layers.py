@@ -24,6 +24,8 @@ CHAINS = {
 }
 STRONG = dict(sinter_amplitude=0.5, sinter_frequency=3.0)  # a non-linearity strong enough to see
 
+pytestmark = pytest.mark.usefixtures("on_device")  # conftest: --device / PEFT_LORAN_TEST_DEVICE
+
 
 class Toy(nn.Module):
     def __init__(self):

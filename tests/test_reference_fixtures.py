@@ -17,12 +17,17 @@ from .conftest import FIXTURES
 CASES = sorted(p.name for p in FIXTURES.iterdir() if p.is_dir()) if FIXTURES.exists() else []
 
 
+pytestmark = pytest.mark.usefixtures("on_device")  # conftest: --device / PEFT_LORAN_TEST_DEVICE
+
+
 def load_case(name):
+    """The case's files and base model, on the tests' device (torch's default device, see conftest)."""
+    device = torch.empty(0).device
     case = FIXTURES / name
-    expected = load_file(case / "expected.safetensors")
-    grads = load_file(case / "expected_grads.safetensors")
+    expected = load_file(case / "expected.safetensors", device=str(device))
+    grads = load_file(case / "expected_grads.safetensors", device=str(device))
     meta = json.loads((case / "meta.json").read_text())
-    base = AutoModelForCausalLM.from_pretrained(case / "base").eval()
+    base = AutoModelForCausalLM.from_pretrained(case / "base").to(device).eval()
     return case, expected, grads, meta, base
 
 

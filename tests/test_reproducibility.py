@@ -14,7 +14,7 @@ from peft import get_peft_model
 from peft_loran import LoranConfig, kernels, set_kernel_compilation
 
 from .conftest import tiny_llama
-from .test_cli import cls_file, run, tiny_encoder, tokenizer_dir  # noqa: F401  (fixtures)
+from .test_cli import run
 
 
 def seeded_training(steps: int = 4) -> dict[str, torch.Tensor]:

@@ -11,7 +11,8 @@ from peft import PeftModel, get_peft_model
 from peft_loran import LoranConfig
 
 from .conftest import tiny_llama
-from .test_cli import make_tiny_lm, run, tiny_lm, tokenizer_dir  # noqa: F401  (fixtures)
+from .conftest import make_tiny_lm
+from .test_cli import run
 
 
 def text_dataset(n=16):

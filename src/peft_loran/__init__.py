@@ -7,7 +7,8 @@
 
 from .activations import Activation, available_activations, get_activation, register_activation, unregister_activation
 from .compat import CorruptCheckpointError, UnsafeCheckpointError, convert_original_checkpoint
-from .config import LORAN, MLORA, LoranConfig, MLoraConfig
+from .compat import MLORA, MLoraConfig
+from .config import LORAN, LoranConfig
 from .export import export_lora, export_merged
 from .kernels import kernel_compilation, set_kernel_compilation
 from .layer import Embedding, Linear, LoranLayer

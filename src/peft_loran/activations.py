@@ -1,257 +1,214 @@
-"""Named element-wise activations for LoRAN: the value ``f(x)`` and its derivative ``f'(x)``.
+"""Element-wise activations for LoRAN, each defined once.
 
-The fused backward (see :mod:`peft_loran.functional`) rebuilds ``f(BA)`` block by block and needs ``f'`` without
-keeping autograd graphs alive, so every built-in activation carries an analytic derivative. A user activation
-registered without a derivative still works: its derivative is taken with autograd on one block at a time.
+An :class:`ActivationDefinition` holds everything there is to know about one ``f``: a single function that returns
+``f(x)`` and, when asked, ``f'(x)`` (sharing the work between them), with every constant as a named parameter with
+a default; its formula as text; and which :class:`~peft_loran.LoranConfig` fields set its parameters. Everything
+else is derived from it: the eager blocks of the fused path, the compiled kernels (:mod:`peft_loran.kernels`, which
+trace the same function with the parameters as arguments), the command line's per-method options, the reports and
+the docs table (:func:`formula_table`). An :class:`Activation` is a definition with its parameter values bound.
 
 Names are case-insensitive. The original code's nine names ("Sin", "Sigmoid", "Tanh", "Relu", "Silu", "Identity",
 "Swish", "Cos", "Gaussian") compute exactly what the original computes (its ``Swish`` is ``x sigmoid(25 x)``, its
 ``Cos`` is ``x cos(1e4 x) + x`` with fixed constants, its ``Gaussian`` is ``0.5 x exp(-x^2)``); ``cosinter`` is our
-own Sinter-style cosine with configurable ``a`` and ``w``; ``sine`` is Sine-LoRA's ``sin(w x) / g`` (Ji et al., ICLR
-2025). See ``docs/activations.md`` for the formulas.
+own Sinter-style cosine; ``sine`` is Sine-LoRA's ``sin(w x) / g`` (Ji et al., ICLR 2025). Users add their own with
+:func:`register_activation`, with parameters if they like; those run on the compiled kernels too.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 
-TensorFn = Callable[[torch.Tensor], torch.Tensor]
+Tensor = torch.Tensor
+#: ``function(x, *params, derivative=False) -> (f(x), f'(x) if derivative else None)``; plain torch operations on
+#: tensors it may not modify (temporaries it creates may be updated in place).
+ActivationFunction = Callable[..., tuple[Tensor, Optional[Tensor]]]
+
+
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per registered definition
+class ActivationDefinition:
+    """One activation, defined once (see the module docstring).
+
+    ``derivative_known``: False when ``function`` cannot give ``f'`` (a user activation without a derivative): the
+    backward then takes it with autograd, one block at a time. ``config_fields`` maps parameters to the
+    ``LoranConfig`` fields (and command-line options) that set them; the other parameters keep their defaults
+    unless ``LoranConfig(activation_params=...)`` sets them."""
+
+    name: str
+    function: ActivationFunction
+    params: tuple[tuple[str, float], ...] = ()
+    formula: str = ""
+    derivative_formula: str = ""
+    derivative_known: bool = True
+    config_fields: dict[str, str] = field(default_factory=dict)
+    original_name: str = ""  # the original code's spelling, for its nine
+    #: the parameters :func:`get_activation`'s ``amplitude`` and ``frequency`` set (Sinter-style activations)
+    amplitude_frequency: tuple[str, ...] = ()
+
+    @property
+    def defaults(self) -> dict[str, float]:
+        return dict(self.params)
 
 
 @dataclass(frozen=True)
 class Activation:
-    """An element-wise function with (optionally) its analytic derivative.
+    """A definition with its parameter values; ``offset`` (``f(0)`` for zero-centred adapters) is subtracted from
+    the value so that an all-zero ``B`` gives an all-zero update. Frozen and compared by value: the eval cache uses
+    equality to tell whether the activation of a layer changed."""
 
-    ``offset`` is subtracted from the value so that ``f(0) == 0`` when the adapter is zero-centred; it does not
-    change the derivative.
-    """
-
-    name: str
-    fn: TensorFn
-    derivative: Optional[TensorFn] = None
+    definition: ActivationDefinition
+    values: tuple[float, ...] = ()
     offset: float = 0.0
-    #: optional ``x -> (f(x), f'(x))`` sharing work between the two (Sinter computes sin and cos once)
-    both: Optional[Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]] = None
-    #: optional ``(base, B_rows, A, alpha, with_derivative) -> (base + alpha f(B_rows A), apply)`` where
-    #: ``apply(g)`` returns ``g * f'(B_rows A)`` (may overwrite ``g``): the fused path's hot loop, free to
-    #: rearrange the product (Sinter folds ``w`` into ``A``)
-    block_fn: Optional[Callable] = None
-    #: the same ``f`` and ``f'`` with every float constant as an argument: ``param_fn(x, *params)``. The compiled
-    #: kernels (:mod:`peft_loran.kernels`) use these: torch.compile mis-caches kernels whose float constants live
-    #: in closures (a kernel traced for one Sinter setting served another), while float arguments are proper
-    #: inputs, so one compiled kernel serves every setting. Activations without them run eagerly.
-    param_fn: Optional[Callable] = None
-    param_derivative: Optional[Callable] = None
-    params: tuple = ()
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fn(x)
+    @property
+    def name(self) -> str:
+        return self.definition.name
+
+    @property
+    def has_derivative(self) -> bool:
+        return self.definition.derivative_known
+
+    def __call__(self, x: Tensor) -> Tensor:
+        y = self.definition.function(x, *self.values)[0]
         return y - self.offset if self.offset else y
 
-    def grad(self, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-        """Return ``grad_out * f'(x)``; falls back to autograd when no analytic derivative is known."""
-        if self.derivative is not None:
-            return grad_out * self.derivative(x)
-        with torch.enable_grad():
-            leaf = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self.fn(leaf), leaf, grad_out)
-        return g
-
-    def value_and_derivative(self, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(f(x), f'(x))``; ``f'`` is None when no analytic derivative is known (use :meth:`grad`)."""
-        if self.both is not None:
-            y, d = self.both(x)
-        else:
-            y = self.fn(x)
-            d = self.derivative(x) if self.derivative is not None else None
+    def value_and_derivative(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """``(f(x), f'(x))`` in one pass where the definition shares the work; ``f'`` is None when unknown (then use
+        :meth:`grad`)."""
+        y, d = self.definition.function(x, *self.values, derivative=self.has_derivative)
         return (y - self.offset if self.offset else y), d
 
+    def grad(self, x: Tensor, grad_out: Tensor) -> Tensor:
+        """``grad_out * f'(x)``, by autograd where the derivative is not known."""
+        if self.has_derivative:
+            return grad_out * self.definition.function(x, *self.values, derivative=True)[1]
+        with torch.enable_grad():
+            leaf = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.definition.function(leaf, *self.values)[0], leaf, grad_out)
+        return g
+
     def scaled_add(
-        self, base: Optional[torch.Tensor], x: torch.Tensor, alpha: float, with_derivative: bool = False
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """``(base + alpha * f(x), f'(x) if with_derivative)``; ``base`` None means 0. Overwrites ``x`` only if
-        ``f`` returns ``x`` itself (the identity, whose derivative does not depend on ``x``)."""
-        if with_derivative:
-            y, d = self.value_and_derivative(x)
-        else:
-            y, d = self(x), None
-        out = y.mul_(alpha) if base is None else torch.add(base, y, alpha=alpha)
-        return out, d
+        self, base: Optional[Tensor], x: Tensor, alpha: float, with_derivative: bool = False
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """``(base + alpha * f(x), f'(x) if with_derivative)``; ``base`` None means 0. Never modifies ``x``."""
+        y, d = self.value_and_derivative(x) if with_derivative else (self(x), None)
+        if base is not None:
+            return torch.add(base, y, alpha=alpha), d
+        return (y * alpha if y is x else y.mul_(alpha)), d
 
     def value_at_zero(self) -> float:
-        return float(self.fn(torch.zeros((), dtype=torch.float32)))
+        return float(self.definition.function(torch.zeros((), dtype=torch.float64), *self.values)[0])
 
     def centered(self) -> "Activation":
-        """The same activation shifted so that ``f(0) == 0`` (an all-zero ``B`` then gives an all-zero update)."""
-        offset = self.value_at_zero()
-        return dataclasses.replace(self, offset=offset, block_fn=self.block_fn if not offset else None)
+        """The same activation shifted so that ``f(0) == 0``."""
+        return dataclasses.replace(self, offset=self.value_at_zero())
+
+    def describe(self) -> str:
+        """``f(x) = <formula>`` with the parameter values, e.g. ``x + a x sin(w x), a = 5e-05, w = 10000``."""
+        values = ", ".join(f"{name} = {value:g}" for (name, _), value in zip(self.definition.params, self.values))
+        return self.definition.formula + (f", {values}" if values else "")
 
 
-# A factory builds an Activation from the two Sinter-style parameters (ignored by most activations).
-ActivationFactory = Callable[[float, float], Activation]
-
-_REGISTRY: dict[str, ActivationFactory] = {}
-# the original implementation's spellings and a few obvious synonyms
-_ALIASES: dict[str, str] = {"sin": "sinter"}
-
-
-def _sinter(amplitude: float, frequency: float) -> Activation:
-    a, w = amplitude, frequency
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        # x * (1 + a sin(w x)), in three passes over x
-        return torch.sin(x * w).mul_(a).add_(1).mul_(x)
-
-    def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """f(x) and f'(x) = 1 + a sin(wx) + a wx cos(wx), sharing 1 + a sin(wx)."""
-        wx = w * x
-        one_plus = torch.sin(wx).mul_(a).add_(1)
-        value = one_plus * x
-        return value, one_plus.addcmul_(wx, torch.cos(wx), value=a)
-
-    def derivative(x: torch.Tensor) -> torch.Tensor:
-        return both(x)[1]
-
-    def block(base, B_rows, A, alpha, with_derivative):
-        # work on u = w B A (w folded into the small A): base + alpha f(BA) = base + k u + k a u sin(u), k = alpha/w
-        u = B_rows @ (A * w)
-        sin_u = torch.sin(u)
-        k = alpha / w
-        out = u * k if base is None else torch.add(base, u, alpha=k)
-        out.addcmul_(u, sin_u, value=k * a)
-        if not with_derivative:
-            return out, None
-        t = sin_u.addcmul_(u, torch.cos(u))  # sin(u) + u cos(u), so f'(BA) = 1 + a t
-        del u
-
-        def apply_derivative(g: torch.Tensor) -> torch.Tensor:
-            return g.addcmul_(g, t, value=a)
-
-        return out, apply_derivative
-
-    return Activation("sinter", fn, derivative, both=both, block_fn=block, param_fn=_sinter_value,
-                      param_derivative=_sinter_derivative, params=(a, w))
+# ------------------------------------------------------------------------------------------------ the built-ins
+def _sinter(x: Tensor, a: float, w: float, derivative: bool = False):
+    wx = x * w
+    s = torch.sin(wx)
+    value = torch.addcmul(x, x, s, value=a)
+    if not derivative:
+        return value, None
+    return value, torch.cos(wx).mul_(wx).add_(s).mul_(a).add_(1)  # 1 + a (sin(wx) + wx cos(wx))
 
 
-def _sinter_value(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
-    return x + a * x * torch.sin(w * x)
+def _cosinter(x: Tensor, a: float, w: float, derivative: bool = False):
+    wx = x * w
+    c = torch.cos(wx)
+    value = torch.addcmul(x, x, c, value=a)
+    if not derivative:
+        return value, None
+    return value, torch.sin(wx).mul_(wx).neg_().add_(c).mul_(a).add_(1)  # 1 + a (cos(wx) - wx sin(wx))
 
 
-def _sinter_derivative(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
-    wx = w * x
-    return 1 + a * torch.sin(wx) + a * wx * torch.cos(wx)
+def _sine(x: Tensor, a: float, w: float, derivative: bool = False):
+    wx = x * w
+    return torch.sin(wx).mul_(a), (torch.cos(wx).mul_(a * w) if derivative else None)
 
 
-def _cosinter_value(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
-    return x + a * x * torch.cos(w * x)
-
-
-def _cosinter_derivative(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
-    wx = w * x
-    return 1 + a * torch.cos(wx) - a * wx * torch.sin(wx)
-
-
-def _cosinter(amplitude: float, frequency: float) -> Activation:
-    a, w = amplitude, frequency
-    return Activation("cosinter", lambda x: _cosinter_value(x, a, w), lambda x: _cosinter_derivative(x, a, w),
-                      param_fn=_cosinter_value, param_derivative=_cosinter_derivative, params=(a, w))
-
-
-def _sine_value(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
-    return a * torch.sin(w * x)
-
-
-def _sine_derivative(x: torch.Tensor, a: float, w: float) -> torch.Tensor:
-    return (a * w) * torch.cos(w * x)
-
-
-def _sine(amplitude: float, frequency: float) -> Activation:
-    """Sine-LoRA's ``a sin(w x)``; ``a`` is ``1 / g`` (``g = sqrt(in_features)`` per layer by default, set by the
-    layer from ``LoranConfig.sine_gain``), ``w`` is ``sine_frequency``. Near zero it is ``(a w) x``: LoRA with its
-    scale multiplied by ``w / g``."""
-    a, w = amplitude, frequency
-    return Activation("sine", lambda x: _sine_value(x, a, w), lambda x: _sine_derivative(x, a, w),
-                      param_fn=_sine_value, param_derivative=_sine_derivative, params=(a, w))
-
-
-def _sigmoid_derivative(x: torch.Tensor) -> torch.Tensor:
+def _sigmoid(x: Tensor, derivative: bool = False):
     s = torch.sigmoid(x)
-    return s * (1 - s)
+    return s, (s * (1 - s) if derivative else None)
 
 
-def _silu_derivative(x: torch.Tensor) -> torch.Tensor:
+def _tanh(x: Tensor, derivative: bool = False):
+    t = torch.tanh(x)
+    return t, (1 - t * t if derivative else None)
+
+
+def _relu(x: Tensor, derivative: bool = False):
+    return torch.relu(x), ((x > 0).to(x.dtype) if derivative else None)
+
+
+def _silu(x: Tensor, derivative: bool = False):
     s = torch.sigmoid(x)
-    return s * (1 + x * (1 - s))
+    return x * s, (s * (1 + x * (1 - s)) if derivative else None)
 
 
-#: The original's Swish has its steepness fixed in the code: ``x * sigmoid(25 x)``.
-SWISH_BETA = 25.0
-#: The original's Cos has amplitude and frequency fixed in the code (``mlora_af_sin_*`` are not passed to it).
-COS_FREQUENCY = 1e4
-
-
-def _swish(x: torch.Tensor, beta: float = SWISH_BETA) -> torch.Tensor:
-    return x * torch.sigmoid(beta * x)
-
-
-def _swish_derivative(x: torch.Tensor, beta: float = SWISH_BETA) -> torch.Tensor:
+def _swish(x: Tensor, beta: float, derivative: bool = False):
     s = torch.sigmoid(beta * x)
-    return s + beta * x * s * (1 - s)
+    return x * s, (s + beta * x * s * (1 - s) if derivative else None)
 
 
-def _cos(x: torch.Tensor, w: float = COS_FREQUENCY) -> torch.Tensor:
-    return x * torch.cos(w * x) + x
+def _identity(x: Tensor, derivative: bool = False):
+    return x, (torch.ones_like(x) if derivative else None)
 
 
-def _cos_derivative(x: torch.Tensor, w: float = COS_FREQUENCY) -> torch.Tensor:
-    wx = w * x
-    return torch.cos(wx) - wx * torch.sin(wx) + 1
+def _cos(x: Tensor, w: float, derivative: bool = False):
+    wx = x * w
+    c = torch.cos(wx)
+    value = torch.addcmul(x, x, c)
+    return value, (c - wx * torch.sin(wx) + 1 if derivative else None)
 
 
-def _gaussian(x: torch.Tensor) -> torch.Tensor:
-    return 0.5 * x * torch.exp(-x * x)
+def _gaussian(x: Tensor, derivative: bool = False):
+    e = torch.exp(-x * x)
+    return 0.5 * x * e, ((0.5 - x * x) * e if derivative else None)
 
 
-def _gaussian_derivative(x: torch.Tensor) -> torch.Tensor:
-    return (0.5 - x * x) * torch.exp(-x * x)
+SINTER_FIELDS = {"a": "sinter_amplitude", "w": "sinter_frequency"}
 
+#: The original's nine (as its code computes them: the fixtures' README), ``cosinter`` and Sine-LoRA's ``sine``.
+BUILTINS: dict[str, ActivationDefinition] = {d.name: d for d in [
+    ActivationDefinition("sinter", _sinter, (("a", 5e-5), ("w", 1e4)), "x + a x sin(w x)",
+                         "1 + a sin(w x) + a w x cos(w x)", config_fields=SINTER_FIELDS, original_name="Sin",
+                         amplitude_frequency=("a", "w")),
+    ActivationDefinition("sigmoid", _sigmoid, (), "1 / (1 + exp(-x))", "s (1 - s), s = sigmoid(x)",
+                         original_name="Sigmoid"),
+    ActivationDefinition("tanh", _tanh, (), "tanh(x)", "1 - tanh(x)^2", original_name="Tanh"),
+    ActivationDefinition("relu", _relu, (), "max(x, 0)", "1 if x > 0 else 0", original_name="Relu"),
+    ActivationDefinition("silu", _silu, (), "x sigmoid(x)", "s (1 + x (1 - s)), s = sigmoid(x)",
+                         original_name="Silu"),
+    ActivationDefinition("identity", _identity, (), "x", "1", original_name="Identity"),
+    # the original fixes the steepness of its Swish at 25 and the frequency of its Cos at 1e4
+    ActivationDefinition("swish", _swish, (("beta", 25.0),), "x sigmoid(beta x)",
+                         "s + beta x s (1 - s), s = sigmoid(beta x)", original_name="Swish"),
+    ActivationDefinition("cos", _cos, (("w", 1e4),), "x cos(w x) + x", "cos(w x) - w x sin(w x) + 1",
+                         original_name="Cos"),
+    ActivationDefinition("gaussian", _gaussian, (), "0.5 x exp(-x^2)", "(0.5 - x^2) exp(-x^2)",
+                         original_name="Gaussian"),
+    ActivationDefinition("cosinter", _cosinter, (("a", 5e-5), ("w", 1e4)), "x + a x cos(w x)",
+                         "1 + a cos(w x) - a w x sin(w x)", config_fields=SINTER_FIELDS,
+                         amplitude_frequency=("a", "w")),
+    # Sine-LoRA: a = 1 / g, set per layer from sine_gain (None: sqrt(in_features)) by LoranConfig.build_activation
+    ActivationDefinition("sine", _sine, (("a", 1.0), ("w", 200.0)), "a sin(w x), a = 1 / g", "a w cos(w x)",
+                         config_fields={"w": "sine_frequency"}, amplitude_frequency=("a", "w")),
+]}
 
-def _fixed(name: str, fn: TensorFn, derivative: Optional[TensorFn], *params: float) -> ActivationFactory:
-    """A built-in without configurable parameters; ``params`` are its fixed float constants (arguments of ``fn``
-    and ``derivative`` after ``x``, passed as such to the compiled kernels)."""
-    def build(amplitude: float, frequency: float) -> Activation:
-        value = (lambda x: fn(x, *params)) if params else fn
-        slope = (lambda x: derivative(x, *params)) if params else derivative
-        return Activation(name, value, slope, param_fn=fn, param_derivative=derivative, params=params)
-
-    return build
-
-
-def _user(name: str, fn: TensorFn, derivative: Optional[TensorFn]) -> ActivationFactory:
-    """A registered activation: eager only (its closures may hold floats the compiled kernels would mis-cache)."""
-    return lambda amplitude, frequency: Activation(name, fn, derivative)
-
-
-# The original's nine (as its code computes them: fixture README) plus ``cosinter`` and Sine-LoRA's ``sine``.
-_BUILTINS: dict[str, ActivationFactory] = {
-    "sinter": _sinter,
-    "cosinter": _cosinter,
-    "sine": _sine,
-    "sigmoid": _fixed("sigmoid", torch.sigmoid, _sigmoid_derivative),
-    "tanh": _fixed("tanh", torch.tanh, lambda x: 1 - torch.tanh(x) ** 2),
-    "relu": _fixed("relu", torch.relu, lambda x: (x > 0).to(x.dtype)),
-    "silu": _fixed("silu", torch.nn.functional.silu, _silu_derivative),
-    "swish": _fixed("swish", _swish, _swish_derivative, SWISH_BETA),
-    "identity": _fixed("identity", lambda x: x, torch.ones_like),
-    "cos": _fixed("cos", _cos, _cos_derivative, COS_FREQUENCY),
-    "gaussian": _fixed("gaussian", _gaussian, _gaussian_derivative),
-}
-_REGISTRY.update(_BUILTINS)
+_REGISTRY: dict[str, ActivationDefinition] = dict(BUILTINS)
+#: the original implementation's spellings that are not our names lower-cased
+_ALIASES: dict[str, str] = {"sin": "sinter"}
 
 
 def available_activations() -> list[str]:
@@ -274,37 +231,87 @@ def canonical_name(name: str) -> str:
     return key
 
 
-def get_activation(name: str, amplitude: float = 5e-5, frequency: float = 1e4) -> Activation:
-    """Build the activation ``name``; ``amplitude``/``frequency`` are used by Sinter and its cosine sibling, and by
-    ``sine`` as ``1 / g`` and ``w``."""
-    for param, value in (("sinter_amplitude", amplitude), ("sinter_frequency", frequency)):
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"`{param}` must be a finite number, got {value!r}.")
-    return _REGISTRY[canonical_name(name)](float(amplitude), float(frequency))
+def definition(name: str) -> ActivationDefinition:
+    return _REGISTRY[canonical_name(name)]
+
+
+def get_activation(
+    name: str, amplitude: Optional[float] = None, frequency: Optional[float] = None,
+    params: Optional[dict[str, float]] = None,
+) -> Activation:
+    """Build the activation ``name`` with its parameters: the defaults, then ``amplitude`` / ``frequency`` for the
+    parameters ``a`` / ``w`` (Sinter, its cosine, Sine-LoRA), then ``params`` by name."""
+    spec = definition(name)
+    values = spec.defaults
+    for param, given in zip(spec.amplitude_frequency, (amplitude, frequency)):
+        if given is not None:
+            values[param] = given
+    unknown = sorted(set(params or {}) - set(values))
+    if unknown:
+        raise ValueError(f"`activation_params` names {', '.join(unknown)}, which activation {spec.name!r} does not "
+                         f"have; its parameters: {', '.join(values) or 'none'}.")
+    values.update(params or {})
+    for param, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            field_name = spec.config_fields.get(param, f"activation_params['{param}']")
+            raise ValueError(f"`{field_name}` ({spec.name}'s {param}) must be a finite number, got {value!r}.")
+    return Activation(spec, tuple(float(v) for v in values.values()))
 
 
 def register_activation(
-    name: str, fn: TensorFn, derivative: Optional[TensorFn] = None, *, overwrite: bool = False
+    name: str, fn: Callable[..., Tensor], derivative: Optional[Callable[..., Tensor]] = None, *,
+    params: Optional[dict[str, float]] = None, formula: str = "", overwrite: bool = False,
 ) -> None:
     """Make ``fn`` available as ``LoranConfig(activation=name)``.
 
-    ``fn`` must be element-wise. Give ``derivative`` (``f'(x)``) if you can: without it the backward pass
-    uses autograd on each block, which is slower but exact. Registered names live for the Python process, so
-    register before loading an adapter that names your activation.
-    """
-    key = name.strip().lower()
+    ``fn(x, *params)`` must be element-wise; ``params`` names its constants with their defaults (in argument order),
+    set per adapter with ``LoranConfig(activation_params={...})``. Give ``derivative(x, *params)`` (``f'``) if you
+    can: without it the backward pass uses autograd on each block, which is slower but exact. With the constants
+    as parameters (not captured in a closure) the activation runs on the compiled kernels like a built-in. Names
+    live for the Python process, so register before loading an adapter that names your activation."""
+    key = name.strip().lower() if isinstance(name, str) else ""
     if not key:
         raise ValueError("`name` must be a non-empty string.")
     if not callable(fn) or (derivative is not None and not callable(derivative)):
         raise ValueError("`fn` and `derivative` must be callables taking and returning a tensor.")
     if (key in _REGISTRY or key in _ALIASES) and not overwrite:
         raise ValueError(f"Activation {name!r} is already registered; pass `overwrite=True` to replace it.")
-    _REGISTRY[key] = _user(key, fn, derivative)
+    if key in BUILTINS:
+        raise ValueError(f"{name!r} is a built-in activation and cannot be replaced; register it under another name.")
+
+    user_derivative = derivative
+
+    def function(x: Tensor, *values: float, derivative: bool = False):
+        return fn(x, *values), (user_derivative(x, *values) if derivative and user_derivative else None)
+
+    defaults = tuple((str(k), float(v)) for k, v in (params or {}).items())
+    _REGISTRY[key] = ActivationDefinition(key, function, defaults, formula or f"{key} (registered)",
+                                          derivative_known=derivative is not None)
 
 
 def unregister_activation(name: str) -> None:
     """Remove a user activation (built-ins cannot be removed)."""
     key = name.strip().lower()
-    if key in _BUILTINS:
+    if key in BUILTINS:
         raise ValueError(f"Built-in activation {name!r} cannot be unregistered.")
     _REGISTRY.pop(key, None)
+
+
+def parameter_fields() -> dict[str, tuple[str, ...]]:
+    """Per activation, the LoranConfig fields (and command-line options) that set its parameters."""
+    return {name: tuple(spec.config_fields.values()) for name, spec in _REGISTRY.items()}
+
+
+def formula_table() -> str:
+    """The docs' table of the built-in activations (docs/activations.md holds it verbatim; a test checks that)."""
+    lines = ["| name (original's spelling) | f(x) | f'(x) | parameters (defaults) | f(0) | f'(0) |",
+             "|---|---|---|---|---|---|"]
+    for spec in BUILTINS.values():
+        act = get_activation(spec.name)
+        zero = torch.zeros((), dtype=torch.float64)
+        f0, d0 = spec.function(zero, *act.values, derivative=True)
+        params = ", ".join(f"{k} = {v:g}" + (f" (`{spec.config_fields[k]}`)" if k in spec.config_fields else "")
+                           for k, v in spec.params) or "none"
+        lines.append(f"| `{spec.name}`" + (f" (`{spec.original_name}`)" if spec.original_name else "")
+                     + f" | {spec.formula} | {spec.derivative_formula} | {params} | {float(f0):g} | {float(d0):g} |")
+    return "\n".join(lines)

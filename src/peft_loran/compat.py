@@ -16,9 +16,12 @@ import json
 import os
 import pickle
 import re
-from typing import Optional
+from dataclasses import InitVar, dataclass, field
+from typing import Optional, Union
 
 import torch
+
+from .config import ExternalPeftType, LoranConfig
 
 _FACTOR_KEY = re.compile(r"(^|\.)mlora_(?:embedding_)?(A|B)$")
 _STAGE_KEY = re.compile(r"(^|\.)mlora_(?:embedding_)?(P|b)_(\d+)$")
@@ -123,7 +126,6 @@ def convert_original_checkpoint(source: str, destination: str, overwrite: bool =
     from safetensors.torch import save_file
 
     from ._atomic import atomic_directory
-    from .config import MLoraConfig
 
     with open(os.path.join(source, "adapter_config.json")) as fh:
         raw = json.load(fh)
@@ -140,3 +142,94 @@ def convert_original_checkpoint(source: str, destination: str, overwrite: bool =
     except FileExistsError:
         raise FileExistsError(f"{destination} exists; pass overwrite=True to replace it.") from None
     return destination
+
+
+#: peft_type written by the original research code; loading maps it onto LoRAN.
+MLORA = ExternalPeftType("MLORA")
+
+
+# The original implementation's argument defaults (its README's table; they differ from the paper's setting).
+_ORIGINAL_DEFAULTS = dict(
+    mlora_alpha=8, mlora_dropout=0.0, mlora_af="Sigmoid", mlora_af_sin_A=5e-4, mlora_af_sin_omega=1000.0,
+    mlora_use_P=True, mlora_use_b=True, init_mlora_weights=True,
+)
+#: The original's ``bias`` values and ours.
+_ORIGINAL_BIAS = {"mlora_only": "loran_only"}
+
+
+@dataclass
+class MLoraConfig(LoranConfig):
+    """The original LoRAN code's ``MLoraConfig``: every argument of its table, with its meaning and its default,
+    translated into :class:`LoranConfig`.
+
+    ``MLoraConfig(r=[64, 4096], mlora_alpha=16, mlora_af="Sin", mlora_af_sin_A=5e-5, mlora_af_sin_omega=1e4,
+    mlora_use_P=False, mlora_use_b=False, mlora_dropout=0.2, bias="none", task_type="CAUSAL_LM")`` gives the
+    same adapter as ``LoranConfig(r=64, loran_alpha=16, activation="sinter", ..., chain_dims=[4096])``.
+
+    The original's defaults hold: ``mlora_alpha=8``, ``mlora_dropout=0.0``, ``mlora_af="Sigmoid"``,
+    ``mlora_af_sin_A=5e-4``, ``mlora_af_sin_omega=1000``, ``mlora_use_P=True``, ``mlora_use_b=True``;
+    ``bias="mlora_only"`` is our ``"loran_only"``. ``r`` is a list ``[r0, r1, ...]`` (rank, then chain widths)
+    as in the original; an int ``r`` (our extension) means plain LoRAN, where ``P``/``b`` are off unless asked
+    for. Deliberate differences from the original (README): new adapters use zero-centred activations so that
+    they start exactly at the base model, and merging adds the update in the right orientation. Saved adapters
+    are written as ``LoranConfig`` (peft_type ``LORAN``). A checkpoint written by the original (peft_type
+    ``MLORA``) is read through this class with ``zero_centered=False`` so that it computes exactly what it
+    computed there.
+    """
+
+    r: Union[int, list[int]] = 8
+    bias: str = field(default="none")
+    mlora_alpha: InitVar[Optional[float]] = None
+    mlora_dropout: InitVar[Optional[float]] = None
+    mlora_af: InitVar[Optional[str]] = None
+    mlora_af_sin_A: InitVar[Optional[float]] = None
+    mlora_af_sin_omega: InitVar[Optional[float]] = None
+    mlora_use_P: InitVar[Optional[bool]] = None
+    mlora_use_b: InitVar[Optional[bool]] = None
+    init_mlora_weights: InitVar[Optional[bool]] = None
+
+    def __post_init__(
+        self, mlora_alpha, mlora_dropout, mlora_af, mlora_af_sin_A, mlora_af_sin_omega, mlora_use_P, mlora_use_b,
+        init_mlora_weights,
+    ) -> None:
+        given = dict(
+            mlora_alpha=mlora_alpha, mlora_dropout=mlora_dropout, mlora_af=mlora_af, mlora_af_sin_A=mlora_af_sin_A,
+            mlora_af_sin_omega=mlora_af_sin_omega, mlora_use_P=mlora_use_P, mlora_use_b=mlora_use_b,
+            init_mlora_weights=init_mlora_weights,
+        )
+        ranks = self.r
+        if isinstance(ranks, (list, tuple)):
+            ranks = list(ranks)
+            if len(ranks) < 2:
+                raise ValueError(
+                    f"`r` as a list needs at least two entries [rank, width, ...], got {self.r!r}; for plain LoRAN "
+                    "pass an int, e.g. r=8."
+                )
+            self.r, self.chain_dims = ranks[0], ranks[1:]
+            defaults = _ORIGINAL_DEFAULTS
+        else:  # an int rank: plain LoRAN, no chain for P or b to act on unless the caller asks
+            defaults = dict(_ORIGINAL_DEFAULTS, mlora_use_P=False, mlora_use_b=False)
+        opts = {k: (defaults[k] if v is None else v) for k, v in given.items()}
+        legacy_checkpoint = self.peft_type is not None and str.__str__(self.peft_type) == "MLORA"
+        self.bias = _ORIGINAL_BIAS.get(self.bias, self.bias)
+        self.loran_alpha = opts["mlora_alpha"]
+        self.loran_dropout = opts["mlora_dropout"]
+        self.activation = opts["mlora_af"]
+        self.sinter_amplitude = opts["mlora_af_sin_A"]
+        self.sinter_frequency = opts["mlora_af_sin_omega"]
+        self.use_P = bool(opts["mlora_use_P"])
+        self.use_b = bool(opts["mlora_use_b"])
+        self.init_weights = bool(opts["init_mlora_weights"])
+        if legacy_checkpoint:
+            self.zero_centered = False
+        super().__post_init__()
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, check_weights: bool = True, **kwargs
+    ):
+        """Read an original ``MLORA`` adapter config; with ``check_weights`` (PEFT's loading path) refuses a weights
+        file that is not plain tensors and explains split parts."""
+        if check_weights:
+            check_original_weights_are_safe(pretrained_model_name_or_path, subfolder)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)

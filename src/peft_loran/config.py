@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import InitVar, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal, Optional, Union
 
 import torch
 from peft.config import PeftConfig
 
-from .activations import Activation, canonical_name, get_activation
+from .activations import Activation, canonical_name, definition, get_activation
 
 
 class ExternalPeftType(str):
@@ -47,8 +47,6 @@ class ExternalPeftType(str):
 
 
 LORAN = ExternalPeftType("LORAN")
-#: peft_type written by the original research code; loading maps it onto LoRAN.
-MLORA = ExternalPeftType("MLORA")
 
 
 @dataclass
@@ -66,6 +64,8 @@ class LoranConfig(PeftConfig):
         sine_frequency: ``w`` of ``activation="sine"`` (Sine-LoRA: ``sin(w B A) / g``).
         sine_gain: ``g`` of ``activation="sine"``; ``None`` (default, as Sine-LoRA's code): ``sqrt(in_features)`` of
             each adapted layer. Near zero the update is ``(w / g) B A``: LoRA with its scale times ``w / g``.
+        activation_params: The activation's other parameters by name, e.g. ``{"beta": 10.0}`` for ``swish`` or
+            those a registered activation declares (see ``docs/activations.md``); unnamed ones keep their defaults.
         chain_dims: The original MLoRA chain's widths after the rank, ``r[1:]`` in its notation. ``None`` means
             plain LoRAN (``A`` is r x in_features of each layer). Without ``use_P`` every width must equal the
             layer's ``in_features``; with ``use_P`` the last ``P`` maps the last width to ``in_features``.
@@ -97,6 +97,8 @@ class LoranConfig(PeftConfig):
     sinter_frequency: float = field(default=1e4, metadata={"help": "Sinter frequency w."})
     sine_frequency: float = field(default=200.0, metadata={"help": "Sine-LoRA frequency w."})
     sine_gain: Optional[float] = field(default=None, metadata={"help": "Sine-LoRA divisor g (None: sqrt(in))."})
+    activation_params: Optional[dict[str, float]] = field(
+        default=None, metadata={"help": "Other parameters of the activation by name (e.g. a registered one's)."})
     chain_dims: Optional[list[int]] = field(default=None, metadata={"help": "MLoRA chain widths after r."})
     use_P: bool = field(default=False, metadata={"help": "Trainable P_k after each activation."})
     use_b: bool = field(default=False, metadata={"help": "Trainable b_k after each stage."})
@@ -171,100 +173,20 @@ class LoranConfig(PeftConfig):
         return self.loran_alpha / self.r
 
     def build_activation(self, in_features: Optional[int] = None) -> Activation:
-        """The configured ``f``, shifted to ``f(x) - f(0)`` when ``zero_centered``: what every layer applies.
-        ``in_features`` (the width ``A`` multiplies) sets Sine-LoRA's default ``g = sqrt(in_features)``."""
-        if self.activation == "sine":
-            gain = self.sine_gain or math.sqrt(in_features or 1)
-            act = get_activation("sine", 1.0 / gain, self.sine_frequency)
-        else:
-            act = get_activation(self.activation, self.sinter_amplitude, self.sinter_frequency)
+        """The configured ``f`` with its parameters (the fields its definition names, then ``activation_params``),
+        shifted to ``f(x) - f(0)`` when ``zero_centered``: what every layer applies. ``in_features`` (the width ``A``
+        multiplies) sets Sine-LoRA's default ``g = sqrt(in_features)``."""
+        spec = definition(self.activation)
+        values = {param: getattr(self, name) for param, name in spec.config_fields.items()}
+        if spec.name == "sine":
+            values["a"] = 1.0 / (self.sine_gain or math.sqrt(in_features or 1))
+        act = get_activation(spec.name, params={**values, **(self.activation_params or {})})
         return act.centered() if self.zero_centered else act
 
-
-# The original implementation's argument defaults (its README's table; they differ from the paper's setting).
-_ORIGINAL_DEFAULTS = dict(
-    mlora_alpha=8, mlora_dropout=0.0, mlora_af="Sigmoid", mlora_af_sin_A=5e-4, mlora_af_sin_omega=1000.0,
-    mlora_use_P=True, mlora_use_b=True, init_mlora_weights=True,
-)
-#: The original's ``bias`` values and ours.
-_ORIGINAL_BIAS = {"mlora_only": "loran_only"}
-
-
-@dataclass
-class MLoraConfig(LoranConfig):
-    """The original LoRAN code's ``MLoraConfig``: every argument of its table, with its meaning and its default,
-    translated into :class:`LoranConfig`.
-
-    ``MLoraConfig(r=[64, 4096], mlora_alpha=16, mlora_af="Sin", mlora_af_sin_A=5e-5, mlora_af_sin_omega=1e4,
-    mlora_use_P=False, mlora_use_b=False, mlora_dropout=0.2, bias="none", task_type="CAUSAL_LM")`` gives the
-    same adapter as ``LoranConfig(r=64, loran_alpha=16, activation="sinter", ..., chain_dims=[4096])``.
-
-    The original's defaults hold: ``mlora_alpha=8``, ``mlora_dropout=0.0``, ``mlora_af="Sigmoid"``,
-    ``mlora_af_sin_A=5e-4``, ``mlora_af_sin_omega=1000``, ``mlora_use_P=True``, ``mlora_use_b=True``;
-    ``bias="mlora_only"`` is our ``"loran_only"``. ``r`` is a list ``[r0, r1, ...]`` (rank, then chain widths)
-    as in the original; an int ``r`` (our extension) means plain LoRAN, where ``P``/``b`` are off unless asked
-    for. Deliberate differences from the original (README): new adapters use zero-centred activations so that
-    they start exactly at the base model, and merging adds the update in the right orientation. Saved adapters
-    are written as ``LoranConfig`` (peft_type ``LORAN``). A checkpoint written by the original (peft_type
-    ``MLORA``) is read through this class with ``zero_centered=False`` so that it computes exactly what it
-    computed there.
-    """
-
-    r: Union[int, list[int]] = 8
-    bias: str = field(default="none")
-    mlora_alpha: InitVar[Optional[float]] = None
-    mlora_dropout: InitVar[Optional[float]] = None
-    mlora_af: InitVar[Optional[str]] = None
-    mlora_af_sin_A: InitVar[Optional[float]] = None
-    mlora_af_sin_omega: InitVar[Optional[float]] = None
-    mlora_use_P: InitVar[Optional[bool]] = None
-    mlora_use_b: InitVar[Optional[bool]] = None
-    init_mlora_weights: InitVar[Optional[bool]] = None
-
-    def __post_init__(
-        self, mlora_alpha, mlora_dropout, mlora_af, mlora_af_sin_A, mlora_af_sin_omega, mlora_use_P, mlora_use_b,
-        init_mlora_weights,
-    ) -> None:
-        given = dict(
-            mlora_alpha=mlora_alpha, mlora_dropout=mlora_dropout, mlora_af=mlora_af, mlora_af_sin_A=mlora_af_sin_A,
-            mlora_af_sin_omega=mlora_af_sin_omega, mlora_use_P=mlora_use_P, mlora_use_b=mlora_use_b,
-            init_mlora_weights=init_mlora_weights,
-        )
-        ranks = self.r
-        if isinstance(ranks, (list, tuple)):
-            ranks = list(ranks)
-            if len(ranks) < 2:
-                raise ValueError(
-                    f"`r` as a list needs at least two entries [rank, width, ...], got {self.r!r}; for plain LoRAN "
-                    "pass an int, e.g. r=8."
-                )
-            self.r, self.chain_dims = ranks[0], ranks[1:]
-            defaults = _ORIGINAL_DEFAULTS
-        else:  # an int rank: plain LoRAN, no chain for P or b to act on unless the caller asks
-            defaults = dict(_ORIGINAL_DEFAULTS, mlora_use_P=False, mlora_use_b=False)
-        opts = {k: (defaults[k] if v is None else v) for k, v in given.items()}
-        legacy_checkpoint = self.peft_type is not None and str.__str__(self.peft_type) == "MLORA"
-        self.bias = _ORIGINAL_BIAS.get(self.bias, self.bias)
-        self.loran_alpha = opts["mlora_alpha"]
-        self.loran_dropout = opts["mlora_dropout"]
-        self.activation = opts["mlora_af"]
-        self.sinter_amplitude = opts["mlora_af_sin_A"]
-        self.sinter_frequency = opts["mlora_af_sin_omega"]
-        self.use_P = bool(opts["mlora_use_P"])
-        self.use_b = bool(opts["mlora_use_b"])
-        self.init_weights = bool(opts["init_mlora_weights"])
-        if legacy_checkpoint:
-            self.zero_centered = False
-        super().__post_init__()
-
-    @classmethod
-    def from_pretrained(
-        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, check_weights: bool = True, **kwargs
-    ):
-        """Read an original ``MLORA`` adapter config; with ``check_weights`` (PEFT's loading path) refuses a weights
-        file that is not plain tensors and explains split parts."""
-        from .compat import check_original_weights_are_safe
-
-        if check_weights:
-            check_original_weights_are_safe(pretrained_model_name_or_path, subfolder)
-        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    def describe_activation(self) -> str:
+        """``f`` in words for reports and model cards, e.g. ``x + a x sin(w x), a = 5e-05, w = 10000``."""
+        if self.activation == "sine" and not self.sine_gain:
+            return (f"sin(w x) / g, w = {self.sine_frequency:g}, g = sqrt(in_features) of each layer (Sine-LoRA)")
+        text = self.build_activation().describe()
+        return text + (" (minus f(0), so the update starts at zero)" if self.zero_centered and
+                       self.build_activation().offset else "")

@@ -174,7 +174,9 @@ def lora_state_and_config(model: nn.Module, rank: Union[int, str], adapter: str 
     config = LoraConfig(
         r=common, lora_alpha=common, rank_pattern=pattern, alpha_pattern=dict(pattern),  # scaling 1 everywhere
         target_modules="(" + "|".join(re.escape(name) for name in ranks) + ")",  # exactly the adapted modules
-        lora_dropout=0.0, bias="none", fan_in_fan_out=conv1d, modules_to_save=loran_config.modules_to_save,
+        lora_dropout=0.0, bias="none", fan_in_fan_out=conv1d,
+        # PEFT adds a classifier's head names to modules_to_save again when it wraps the model: keep each once
+        modules_to_save=list(dict.fromkeys(loran_config.modules_to_save)) if loran_config.modules_to_save else None,
         task_type=loran_config.task_type, base_model_name_or_path=loran_config.base_model_name_or_path,
         inference_mode=True,
     )
@@ -189,6 +191,9 @@ def export_lora(
     sample_inputs: Optional[dict] = None,
     overwrite: bool = False,
     model_card: Optional[str] = None,
+    tokenizer=None,
+    extra_files: Optional[dict[str, str]] = None,
+    card_note: str = "",
 ) -> dict:
     """Write ``model``'s LoRAN adapter as a standard PEFT LoRA adapter (loads with plain PEFT, no peft_loran).
 
@@ -196,7 +201,8 @@ def export_lora(
     ``rank_pattern`` records them). With ``sample_inputs`` (keyword arguments of the model's forward), the largest
     difference between the LoRAN model's and the exported LoRA model's outputs is measured too (on a copy of the
     base model, so it costs one more model's memory). Returns the report, also written as ``export_report.json``
-    and into the adapter's ``README.md``. Written to a temporary directory, then renamed into place.
+    and into the adapter's ``README.md``. ``tokenizer`` (saved beside the adapter) and ``extra_files`` (name -> text,
+    e.g. a classifier's label names) travel with it; ``card_note`` is appended to the default model card. Written to a temporary directory, then renamed into place.
     """
     from safetensors.torch import save_file
 
@@ -218,7 +224,11 @@ def export_lora(
             config.save_pretrained(tmp)
             save_file({k: v.contiguous() for k, v in state.items()}, os.path.join(tmp, "adapter_model.safetensors"))
             (tmp / "export_report.json").write_text(json.dumps(report, indent=2) + "\n")
-            (tmp / "README.md").write_text(model_card or lora_model_card(report))
+            (tmp / "README.md").write_text(model_card or lora_model_card(report) + card_note)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
     except FileExistsError:
         raise FileExistsError(f"{output_dir} exists; pass overwrite=True (--overwrite) to replace it.") from None
     return report

@@ -198,12 +198,7 @@ def chain_rows_backward(
             grad_u = grad_h @ at_least_float32(P).T
         else:
             grad_u = grad_h
-        if fprime is None:
-            grad_h = activation.grad(z, grad_u)
-        elif callable(fprime):  # a fused kernel's "multiply by f'"
-            grad_h = fprime(grad_u)
-        else:
-            grad_h = grad_u.mul_(fprime)
+        grad_h = activation.grad(z, grad_u) if fprime is None else grad_u.mul_(fprime)
     grad_B = grad_h @ at_least_float32(A).T
     grad_A = at_least_float32(B_rows).T @ grad_h
     return grad_B, grad_A, grad_P, grad_b
@@ -226,8 +221,8 @@ def block_update(
 ) -> tuple[torch.Tensor, list[tuple]]:
     """``base_rows + scaling * H`` (``base_rows`` None: just the scaled update) for a block of rows, plus what
     :func:`chain_rows_backward` needs when ``keep``. The plain case goes through the compiled kernel when
-    ``compiled`` (:func:`uses_compiled_kernels`), else the activation's fused ``block_fn`` where it has one (fewest
-    passes over memory), else its ``scaled_add``; chains through :func:`chain_rows`."""
+    ``compiled`` (:func:`uses_compiled_kernels`), else eagerly through the activation's ``scaled_add``; chains
+    through :func:`chain_rows`."""
     if compiled and not keep and is_plain(stages):
         fused = kernels.value(activation, base_rows, at_least_float32(B_rows), at_least_float32(A), scaling)
         if fused is not None:
@@ -240,11 +235,6 @@ def block_update(
 
 def _plain_block_update(base_rows, B_rows, A, activation, scaling, keep):
     """:func:`block_update` of one stage without P or b, in eager PyTorch."""
-    if activation.block_fn is not None:
-        out, apply_derivative = activation.block_fn(
-            base_rows, at_least_float32(B_rows), at_least_float32(A), scaling, keep
-        )
-        return out, [(None, None, apply_derivative)] if keep else []
     m = at_least_float32(B_rows) @ at_least_float32(A)
     out, fprime = activation.scaled_add(base_rows, m, scaling, with_derivative=keep)
     if keep and fprime is None:  # no analytic derivative: keep Z for autograd (m untouched by scaled_add)

@@ -5,10 +5,11 @@ and a few element-wise combinations with the base weight and the gradient. In ea
 separate pass over the block (and ``B A`` with a tiny inner dimension is a GEMM that BLAS does badly).
 ``torch.compile`` (inductor) turns the whole sequence into one loop (docs/benchmarks.md measures what it saves).
 
-The kernels are built from the built-in activations' parameterised ``f`` and ``f'`` (``Activation.param_fn``):
-every float constant (Sinter's ``a`` and ``w``, the scaling, the zero-centring offset) is an argument, so one
-compiled kernel per function serves every setting and layer, and nothing global is patched per call. Registered
-user activations and chains with ``P``/``b`` stay on the eager path (``P`` mixes columns). By default the kernels
+The kernels trace each activation's one definition (``ActivationDefinition.function``, the same function the
+eager path runs): every float constant (Sinter's ``a`` and ``w``, the scaling, the zero-centring offset) is an
+argument, so one compiled kernel per function serves every setting and layer, and nothing global is patched per
+call. Registered activations compile like the built-ins; chains with ``P``/``b`` stay on the eager path (``P``
+mixes columns). By default the kernels
 serve wide layers on CPUs with a C++ compiler (:func:`compiles`; on GPUs only with ``PEFT_LORAN_COMPILE=1``: not yet
 run there), and never while an outer ``torch.compile`` is tracing (it fuses the eager code itself).
 
@@ -44,7 +45,7 @@ AUTO_COMPILE_MIN_ELEMENTS = 2**22
 _MODES = ("auto", "0", "1")
 _mode: Optional[str] = None  # set_kernel_compilation's choice; None: the environment decides
 _failures: dict[str, str] = {}  # activation name -> why compiling its kernels failed
-_kernels: dict[tuple, dict[str, Callable]] = {}
+_kernels: dict[Callable, dict[str, Callable]] = {}
 _device_ok: dict[str, bool] = {}
 #: What a failed compilation raises: the backend compiler or inductor failing (no compiler, unsupported code).
 COMPILE_ERRORS: tuple[type[BaseException], ...] = (
@@ -95,7 +96,7 @@ def _auto_device(device: torch.device) -> bool:
 def compiles(activation: Activation, rows: int, cols: int, device: torch.device) -> bool:
     """Whether the compiled kernels serve a plain update ``f(B A)`` of shape ``(rows, cols)`` on ``device``: decided
     by the mode, the activation, the device and the shape alone (the block budget depends on it too)."""
-    if activation.param_fn is None or activation.name in _failures:
+    if activation.name in _failures:
         return False
     mode = kernel_compilation()
     if mode == "0":
@@ -106,9 +107,9 @@ def compiles(activation: Activation, rows: int, cols: int, device: torch.device)
 def _usable(activation: Activation, need_derivative: bool) -> bool:
     # Only in no-grad code (the fused Function's forward/backward, merges, the eval cache): with grad enabled the
     # caller wants autograd through the eager ops; under an outer torch.compile the eager code is traced instead.
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() or activation.param_fn is None:
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
         return False
-    return not (need_derivative and activation.param_derivative is None) and activation.name not in _failures
+    return not (need_derivative and not activation.has_derivative) and activation.name not in _failures
 
 
 #: Up to this rank the kernels form ``B A`` inside their loop (r multiply-adds per element) instead of calling a
@@ -124,24 +125,24 @@ def _low_rank_product(B_rows: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 def _build(activation: Activation) -> dict[str, Callable]:
-    fn, derivative = activation.param_fn, activation.param_derivative
+    f = activation.definition.function
 
-    def update_from(base, u, scaling, offset, params):
-        y = fn(u, *params) - offset
+    def update_from(base, y, scaling, offset):
+        y = y - offset
         return y * scaling if base is None else base + scaling * y
 
     def value(base, B_rows, A, scaling, offset, *params):
-        return update_from(base, _low_rank_product(B_rows, A), scaling, offset, params)
+        return update_from(base, f(_low_rank_product(B_rows, A), *params)[0], scaling, offset)
 
     def value_and_grad(base, B_rows, A, scaling, offset, grad_h, *params):
-        u = _low_rank_product(B_rows, A)
-        return update_from(base, u, scaling, offset, params), grad_h * derivative(u, *params)
+        y, d = f(_low_rank_product(B_rows, A), *params, derivative=True)
+        return update_from(base, y, scaling, offset), grad_h * d
 
     def grad_only(B_rows, A, grad_h, *params):
-        return grad_h * derivative(_low_rank_product(B_rows, A), *params)
+        return grad_h * f(_low_rank_product(B_rows, A), *params, derivative=True)[1]
 
     kernels = {"value": value}
-    if derivative is not None:
+    if activation.has_derivative:
         kernels.update(value_and_grad=value_and_grad, grad_only=grad_only)
     return {name: torch.compile(k, dynamic=True) for name, k in kernels.items()}
 
@@ -149,11 +150,11 @@ def _build(activation: Activation) -> dict[str, Callable]:
 def _run(activation: Activation, name: str, *args):
     """Run kernel ``name`` of the activation's function; None (use the eager path) if compiling it failed."""
     args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)  # no-grad kernels
-    key = (activation.param_fn, activation.param_derivative)
+    key = activation.definition.function
     try:
         if key not in _kernels:
             _kernels[key] = _build(activation)
-        return _kernels[key][name](*args, *activation.params)
+        return _kernels[key][name](*args, *activation.values)
     except COMPILE_ERRORS as exc:
         _failures[activation.name] = f"{type(exc).__name__}: {exc}"
         warnings.warn(

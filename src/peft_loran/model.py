@@ -17,7 +17,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .compat import convert_original_state_dict
-from .config import LORAN, MLORA, LoranConfig, MLoraConfig
+from .compat import MLORA, MLoraConfig
+from .config import LORAN, LoranConfig
 from .layer import CacheBudget, Embedding, Linear, LoranLayer
 
 

@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import os
-import shlex
 import sys
 from contextlib import contextmanager
 from dataclasses import fields
@@ -74,15 +73,13 @@ def _write_json(path: Path, data) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ commands
-#: The activation parameters each kind of method uses (the others do not multiply its cells).
-METHOD_PARAMS = {"sinter": ("sinter_amplitude", "sinter_frequency"),
-                 "cosinter": ("sinter_amplitude", "sinter_frequency"), "sine": ("sine_frequency",)}
-
 
 def sweep_cells(args: argparse.Namespace, settings, methods: list[str]) -> list[dict]:
     """Every cell of the grid: methods x ranks x learning rates x seeds, times the activation parameters for the
     methods that use them. A cell is a dict of its method and its grid settings."""
     from itertools import product
+
+    from peft_loran.activations import parameter_fields
 
     from .training import parse_method
 
@@ -90,7 +87,7 @@ def sweep_cells(args: argparse.Namespace, settings, methods: list[str]) -> list[
     cells = []
     for seed, rank, lr, method in product(values["seed"], values["rank"], values["lr"], methods):
         kind, activation = parse_method(method)
-        used = METHOD_PARAMS.get(activation or "sinter", ()) if kind == "loran" else ()
+        used = parameter_fields().get(activation or "sinter", ()) if kind == "loran" else ()
         for params in product(*(values[p] for p in used)):
             cells.append({"method": method, "rank": rank, "lr": lr, "seed": seed, **dict(zip(used, params))})
     return cells
@@ -119,7 +116,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from . import report
     from .models import resolve_model
-    from .training import main_metric, parse_method, train_isolated
+    from .training import InterruptedAfterRun, main_metric, parse_method, train_isolated
 
     settings = settings_from(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -152,11 +149,17 @@ def cmd_compare(args: argparse.Namespace) -> int:
                           "examples)", file=sys.stderr, flush=True)
                 staging = out / "adapters" / f".{name}.partial"
                 shutil.rmtree(staging, ignore_errors=True)
-                result = train_isolated(cell["method"], task, run_settings, model_path, staging).as_dict()
+                interrupted = None
+                try:
+                    result = train_isolated(cell["method"], task, run_settings, model_path, staging).as_dict()
+                except InterruptedAfterRun as stop:  # Ctrl-C after its training: keep this cell, then stop
+                    result, interrupted = stop.result.as_dict(), stop
                 os.replace(staging, _fresh(out / "adapters" / name))
                 result.update(cell, cell=name, adapter=f"adapters/{name}", eval_split=settings.eval_split)
                 write_text_atomic(out / "cells" / f"{name}.json", json.dumps(result, indent=2, default=str) + "\n")
                 results.append(result)
+                if interrupted:
+                    raise KeyboardInterrupt from None
             plots = report.write_sweep_reports(out, results, metric, {
                 "task": task.name, "task_kind": task.kind, "labels": task.labels, "metric": metric,
                 "model": model_path, "eval_split": settings.eval_split,
@@ -295,8 +298,41 @@ SAMPLE_TEXTS = [
 ]
 
 
+def _sample_inputs(model, tokenizer) -> dict:
+    """Inputs for export's LoRAN-vs-LoRA comparison: the sample texts, or (a base saved without a tokenizer) the same
+    number of seeded random token sequences."""
+    import torch
+
+    if tokenizer is not None:
+        return dict(tokenizer(SAMPLE_TEXTS, return_tensors="pt", padding=True, truncation=True, max_length=32))
+    vocab = model.get_input_embeddings().num_embeddings
+    return {"input_ids": torch.randint(0, vocab, (len(SAMPLE_TEXTS), 16), generator=torch.Generator().manual_seed(0))}
+
+
+#: How to load an exported classifier with its own label names, with plain transformers and PEFT (no peft_loran).
+LOAD_CLASSIFIER = """import json
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification
+
+labels = json.load(open("{folder}/peft_loran_task.json"))  # id2label / label2id, in the order of the outputs
+base = AutoModelForSequenceClassification.from_pretrained("{base}", id2label={{int(i): n for i, n in labels["id2label"].items()}}, label2id=labels["label2id"])
+model = PeftModel.from_pretrained(base, "{folder}")"""
+
+
+def _classifier_note(record: Optional[dict], folder: str = "this_folder") -> str:
+    """The model card's section on loading a classifier export with its class names (empty for other tasks)."""
+    if not record or record.get("kind") != "classify":
+        return ""
+    code = LOAD_CLASSIFIER.format(folder=folder, base=record["base_model"])
+    return (f"\n## Loading the classifier with its class names ({', '.join(record['labels'])})\n\n"
+            "The base model's config has no class names; `peft_loran_task.json` in this folder has them:\n\n"
+            f"```python\n{code}\n```\n")
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from peft_loran.export import export_lora, export_merged, parse_rank
+
+    from .data import TASK_RECORD, read_task_record
 
     rank = None
     if args.to_lora is not None:
@@ -309,10 +345,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     # the LoRA factors depend on the adapter alone; the base (unquantized) only serves the sample comparison
     model, tokenizer = load_adapter_model(args.adapter, args.model, args.load_in_4bit and rank is None, args.quiet)
     if rank is not None:
-        inputs = tokenizer(SAMPLE_TEXTS, return_tensors="pt", padding=True, truncation=True, max_length=32)
+        record = read_task_record(args.adapter)
         with _export_errors():
-            report = export_lora(model, args.output_dir, args.to_lora, sample_inputs=dict(inputs),
-                                 overwrite=args.overwrite)
+            report = export_lora(model, args.output_dir, args.to_lora, sample_inputs=_sample_inputs(model, tokenizer),
+                                 overwrite=args.overwrite, tokenizer=tokenizer, card_note=_classifier_note(record),
+                                 extra_files={TASK_RECORD: json.dumps(record, indent=2) + "\n"} if record else None)
         worst = max(report["modules"], key=lambda m: m["relative_error"])
         ranks = sorted(m["rank"] for m in report["modules"])
         rank_text = (f"rank {ranks[0]}" if ranks[0] == ranks[-1] else
@@ -346,7 +383,7 @@ def _export_errors() -> Iterator[None]:
 def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bool, quiet: bool):
     """A LoRAN adapter on its base model (causal LM, or sequence classification when the adapter says so), and the
     tokenizer saved with it (else the base's). Refuses adapters that are not LoRAN with one ``error:`` line."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import peft_loran
 
@@ -372,11 +409,24 @@ def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bo
                                                                   **names, **kwargs)
     else:
         base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    has_tokenizer = (Path(adapter) / "tokenizer_config.json").exists()
-    tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else path)
-    if tokenizer.pad_token is None:
+    tokenizer = _tokenizer_if_any(adapter) or _tokenizer_if_any(path)
+    if tokenizer is not None and tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return attach_adapter(base, adapter), tokenizer
+
+
+def _tokenizer_if_any(path: str):
+    """The tokenizer saved in ``path``, or None: a model built from a config and saved without one is common, and
+    exporting needs none (it is copied along when there is one)."""
+    from transformers import AutoTokenizer
+
+    if not any((Path(path) / name).exists() for name in ("tokenizer_config.json", "tokenizer.json", "vocab.txt",
+                                                           "tokenizer.model", "vocab.json")):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError):
+        return None
 
 
 def adapter_config(adapter: str):

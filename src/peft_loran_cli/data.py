@@ -167,7 +167,11 @@ def read_rows(path: str) -> list[dict]:
             raise UserError(f"{path}: {len(bad)} malformed line(s); first, {bad[0]}")
         return rows
     if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(_decoded_lines(p, path), newline=""))
+        text = _decoded_lines(p, path)
+        # the csv module refuses fields over 131,072 characters by default; raw mails and articles have such bodies,
+        # and the file is already in memory, so the whole file is the natural bound
+        csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
+        reader = csv.DictReader(io.StringIO(text, newline=""))
         rows = []
         for row in reader:
             if None in row or any(v is None for v in row.values()):  # a row with more or fewer cells than the header

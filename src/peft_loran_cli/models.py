@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import os
 from pathlib import Path
 
@@ -45,8 +47,10 @@ def convert_gguf(gguf_path: Path, destination: Path, quiet: bool = False) -> Pat
 
     if not quiet:
         print(f"converting {gguf_path.name} to safetensors (once; cached in {destination}) ...", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # transformers' GGUF reader draws its own tqdm bar (272 tensors), which its progress-bar switch does not reach
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     # the dequantized weights are plain float32 now: drop the GGUF quantizer so save_pretrained writes them as such
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):

@@ -13,24 +13,9 @@ from .errors import UserError
 from .options import GRID_OPTIONS, SHORT_NAMES
 
 
-FORMULAS = {
-    "sinter": "x + a x sin(w x)", "cosinter": "x + a x cos(w x)", "sigmoid": "1 / (1 + exp(-x))", "tanh": "tanh(x)",
-    "relu": "max(x, 0)", "silu": "x sigmoid(x)", "swish": "x sigmoid(25 x)", "identity": "x",
-    "cos": "x cos(1e4 x) + x", "gaussian": "0.5 x exp(-x^2)", "sine": "sin(w x) / g",
-}
-
-
 def activation_formula(config) -> str:
-    """``f`` of a LoRAN config in words, with its parameters (``- f(0)`` when zero-centred and f(0) != 0)."""
-    formula = FORMULAS.get(config.activation, "a registered activation")
-    if config.activation in ("sinter", "cosinter"):
-        formula += f", a = {config.sinter_amplitude:g}, w = {config.sinter_frequency:g}"
-    if config.activation == "sine":
-        gain = f"{config.sine_gain:g}" if config.sine_gain else "sqrt(in_features) of each layer"
-        formula += f", w = {config.sine_frequency:g}, g = {gain} (Sine-LoRA)"
-    if config.zero_centered and config.activation == "sigmoid":
-        formula += " (minus f(0), so the update starts at zero)"
-    return formula
+    """``f`` of a LoRAN config in words, with its parameters (from the activation's one definition)."""
+    return config.describe_activation()
 
 
 #: The settings that tell cells apart in a report (besides the method; seeds are averaged over).
@@ -93,12 +78,16 @@ def comparison_table(results: list[dict], metric: str) -> str:
     """One row per cell (seeds pooled): mean +- std of the metric, the paired difference to LoRA with its sign-flip
     p-value, time, memory, parameters, non-linear share and effective rank of the update."""
     varying = _varying(results)
+    baseline = all("majority_rate" in r["metrics"] for r in results)  # classification: n and the constant guess
     head = (f"| method | seeds | {metric} (mean +- std) | vs LoRA, paired (p) | trainable params | train time (s) | "
             "peak memory (MB) | non-linear share (beyond scale) | effective rank |")
     lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    if baseline:
+        lines = [head + " examples | majority class |", lines[1] + "---|---|"]
     for runs in groups(results).values():
         first = runs[0]
         mean, std = _mean_std([r["metrics"][metric] for r in runs])
+        single = sum(r["metrics"].get("predicted_classes") == 1 for r in runs)
         diffs = paired_to_lora(runs, results, metric) if first["method"] != "lora" else []
         if diffs:
             d_mean, d_std = _mean_std(diffs)
@@ -110,11 +99,20 @@ def comparison_table(results: list[dict], metric: str) -> str:
         beyond = [r.get("nonlinear_beyond_scale") for r in runs if r.get("nonlinear_beyond_scale") is not None]
         ranks = [r.get("effective_rank") for r in runs if r.get("effective_rank") is not None]
         share_text = (format(max(shares), ".2e") + (f" ({max(beyond):.1e})" if beyond else "")) if shares else ""
-        lines.append(
-            f"| {group_label(first, varying)} | {len(runs)} | {mean:.4f}" + (f" +- {std:.4f}" if len(runs) > 1 else "")
-            + f" | {paired} | {first['trainable_params']:,} | {_mean_std([r['train_seconds'] for r in runs])[0]:.1f} | "
-            f"{_mean_std([r['peak_memory_mb'] for r in runs])[0]:.0f} | "
-            f"{share_text} | {format(_mean_std(ranks)[0], '.1f') if ranks else ''} |")
+        warning = (f" (single class{'' if len(runs) == 1 else f' in {single} of {len(runs)} runs'})"
+                   if single else "")
+        row = (f"| {group_label(first, varying)} | {len(runs)} | {mean:.4f}" + (f" +- {std:.4f}" if len(runs) > 1 else "")
+               + f"{warning} | {paired} | {first['trainable_params']:,} | "
+               f"{_mean_std([r['train_seconds'] for r in runs])[0]:.1f} | "
+               f"{_mean_std([r['peak_memory_mb'] for r in runs])[0]:.0f} | "
+               f"{share_text} | {format(_mean_std(ranks)[0], '.1f') if ranks else ''} |")
+        if baseline:
+            m = first["metrics"]
+            row += f" {m['n']} | {m['majority_rate']:.4f} ({m['majority_label']}) |"
+        lines.append(row)
+    if baseline and any(r["metrics"].get("predicted_classes") == 1 for r in results):
+        lines.append("\nsingle class: the model predicted the same class for every example; its accuracy is the share "
+                     "of that class, not learned (compare with the majority-class column).")
     return "\n".join(lines)
 
 
@@ -183,6 +181,16 @@ def plot_sweep(results: list[dict], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
+def identical_curves(results: list[dict], tol: float = 1e-3) -> list[tuple[str, str]]:
+    """Pairs of runs whose loss curves coincide (within ``tol``, relative): LoRA and LoRAN at the paper's setting
+    draw the same curve, and a plot must say so rather than show one line for two."""
+    def close(a, b) -> bool:
+        return len(a) == len(b) and all(abs(x[1] - y[1]) <= tol * max(1.0, abs(x[1])) for x, y in zip(a, b))
+
+    curves = [(r["method"], r["loss_curve"]) for r in results if r["loss_curve"]]
+    return [(a, b) for i, (a, ca) in enumerate(curves) for b, cb in curves[i + 1:] if close(ca, cb)]
+
+
 def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     import matplotlib
 
@@ -196,12 +204,19 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     colors = [f"C{i}" for i in range(len(results))]  # the same colour for a method's line and bar
     # LoRA and LoRAN at the paper's setting draw almost the same curve: markers and dashes keep each one visible
     styles = [("o", "-"), ("x", "--"), ("s", ":"), ("^", "-."), ("D", (0, (5, 2, 1, 2)))]
+    same = identical_curves(results)  # said in the plot, since one curve hides the other
+    curves = [r for r in results if r["loss_curve"]]
     for i, (r, color) in enumerate(zip(results, colors)):
         if r["loss_curve"]:
             steps, losses = zip(*r["loss_curve"])
             marker, line = styles[i % len(styles)]
-            left.plot(steps, losses, label=r["method"], marker=marker, linestyle=line, color=color, markersize=4,
-                      markerfacecolor="none", alpha=0.85)
+            # markers at alternating steps (offset per curve), so a curve under an identical one still shows
+            left.plot(steps, losses, label=r["method"], marker=marker, linestyle=line, color=color, markersize=5,
+                      markerfacecolor="none", alpha=0.85, markevery=(i % len(curves), len(curves)),
+                      linewidth=1.2 + 0.8 * (len(curves) - 1 - i) / max(len(curves) - 1, 1))
+    if same:
+        left.text(0.02, 0.02, "\n".join(f"{a} and {b}: the same curve (within 1e-3)" for a, b in same),
+                  transform=left.transAxes, fontsize=8, va="bottom")
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("step")
     left.set_ylabel("training loss")
@@ -213,7 +228,17 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     bars = right.bar(names, values, color=colors)
     for bar, value in zip(bars, values):
         right.text(bar.get_x() + bar.get_width() / 2, value, f"{value:.3f}", ha="center", va="bottom")
-    right.set_title(f"{results[0].get('eval_split', 'test')} {metric}")
+    first = results[0]["metrics"]
+    title = f"{results[0].get('eval_split', 'test')} {metric}"
+    if "majority_rate" in first:  # classification: how many examples, and what a constant guess scores
+        right.axhline(first["majority_rate"], color="0.4", linestyle="--", linewidth=1)
+        right.text(len(values) - 0.5, first["majority_rate"], f"majority class ({first['majority_label']})",
+                   ha="right", va="bottom", fontsize=8, color="0.3")
+        title += f" (n = {first['n']})"
+        singles = [r["method"] for r in results if r["metrics"].get("predicted_classes") == 1]
+        if singles:
+            title += "\nsingle class: " + ", ".join(singles)
+    right.set_title(title, fontsize=10)
     if len(results) > 3 or max(len(n) for n in names) > 10:  # keep the run names from running into each other
         right.set_xticks(range(len(names)), names, rotation=30, ha="right")
     right.set_ylim(0, max(values) * 1.15 if max(values) > 0 else 1)

@@ -19,15 +19,24 @@ from typing import Optional
 
 import torch
 
-from .data import TASK_RECORD, Example, TaskData, read_task_record  # noqa: F401  (re-exported)
+from .data import TASK_RECORD, Example, TaskData
 from .errors import UserError
 from .models import default_targets
 
 
-def quiet_child(quiet: bool) -> None:
+#: In a training process started by :func:`train_isolated`: set once training is done (evaluating and saving left).
+_TRAINED = None
+
+
+def quiet_child(quiet: bool, trained=None) -> None:
     """Initializer of the processes that train one run each (before they import peft_loran, PEFT or bitsandbytes):
-    the same quiet as the command, and the process ends when the command that started it is killed (otherwise it
-    would train on, orphaned)."""
+    the same quiet as the command; Ctrl-C is the command's to handle (the process would print a traceback of its
+    own); and the process ends when the command that started it is killed (otherwise it would train on, orphaned)."""
+    global _TRAINED
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _TRAINED = trained
     _exit_with_parent()
     quiet_libraries(quiet)
 
@@ -360,6 +369,8 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
         trainer.train()
         seconds = time.perf_counter() - started
         peak, kind = peak_memory()
+    if _TRAINED is not None:  # tell the command (train_isolated) that only evaluating and saving are left
+        _TRAINED.set()
     curve = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     model.eval()
     metrics = evaluate(model, tokenizer, task, settings)
@@ -467,16 +478,43 @@ this_folder` evaluates it again on the same data (`peft_loran_task.json` records
     (Path(adapter_dir) / "README.md").write_text(card)
 
 
+class InterruptedAfterRun(KeyboardInterrupt):
+    """Ctrl-C came after the run in progress had finished training; its result (evaluated and saved) is kept."""
+
+    def __init__(self, result: "RunResult") -> None:
+        super().__init__()
+        self.result = result
+
+
 def train_isolated(method: str, task: TaskData, settings: Settings, model_path: str,
                    save_to: Optional[Path]) -> RunResult:
     """:func:`train` in a fresh process, so every method of a comparison starts from the same memory state and
-    its peak memory is its own (errors and Ctrl-C come back to the caller as usual)."""
+    its peak memory is its own. Errors come back as usual. Ctrl-C stops the run at once, unless it has finished
+    training: then it is evaluated and saved first and comes back as :class:`InterruptedAfterRun` (a second Ctrl-C
+    stops it at once)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=quiet_child, initargs=(settings.quiet,)) as pool:  # the CLI's settings
-        return pool.submit(train, method, task, settings, model_path, save_to).result()
+    context = multiprocessing.get_context("spawn")
+    trained = context.Event()
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=quiet_child,
+                               initargs=(settings.quiet, trained))
+    future = pool.submit(train, method, task, settings, model_path, save_to)
+    try:
+        try:
+            return future.result()
+        except KeyboardInterrupt:
+            if not trained.is_set():
+                raise
+            print("\ninterrupted: the run in progress has finished training; evaluating and saving it (Ctrl-C again "
+                  "to stop now)", file=sys.stderr, flush=True)
+            raise InterruptedAfterRun(future.result()) from None
+    except KeyboardInterrupt:
+        for process in list(getattr(pool, "_processes", {}).values()):  # stop the run now, not when it is done
+            process.terminate()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _keep_progress_bar_only(trainer, quiet: bool) -> None:
@@ -503,14 +541,34 @@ def evaluate(model, tokenizer, task: TaskData, settings: Settings) -> dict:
         raise UserError(f"task '{task.name}' has an empty {settings.eval_split} split")
     progress = _progress(len(examples), "evaluating", settings.quiet)
     if task.kind == "classify":
-        return _evaluate_classification(model, tokenizer, examples, settings, progress)
+        metrics = _evaluate_classification(model, tokenizer, examples, settings, progress)
+        return {**metrics, **majority_baseline(task, examples, metrics.pop("predicted"))}
     return _evaluate_generation(model, tokenizer, examples, settings, progress)
 
 
+def majority_baseline(task: TaskData, examples: list[Example], predicted: list[int]) -> dict:
+    """What a constant prediction scores, so a reader can tell a model from one: the training split's most frequent
+    class and its share of the evaluated examples, how many classes the model predicted at all, and a note when
+    it predicted a single one."""
+    from collections import Counter
+
+    counts = Counter(e.label for e in task.train)
+    majority = min(counts, key=lambda label: (-counts[label], label)) if counts else None
+    rate = sum(e.label == majority for e in examples) / len(examples)
+    distinct = sorted(set(predicted))
+    out = {"majority_label": task.labels[majority] if majority is not None else None, "majority_rate": rate,
+           "predicted_classes": len(distinct)}
+    if len(distinct) == 1:
+        out["note"] = f"predicts a single class ({task.labels[distinct[0]]}) for every example"
+    return out
+
+
 def _progress(total: int, desc: str, quiet: bool):
+    """A progress bar that ends with its own line (``leave=True``): a cleared bar leaves the cursor on its line, and
+    in a log or a pipe the next message would be written after it, on the same line."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, leave=False)
+    return tqdm(total=total, desc=desc, disable=quiet, file=sys.stderr, leave=True)
 
 
 @torch.no_grad()
@@ -534,7 +592,7 @@ def _evaluate_classification(model, tokenizer, examples, settings, progress) -> 
         fn = sum(g == label != p for p, g in zip(predictions, golds))
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     accuracy = sum(p == g for p, g in zip(predictions, golds)) / len(golds)
-    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s), "n": len(golds)}
+    return {"accuracy": accuracy, "macro_f1": sum(f1s) / len(f1s), "n": len(golds), "predicted": predictions}
 
 
 @torch.no_grad()
