@@ -169,7 +169,7 @@ def _eval_and_generate(model, ids, case: Case) -> tuple[float, float]:
 def run_child(case: Case) -> dict:
     import torch
 
-    from peft_loran_cli.training import peak_memory, reset_peak_memory
+    from peft_loran_cli.memory import peak_memory, reset_peak_memory
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     model = _build(case)

@@ -67,7 +67,7 @@ def _adapt(model, method: str, targets: str):
 def run_child(base: str, method: str, targets: str, saved: str) -> dict:
     import torch
 
-    from peft_loran_cli.training import peak_memory, reset_peak_memory
+    from peft_loran_cli.memory import peak_memory, reset_peak_memory
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     torch.manual_seed(0)

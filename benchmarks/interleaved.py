@@ -2,13 +2,15 @@
 
     python benchmarks/interleaved.py generation [--targets all|qv] [--rounds 30] [--new-tokens 64]
     python benchmarks/interleaved.py train      [--targets all|qv] [--rounds 12] [--tokens 256]
+    python benchmarks/interleaved.py train --paper [--dropout 0.2] [--rounds 8]   # the paper's recipe, 7B shapes
 
 `bench.py` runs each method in its own process; on these machines the spread between processes (the same base
 model at 34-40 tokens/s) is as large as the differences being measured. Here the models live in one process and
 take turns, one generation (or one training step) each per round, the order rotating every round, so drift hits
 all of them alike. Reported: each method's median, and the paired per-round ratio to LoRA (the two
 measurements of a round are seconds apart) as median and range, plus in how many rounds LoRAN was ahead.
-Same models as `bench.py`'s headline (hidden 1024, 8 layers, r = 8, float32, no dropout); memory is not
+Same models as `bench.py`'s headline (hidden 1024, 8 layers, r = 8, float32, no dropout), or with ``--paper``
+its ``paper`` preset (Llama-2-7B's layer shapes, 2 layers, r = 64, alpha 16, q/v, 512 tokens); memory is not
 measured here (it cannot be interleaved): see `bench.py`.
 """
 
@@ -42,15 +44,19 @@ def interleave(runs: dict[str, Callable[[], None]], rounds: int) -> dict[str, li
     return times
 
 
-def adapted_models(targets: str) -> dict[str, torch.nn.Module]:
+def adapted_models(targets: str, paper: bool = False, dropout: float = 0.0) -> dict[str, torch.nn.Module]:
     from peft import LoraConfig, get_peft_model
 
     from peft_loran import LoranConfig
 
-    base = _build(Case(method="base", targets=targets))
-    modules = TARGETS[targets]
-    lora = LoraConfig(r=8, lora_alpha=16, target_modules=modules, init_lora_weights=False)
-    loran = LoranConfig(r=8, loran_alpha=16, target_modules=modules, init_weights=False)
+    case = Case(method="base", targets=targets)
+    if paper:
+        case = Case(method="base", hidden=4096, intermediate=11008, heads=32, vocab=1000, layers=2, targets="qv")
+    base = _build(case)
+    modules = TARGETS[case.targets]
+    r, alpha = (64, 16) if paper else (8, 16)
+    lora = LoraConfig(r=r, lora_alpha=alpha, target_modules=modules, init_lora_weights=False, lora_dropout=dropout)
+    loran = LoranConfig(r=r, loran_alpha=alpha, target_modules=modules, init_weights=False, loran_dropout=dropout)
     return {"base": base, "lora": get_peft_model(copy.deepcopy(base), lora),
             "loran": get_peft_model(copy.deepcopy(base), loran)}
 
@@ -66,12 +72,15 @@ def generation_runs(models: dict[str, torch.nn.Module], new_tokens: int) -> dict
     return {name: generate(model) for name, model in models.items()}
 
 
-def train_runs(models: dict[str, torch.nn.Module], tokens: int) -> dict[str, Callable[[], None]]:
+def train_runs(models: dict[str, torch.nn.Module], tokens: int, eager_copy: bool = True,
+               vocab: int = 4096) -> dict[str, Callable[[], None]]:
     """One AdamW step each; ``loran (eager kernels)`` is a second LoRAN copy stepped with compilation off."""
     from peft_loran import kernels
 
-    models = {"lora": models["lora"], "loran": models["loran"], "loran (eager kernels)": copy.deepcopy(models["loran"])}
-    ids = torch.randint(0, 4096, (1, tokens))
+    models = {"lora": models["lora"], "loran": models["loran"]}
+    if eager_copy:
+        models["loran (eager kernels)"] = copy.deepcopy(models["loran"])
+    ids = torch.randint(0, vocab, (1, tokens))
 
     def step(model, eager_kernels=False):
         model.train()
@@ -90,8 +99,10 @@ def train_runs(models: dict[str, torch.nn.Module], tokens: int) -> dict[str, Cal
 
         return run
 
-    return {"lora": step(models["lora"]), "loran": step(models["loran"]),
-            "loran (eager kernels)": step(models["loran (eager kernels)"], eager_kernels=True)}
+    runs = {"lora": step(models["lora"]), "loran": step(models["loran"])}
+    if eager_copy:
+        runs["loran (eager kernels)"] = step(models["loran (eager kernels)"], eager_kernels=True)
+    return runs
 
 
 def report(times: dict[str, list[float]], unit: str, per_call: float) -> None:
@@ -116,10 +127,12 @@ def main() -> None:
     parser.add_argument("--targets", default="all", choices=sorted(TARGETS))
     parser.add_argument("--rounds", type=int, default=None, help="default: 30 (generation), 12 (train)")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--tokens", type=int, default=256, help="training sequence length")
+    parser.add_argument("--tokens", type=int, default=None, help="training sequence length (256; --paper: 512)")
+    parser.add_argument("--paper", action="store_true", help="the paper's recipe on Llama-2-7B's layer shapes")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the adapters' input (train)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
-    models = adapted_models(args.targets)
+    models = adapted_models(args.targets, args.paper, args.dropout)
     if args.what == "generation":
         rounds = args.rounds or 30
         with torch.no_grad():
@@ -129,8 +142,12 @@ def main() -> None:
         report(times, "tokens/s", args.new_tokens)
     else:
         rounds = args.rounds or 12
-        times = interleave(train_runs(models, args.tokens), rounds)
-        print(f"training step, targets {args.targets}, {args.tokens} tokens, {rounds} interleaved rounds "
+        tokens = args.tokens or (512 if args.paper else 256)
+        del models["base"]
+        times = interleave(train_runs(models, tokens, eager_copy=not args.paper, vocab=1000 if args.paper else 4096),
+                           rounds)
+        what = "the paper's recipe (7B layer shapes, r = 64)" if args.paper else f"targets {args.targets}"
+        print(f"training step, {what}, dropout {args.dropout}, {tokens} tokens, {rounds} interleaved rounds "
               "(a ratio above 1 means slower than LoRA):")
         report(times, "s/step", 1.0)
 

@@ -25,7 +25,7 @@ import peft_loran  # noqa: F401  (registers LoRAN with PEFT)
 from peft import get_peft_model, prepare_model_for_kbit_training
 from peft_loran import LoranConfig
 from peft_loran_cli.data import load_task, user_task
-from peft_loran_cli.training import Encoded, collate
+from peft_loran_cli.encoding import Encoded, collate
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ math (docs/testing.md):
     .venv/bin/python scripts/mutation_check.py            # all mutations (about 10 minutes on 2 cores)
     .venv/bin/python scripts/mutation_check.py scaling    # the ones whose name contains "scaling"
 
-Each mutation is (name, file, exact text, replacement, test files). The text must occur exactly once, so a
+Each mutation is (name, file under src/, exact text, replacement, test files). The text must occur exactly once, so a
 refactoring that moves the code makes the script fail loudly instead of silently testing nothing. Exit code 1 if
 any mutation survived or no longer applies.
 """
@@ -21,46 +21,66 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = REPO / "src" / "peft_loran"
+SOURCE = REPO / "src"
+PACKAGES = ("peft_loran", "peft_loran_cli")
 
 LAYERS = ["tests/test_layers.py", "tests/test_fused.py"]
 MUTATIONS = [
-    ("scaling dropped from the factor gradients", "functional.py",
+    ("scaling dropped from the factor gradients", "peft_loran/functional.py",
      "grad_h = at_least_float32((g * scaling).T @ x) if need_factors else None",
      "grad_h = at_least_float32(g.T @ x) if need_factors else None", LAYERS),
-    ("f instead of f' in Sinter's backward", "activations.py",
-     "t = sin_u.addcmul_(u, torch.cos(u))  # sin(u) + u cos(u), so f'(BA) = 1 + a t",
-     "t = sin_u.clone()", LAYERS),
-    ("block bookkeeping: grad of A keeps only the last block", "functional.py",
+    ("Sinter's derivative without its w x cos(w x) term", "peft_loran/activations.py",
+     "torch.cos(wx).mul_(wx).add_(s).mul_(a).add_(1)  # 1 + a (sin(wx) + wx cos(wx))",
+     "torch.sin(wx).mul_(a).add_(1)", LAYERS),
+    ("block bookkeeping: grad of A keeps only the last block", "peft_loran/functional.py",
      "                grad_A += dA\n", "                grad_A.copy_(dA)\n", LAYERS),
-    ("eval cache ignores changed factors", "layer.py",
+    ("eval cache ignores changed factors", "peft_loran/layer.py",
      "        return all(_same_values(old, new) for old, new in zip(self.snapshot, factors))",
      "        return True", ["tests/test_fused.py"]),
-    ("merge orientation swapped", "layer.py",
+    ("merge orientation swapped", "peft_loran/layer.py",
      "add_to=target.T if self.fan_in_fan_out else target,",
      "add_to=target if self.fan_in_fan_out else target.T,", LAYERS),
-    ("non-linearity in the input's dtype (half precision)", "functional.py",
+    ("non-linearity in the input's dtype (half precision)", "peft_loran/functional.py",
      "    return t.to(torch.promote_types(t.dtype, torch.float32))", "    return t", ["tests/test_layers.py"]),
-    ("eval cache built under autocast", "functional.py",
+    ("eval cache built under autocast", "peft_loran/functional.py",
      "        with torch.autocast(A.device.type, enabled=False):\n            block = block_update(None if base",
      "        if True:\n            block = block_update(None if base", ["tests/test_layers.py"]),
-    ("Sinter's non-linear part unscaled by a", "activations.py",
-     "out.addcmul_(u, sin_u, value=k * a)", "out.addcmul_(u, sin_u, value=k)", LAYERS),
-    ("the original's Swish as SiLU", "activations.py", "SWISH_BETA = 25.0", "SWISH_BETA = 1.0",
+    ("Sinter's non-linear part unscaled by a", "peft_loran/activations.py",
+     "value = torch.addcmul(x, x, s, value=a)", "value = torch.addcmul(x, x, s)", LAYERS),
+    ("the original's Swish as SiLU", "peft_loran/activations.py", '(("beta", 25.0),)', '(("beta", 1.0),)',
      ["tests/test_activations.py"]),
-    ("embedding adapters zero the shared factor", "layer.py",
+    ("embedding adapters zero the shared factor", "peft_loran/layer.py",
      "nn.init.zeros_(Ps[-1] if len(Ps) else self.loran_A[adapter_name])",
      "nn.init.zeros_(self.loran_B[adapter_name])", ["tests/test_original_compat.py"]),
-    ("loading accepts missing adapter keys", "model.py",
+    ("loading accepts missing adapter keys", "peft_loran/model.py",
      "    if not (missing or unexpected or wrong_shape):\n        return",
      "    if True:\n        return", ["tests/test_original_compat.py"]),
-    ("zero-centring offset dropped in the compiled kernels", "kernels.py",
-     "y = fn(u, *params) - offset", "y = fn(u, *params)", ["tests/test_kernels.py"]),
-    ("export reports no error", "export.py",
+    ("zero-centring offset dropped in the compiled kernels", "peft_loran/kernels.py",
+     "        y = y - offset\n", "        y = y\n", ["tests/test_kernels.py"]),
+    ("export reports no error", "peft_loran/export.py",
      "relative = math.sqrt(error / total) if total > 0 else 0.0", "relative = 0.0", ["tests/test_export.py"]),
-    ("original embedding keys not renamed", "compat.py",
+    ("original embedding keys not renamed", "peft_loran/compat.py",
      '_FACTOR_KEY = re.compile(r"(^|\\.)mlora_(?:embedding_)?(A|B)$")',
      '_FACTOR_KEY = re.compile(r"(^|\\.)mlora_(A|B)$")', ["tests/test_original_compat.py"]),
+    # found by a mutation pass that the suite missed or caught only by accident (issue 19)
+    ("export's energy kept as 1 - error", "peft_loran/export.py", "kept = 1 - error**2", "kept = 1 - error",
+     ["tests/test_export.py"]),
+    ("energy beyond r from sv[r+1:]", "peft_loran/diagnostics.py",
+     '"energy_beyond_r": float((sv[r:] ** 2).sum() / energy)', '"energy_beyond_r": float((sv[r + 1:] ** 2).sum() / energy)',
+     ["tests/test_diagnostics.py"]),
+    ("data split ignores its seed", "peft_loran_cli/data.py", 'random.Random(f"{seed}/{group_key}").shuffle(group)',
+     'random.Random(f"{SPLIT_SEED}/{group_key}").shuffle(group)', ["tests/test_data.py"]),
+    ("4-bit CPU repacking not undone", "peft_loran/layer.py",
+     "        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)",
+     "        pass", ["tests/test_quantized.py"]),
+    ("LoRA export drops alpha_pattern", "peft_loran/export.py", "alpha_pattern=dict(pattern),", "alpha_pattern={},",
+     ["tests/test_export.py"]),
+    ("evaluation scores the other split", "peft_loran_cli/evaluation.py",
+     'split = task.validation if settings.eval_split == "validation" else task.test',
+     'split = task.test if settings.eval_split == "validation" else task.validation',
+     ["tests/test_cli_user_data.py::test_evaluate_scores_the_split_it_is_asked_for"]),
+    ("MLoraConfig's use_b default off", "peft_loran/compat.py", "mlora_use_P=True, mlora_use_b=True, init_mlora_weights=True,",
+     "mlora_use_P=True, mlora_use_b=False, init_mlora_weights=True,", ["tests/test_config_errors.py"]),
 ]
 
 
@@ -68,8 +88,9 @@ def run_one(name, filename, old, new, tests, workdir: Path) -> tuple[str, float]
     copy = workdir / "src"
     if copy.exists():
         shutil.rmtree(copy)
-    shutil.copytree(PACKAGE, copy / "peft_loran", ignore=shutil.ignore_patterns("__pycache__"))
-    target = copy / "peft_loran" / filename
+    for package in PACKAGES:
+        shutil.copytree(SOURCE / package, copy / package, ignore=shutil.ignore_patterns("__pycache__"))
+    target = copy / filename
     text = target.read_text()
     if text.count(old) != 1:
         return f"NOT APPLIED (text found {text.count(old)} times in {filename})", 0.0

@@ -15,7 +15,7 @@ import pytest
 
 from peft_loran_cli import report
 from peft_loran_cli.data import read_rows
-from peft_loran_cli.training import majority_baseline
+from peft_loran_cli.evaluation import majority_baseline
 
 from .conftest import TOPICS
 from .test_cli import error_line, run
@@ -60,8 +60,8 @@ def test_evaluate_reproduces_the_number_and_split_the_run_reported(tiny_encoder,
 def test_a_constant_prediction_is_named_in_metrics_table_and_plot(tmp_path):
     from peft_loran_cli.data import Example, TaskData
 
-    task = TaskData("t", "classify", ["a", "b", "c"], train=[Example("x", label=k) for k in (0, 1, 1, 2)],
-                    validation=[], test=[])
+    task = TaskData("t", "classify", train=[Example("x", label=k) for k in (0, 1, 1, 2)], validation=[], test=[],
+                    labels=["a", "b", "c"])
     examples = [Example("y", label=k) for k in (1, 1, 0, 2, 1)]
     assert majority_baseline(task, examples, [1, 1, 1, 1, 1]) == {
         "majority_label": "b", "majority_rate": 0.6, "predicted_classes": 1,
@@ -202,3 +202,17 @@ def test_ctrl_c_stops_a_grid_at_once_keeps_finished_cells_and_prints_no_tracebac
     assert stopped_after < 20, f"Ctrl-C took {stopped_after:.0f} s"
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert "interrupted" in err and not list((out / "cells").glob("*.json"))
+
+
+def test_evaluate_scores_the_split_it_is_asked_for(tiny_encoder):
+    from peft_loran_cli.data import Example, TaskData
+    from peft_loran_cli.evaluation import evaluate
+    from peft_loran_cli.loading import load_base
+    from peft_loran_cli.settings import Settings
+
+    task = TaskData("t", "classify", train=[Example("x y", label=0), Example("y z", label=1)],
+                    validation=[Example("v", label=0)] * 2, test=[Example("t", label=1)] * 5, labels=["a", "b"])
+    for split, n in (("validation", 2), ("test", 5)):
+        settings = Settings(eval_split=split, quiet=True)
+        model, tokenizer = load_base(tiny_encoder, task, settings)
+        assert evaluate(model.eval(), tokenizer, task, settings)["n"] == n

@@ -104,6 +104,8 @@ def test_strong_setting_reports_the_measured_error_and_it_falls_with_rank(tmp_pa
             measured = ((D - approx).norm() / D.norm()).item()
             assert entry["rank"] == rank
             assert abs(entry["relative_error"] - measured) < 1e-6 + 1e-4 * measured
+            # the share of the update's energy the export holds: 1 - ||D - B A||^2 / ||D||^2
+            assert abs(entry["energy_kept"] - (1 - measured**2)) < 1e-6
             # the best rank-k error, from the plain SVD of the plain update (randomized SVD within 1%)
             sv = torch.linalg.svdvals(D)
             best = (sv[rank:].pow(2).sum() / sv.pow(2).sum()).sqrt().item()
@@ -121,7 +123,12 @@ def test_auto_rank_meets_its_tolerance_per_module(tmp_path):
     assert all(m["relative_error"] <= 1e-3 for m in report["modules"])
     assert max(ranks.values()) > 4  # the strong setting needs more than the LoRAN rank
     assert config["r"] in ranks.values() and all(config["rank_pattern"].get(k, config["r"]) for k in ranks)
+    assert len(set(ranks.values())) > 1, "the check below needs modules of different ranks (a rank_pattern)"
     got = logits(load_plain_lora(tiny_llama(0), tmp_path / "auto"))
+    with torch.no_grad(), model.disable_adapter():
+        base_out = logits(model)
+    # plain PEFT's model is the LoRAN model to within the tolerance: every module's scaling is right (alpha_pattern)
+    assert relative_to_effect(got, logits(model), base_out) < 1e-2
     assert (got - logits(model)).abs().max().item() == pytest.approx(
         report["sample_outputs"]["max_abs_difference"], rel=1e-3, abs=1e-6)
     assert json.loads((tmp_path / "auto" / "export_report.json").read_text())["modules"] == report["modules"]

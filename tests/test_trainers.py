@@ -21,6 +21,19 @@ def text_dataset(n=16):
     return Dataset.from_dict({"text": [f"story {i}: the quick brown fox jumps over the lazy dog" for i in range(n)]})
 
 
+def adapter_state(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "loran_" in n}
+
+
+def assert_moved(before: dict, after: dict) -> None:
+    """Training changed the adapter: every B (zero at the start) is non-zero now, and A moved too."""
+    assert before.keys() == after.keys() and before
+    for name in before:
+        if "loran_B" in name:
+            assert float(before[name].abs().sum()) == 0.0 and float(after[name].abs().sum()) > 0, name
+    assert any(not torch.equal(before[n], after[n]) for n in before if "loran_A" in n)
+
+
 def test_transformers_trainer_save_reload_generate(tiny_lm, tmp_path):  # noqa: F811
     from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
                               TrainingArguments)
@@ -34,7 +47,9 @@ def test_transformers_trainer_save_reload_generate(tiny_lm, tmp_path):  # noqa: 
                              gradient_accumulation_steps=2, gradient_checkpointing=True, use_cpu=True)
     trainer = Trainer(model=model, args=args, train_dataset=data,
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False))
+    before = adapter_state(model)
     result = trainer.train()
+    assert_moved(before, adapter_state(model))
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     assert result.global_step == 4 and len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
     trainer.save_model(str(tmp_path / "adapter"))
@@ -67,7 +82,9 @@ def test_trl_sft_trainer_save_reload_generate(tiny_lm, tmp_path):  # noqa: F811
                              peft_config=LoranConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert isinstance(trainer.model, PeftModel)
     assert trainer.model.peft_config["default"].peft_type == "LORAN"
+    before = adapter_state(trainer.model)
     trainer.train()
+    assert_moved(before, adapter_state(trainer.model))
     assert trainer.state.global_step == 3
     trainer.save_model(str(tmp_path / "adapter"))
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_lm), tmp_path / "adapter").eval()
@@ -100,6 +117,8 @@ def test_loran_model_under_trainer_trains_only_adapter(tmp_path):
     data = [{"input_ids": row, "labels": row} for row in ids]
     args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to=[],
                              save_strategy="no", use_cpu=True, learning_rate=1e-2)
+    before = adapter_state(model)
     Trainer(model=model, args=args, train_dataset=data).train()
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert_moved(before, adapter_state(model))
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "loran_B" in n)

@@ -10,19 +10,37 @@ from typing import Optional
 import torch
 from torch import nn
 
-from . import functional as LF
+from . import functional
+
+
+#: Singular values below this share of the largest count as rounding (above float32 rounding of an update, below
+#: Sinter's effect at the paper's setting).
+NUMERICAL_RANK_TOLERANCE = 1e-6
+
+
+def spectrum_statistics(sv: torch.Tensor, r: Optional[int]) -> dict:
+    """What the singular values ``sv`` (descending) of an update whose factors have rank ``r`` say: the effective
+    rank, the share of the energy beyond the first ``r`` directions (what no rank-r LoRA can hold), the numerical
+    rank and the largest singular value."""
+    sv = sv.double()
+    energy = float((sv**2).sum())
+    top = float(sv[0]) if len(sv) else 0.0
+    return {
+        "effective_rank": functional.effective_rank(sv),
+        "energy_beyond_r": float((sv[r:] ** 2).sum() / energy) if (r and energy > 0) else 0.0,
+        "numerical_rank": int((sv > top * NUMERICAL_RANK_TOLERANCE).sum()) if top > 0 else 0,
+        "top_singular_value": top,
+    }
 
 
 def module_statistics(update: torch.Tensor, r: Optional[int], share: Optional[dict]) -> dict:
     """Statistics of one dense update ``update`` (out x in) whose factors have rank ``r``; ``share`` is
     :func:`peft_loran.functional.nonlinear_share`'s answer (None where undefined)."""
-    sv = torch.linalg.svdvals(update.detach().double())
-    energy = float((sv**2).sum())
+    stats = spectrum_statistics(torch.linalg.svdvals(update.detach().double()), r)
     return {
         "shape": list(update.shape), "r": r, "nonlinear_share": share["share"] if share else None,
         "nonlinear_beyond_scale": share["beyond_scale"] if share else None,
-        "effective_rank": LF.effective_rank(sv),
-        "energy_beyond_r": float((sv[r:] ** 2).sum() / energy) if (r and energy > 0) else 0.0,
+        "effective_rank": stats["effective_rank"], "energy_beyond_r": stats["energy_beyond_r"],
     }
 
 
@@ -39,12 +57,9 @@ def update_statistics(model: nn.Module, adapter: str = "default") -> list[dict]:
         if isinstance(module, LoranLayer):
             if adapter not in module.loran_A:
                 continue
-            A, B = module.loran_A[adapter], module.loran_B[adapter]
-            stages = module.stages(adapter)
-            act, s = module.loran_activation[adapter], module.loran_scaling[adapter]
-            share = LF.nonlinear_share(A, B, stages, act, s, module.loran_block_rows[adapter])
-            update = LF.delta_weight(A.detach(), B.detach(), stages, act, s, module.loran_block_rows[adapter])
-            rows.append({"module": name, **module_statistics(update, A.shape[0], share)})
+            update = module.low_rank_update(adapter).detached()
+            rows.append({"module": name, **module_statistics(update.dense(), update.A.shape[0],
+                                                             update.nonlinear_share())})
         elif hasattr(module, "get_delta_weight") and adapter in getattr(module, "lora_A", {}):
             r = module.r.get(adapter) if isinstance(getattr(module, "r", None), dict) else None
             update = module.get_delta_weight(adapter)

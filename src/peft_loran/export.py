@@ -26,7 +26,6 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from . import functional as LF
 from .layer import Embedding, LoranLayer, unpack_bnb_cpu_weight
 
 #: Extra sketch columns beyond the wanted rank, and power iterations, of the randomized SVD.
@@ -67,16 +66,9 @@ def parse_rank(rank: Union[int, str]) -> tuple[Optional[int], Optional[float]]:
 
 def _randomized_svd(layer: LoranLayer, adapter: str, sketch: int, generator: torch.Generator):
     """Top ``sketch`` singular triplets of the layer's update ``D`` (rows x cols), float64."""
-    A, B = layer.loran_A[adapter].detach(), layer.loran_B[adapter].detach()
-    stages = [(P.detach() if P is not None else None, b.detach() if b is not None else None)
-              for P, b in layer.stages(adapter)]
-    act, s, block = layer.loran_activation[adapter], layer.loran_scaling[adapter], layer.loran_block_rows[adapter]
-
-    def D(X, transpose=False):
-        return LF.update_matmul(A, B, stages, act, s, X, transpose=transpose, block_rows=block)
-
+    D = layer.low_rank_update(adapter).detached().matmul
     rows, cols = layer.update_shape
-    omega = torch.randn(cols, sketch, dtype=torch.float64, generator=generator).to(A.device)
+    omega = torch.randn(cols, sketch, dtype=torch.float64, generator=generator).to(layer.loran_A[adapter].device)
     Q = torch.linalg.qr(D(omega)).Q
     for _ in range(POWER_ITERATIONS):
         Q = torch.linalg.qr(D(Q, transpose=True)).Q
@@ -84,12 +76,6 @@ def _randomized_svd(layer: LoranLayer, adapter: str, sketch: int, generator: tor
     small = D(Q, transpose=True).T  # Q^T D: (sketch, cols)
     U, S, Vh = torch.linalg.svd(small, full_matrices=False)
     return Q @ U, S, Vh
-
-
-def _energy(layer: LoranLayer, adapter: str) -> float:
-    A, B = layer.loran_A[adapter].detach(), layer.loran_B[adapter].detach()
-    return LF.update_sq_norm(A, B, layer.stages(adapter), layer.loran_activation[adapter],
-                             layer.loran_scaling[adapter], layer.loran_block_rows[adapter])
 
 
 @torch.no_grad()
@@ -101,7 +87,8 @@ def low_rank_factors(
     error is at most ``tol``. float32 factors; the error is measured on them against the float32 update."""
     rows, cols = layer.update_shape
     full = min(rows, cols)
-    total = _energy(layer, adapter)
+    update = layer.low_rank_update(adapter).detached()
+    total = update.sq_norm()
     generator = torch.Generator().manual_seed(seed)
     want = min(rank, full) if rank is not None else min(full, max(2 * layer.loran_A[adapter].shape[0], 8))
     while True:
@@ -125,9 +112,7 @@ def low_rank_factors(
     root = S[:k].sqrt()
     lora_B = (U[:, :k] * root).float()
     lora_A = (root[:, None] * Vh[:k]).float()
-    error = LF.update_distance(layer.loran_A[adapter].detach(), layer.loran_B[adapter].detach(),
-                               layer.stages(adapter), layer.loran_activation[adapter], layer.loran_scaling[adapter],
-                               lora_B.double(), lora_A.double(), layer.loran_block_rows[adapter])
+    error = update.distance(lora_B.double(), lora_A.double())
     relative = math.sqrt(error / total) if total > 0 else 0.0
     return lora_B, lora_A, relative
 

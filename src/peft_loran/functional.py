@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -361,6 +362,44 @@ def nonlinear_share(A, B, stages, activation, scaling, block_rows=None) -> Optio
     share = distance / total
     beyond = 1.0 - inner * inner / (total * linear_sq) if linear_sq > 0 else 1.0
     return {"share": share, "beyond_scale": max(0.0, beyond)}
+
+
+@dataclass(frozen=True)
+class LowRankUpdate:
+    """One adapter's update of one layer, ``scaling * chain(B A)`` of shape ``(out, in)``: its factors and how they
+    combine, so callers pass one object instead of unpacking six. Every method works block by block."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    stages: Sequence[Stage]
+    activation: Activation
+    scaling: float
+    block_rows: Optional[int] = None
+
+    def detached(self) -> "LowRankUpdate":
+        stages = [(P.detach() if P is not None else None, b.detach() if b is not None else None)
+                  for P, b in self.stages]
+        return LowRankUpdate(self.A.detach(), self.B.detach(), stages, self.activation, self.scaling,
+                             self.block_rows)
+
+    def dense(self, add_to: Optional[torch.Tensor] = None, sign: float = 1.0) -> torch.Tensor:
+        """The dense update (float32, page-aligned), or ``add_to += sign * update`` in place (:func:`delta_weight`)."""
+        return delta_weight(self.A, self.B, self.stages, self.activation, sign * self.scaling, self.block_rows,
+                            add_to=add_to)
+
+    def matmul(self, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        return update_matmul(self.A, self.B, self.stages, self.activation, self.scaling, X, transpose,
+                             self.block_rows)
+
+    def sq_norm(self) -> float:
+        return update_sq_norm(self.A, self.B, self.stages, self.activation, self.scaling, self.block_rows)
+
+    def distance(self, left: torch.Tensor, right: torch.Tensor) -> float:
+        return update_distance(self.A, self.B, self.stages, self.activation, self.scaling, left, right,
+                               self.block_rows)
+
+    def nonlinear_share(self) -> Optional[dict]:
+        return nonlinear_share(self.A, self.B, self.stages, self.activation, self.scaling, self.block_rows)
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:

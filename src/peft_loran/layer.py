@@ -9,7 +9,7 @@ Forward paths of :class:`Linear` (the first that applies):
 * adapters disabled / merged: the base layer alone;
 * ``adapter_names=[...]`` (mixed batch): base output plus each adapter on its rows of the batch;
 * no gradient needed, eager, and ``eval_cache``: a cached effective weight ``W + sum s f(BA)`` (float32 plain
-  weights) or cached updates, rebuilt whenever anything they depend on changed (see ``LoranLayer._cached``);
+  weights) or cached updates, rebuilt whenever anything they depend on changed (:mod:`peft_loran.cache`);
 * otherwise: :class:`~peft_loran.functional.FusedLoranMatmul` (no grad or under ``torch.compile``: its plain
   forward, ``functional.fused_forward``), folded into the base GEMM when possible (plain float32 weight, no dropout
   active, no quantization, no hooks on the base layer).
@@ -17,9 +17,7 @@ Forward paths of :class:`Linear` (the first that applies):
 
 from __future__ import annotations
 
-import ctypes
 import math
-import threading
 import warnings
 from typing import Any, Optional
 
@@ -30,104 +28,12 @@ from peft.utils import resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import functional as LF
+from . import functional
 from .activations import Activation
+from .cache import EvalCache
 from .config import LoranConfig
 
 BASE_ADAPTER_NAME = "__base__"
-
-
-_CACHE_LOCK = threading.Lock()
-
-
-class CacheBudget:
-    """A memory budget shared by the eval caches of a model's LoRAN layers (``set_eval_cache(model, max_mb=...)``).
-    A layer whose cached tensor would not fit computes its update per call instead (slower, no extra memory)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes, self.used = int(max_bytes), 0
-        self._lock = threading.Lock()
-
-    def take(self, nbytes: int) -> bool:
-        with self._lock:
-            if self.used + nbytes > self.max_bytes:
-                return False
-            self.used += nbytes
-            return True
-
-    def give_back(self, nbytes: int) -> None:
-        with self._lock:
-            self.used = max(0, self.used - nbytes)
-
-
-class _LayerCache(dict):
-    """slot -> :class:`_CacheEntry`; entries leaving it (cleared, replaced) give their bytes back to the budget."""
-
-    budget: Optional[CacheBudget] = None
-
-    def _release(self, entry) -> None:
-        if entry is not None and self.budget is not None and entry.charged:
-            self.budget.give_back(entry.charged)
-
-    def pop(self, key, default=None):
-        entry = super().pop(key, None)
-        self._release(entry)
-        return entry if entry is not None else default
-
-    def clear(self) -> None:
-        for entry in self.values():
-            self._release(entry)
-        super().clear()
-
-
-def _libc_memcmp():
-    try:
-        memcmp = ctypes.CDLL(None).memcmp
-    except (OSError, AttributeError):  # no C library symbols to look up (e.g. Windows): torch.equal instead
-        return None
-    memcmp.argtypes, memcmp.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t], ctypes.c_int
-    return memcmp
-
-
-_MEMCMP = _libc_memcmp()
-
-
-def _same_values(old: torch.Tensor, new: torch.Tensor) -> bool:
-    """``old`` (a contiguous snapshot) and ``new`` hold the same values. This runs for every factor on every cached
-    call (each generated token): for contiguous CPU tensors one ``memcmp`` (about 1 us for a rank-8 factor of a
-    1024-wide layer), where ``torch.equal`` costs about 6 us (its dispatch)."""
-    if new.dtype != old.dtype or new.shape != old.shape:
-        return False
-    if _MEMCMP is not None and new.is_cpu and old.is_cpu and new.is_contiguous():
-        return _MEMCMP(old.data_ptr(), new.data_ptr(), old.nbytes) == 0
-    return new.device == old.device and torch.equal(old, new)
-
-
-class _CacheEntry:
-    """A cached tensor and what it was built from (see :meth:`LoranLayer._cached`)."""
-
-    __slots__ = ("snapshot", "settings", "storage", "weight_key", "value", "charged")
-
-    def __init__(self, snapshot, settings, weight, value, charged: int = 0):
-        self.snapshot, self.settings, self.value, self.charged = snapshot, settings, value, charged
-        self.storage = weight.untyped_storage() if weight is not None else None  # kept alive: no address reuse
-        self.weight_key = self._weight_key(weight)
-
-    @staticmethod
-    def _weight_key(weight):
-        if weight is None:
-            return None
-        return (weight.data_ptr(), weight._version, weight.shape, weight.stride(), weight.dtype, weight.device)
-
-    def matches(self, factors, settings, weight) -> bool:
-        if len(factors) != len(self.snapshot) or len(settings) != len(self.settings):
-            return False
-        if any(s != t or f is not g for (s, f), (t, g) in zip(settings, self.settings)):
-            return False
-        # the old weight's storage is kept alive by the entry, so a new weight cannot sit at its address
-        if weight is not None and self._weight_key(weight) != self.weight_key:
-            return False
-        return all(_same_values(old, new) for old, new in zip(self.snapshot, factors))
 
 
 def unpack_bnb_cpu_weight(layer: nn.Module) -> None:
@@ -168,7 +74,7 @@ class LoranLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.loran_eval_cache: dict[str, bool] = {}
-        self._loran_cache = _LayerCache()
+        self._loran_cache = EvalCache()
         self.kwargs = kwargs
         base = self.get_base_layer()
         self.quantization_backend = resolve_quantization_backend(base)
@@ -239,7 +145,7 @@ class LoranLayer(BaseTunerLayer):
                     nn.init.normal_(b, std=0.1)
 
     # ---------------------------------------------------------------------------------------------- the math
-    def stages(self, adapter_name: str) -> list[LF.Stage]:
+    def stages(self, adapter_name: str) -> list[functional.Stage]:
         Ps, bs = self.loran_P[adapter_name], self.loran_b[adapter_name]
         return [
             (Ps[k] if len(Ps) else None, bs[k] if len(bs) else None) for k in range(len(self.loran_dims[adapter_name]))
@@ -255,12 +161,16 @@ class LoranLayer(BaseTunerLayer):
         bs = modules["loran_b"]._modules[adapter_name]._parameters.values()
         return [A, B, *Ps, *bs]
 
-    def dense_update(self, adapter_name: str) -> torch.Tensor:
-        """``s * f-chain(B A)`` as a float32 ``(rows, cols)`` matrix."""
-        return LF.delta_weight(
+    def low_rank_update(self, adapter_name: str) -> functional.LowRankUpdate:
+        """The adapter's update ``s f-chain(B A)`` as one object (factors, activation, scaling, block height)."""
+        return functional.LowRankUpdate(
             self.loran_A[adapter_name], self.loran_B[adapter_name], self.stages(adapter_name),
             self.loran_activation[adapter_name], self.loran_scaling[adapter_name], self.loran_block_rows[adapter_name],
         )
+
+    def dense_update(self, adapter_name: str) -> torch.Tensor:
+        """``s * f-chain(B A)`` as a float32 ``(rows, cols)`` matrix."""
+        return self.low_rank_update(adapter_name).dense()
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The update in the base weight's layout and dtype (transposed for ``fan_in_fan_out``)."""
@@ -303,21 +213,17 @@ class LoranLayer(BaseTunerLayer):
         weight is built beside the old one (at least float32, page-aligned, the update added block by block: no
         dense delta), so a refused (non-finite) merge leaves ``W`` untouched."""
         weight = self.get_base_weight()
-        shifted = LF.page_aligned_copy(weight, torch.promote_types(weight.dtype, torch.float32))
+        shifted = functional.page_aligned_copy(weight, torch.promote_types(weight.dtype, torch.float32))
         self._add_delta_(shifted, adapter_name, sign)
         if check_finite and not torch.isfinite(shifted).all():
             raise ValueError(
                 f"NaNs or infs detected in the merged weights. The adapter {adapter_name} seems to be broken."
             )
-        self.set_base_weight(shifted if shifted.dtype == weight.dtype else LF.page_aligned_copy(shifted, weight.dtype))
+        self.set_base_weight(shifted if shifted.dtype == weight.dtype else functional.page_aligned_copy(shifted, weight.dtype))
 
     def _add_delta_(self, target: torch.Tensor, adapter_name: str, sign: float = 1.0) -> None:
         """``target += sign * s f(BA)`` in place for ``target`` in the base weight's layout, block by block."""
-        LF.delta_weight(
-            self.loran_A[adapter_name], self.loran_B[adapter_name], self.stages(adapter_name),
-            self.loran_activation[adapter_name], sign * self.loran_scaling[adapter_name],
-            self.loran_block_rows[adapter_name], add_to=target.T if self.fan_in_fan_out else target,
-        )
+        self.low_rank_update(adapter_name).dense(add_to=target.T if self.fan_in_fan_out else target, sign=sign)
 
     # ------------------------------------------------------------------------------------- state & caching
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
@@ -338,32 +244,11 @@ class LoranLayer(BaseTunerLayer):
         )
 
     def _cached(self, slot: tuple, adapters: list[str], build, nbytes: int, weight: Optional[torch.Tensor] = None):
-        """The value ``build()`` made for ``slot``, rebuilt whenever anything it depends on may have changed.
-
-        Staleness is ruled out by construction rather than by tracking every way a tensor can change: the factors
-        (small) are compared by value with a snapshot taken when the entry was built, so in-place writes (also
-        through ``.data``, which bumps no version), replaced parameters and loaded state dicts are all seen; the
-        scaling and activation objects are compared as they are; the frozen base weight (large) by its storage,
-        which the entry keeps alive so that no new tensor can reuse its address, and its in-place version.
-        ``.to()`` / ``_apply``, merges and adapter switches clear the cache outright. Returns None when the value
-        (``nbytes``) does not fit the model's cache budget: the caller then computes per call."""
+        """The eval cache's value for ``slot`` (:class:`~peft_loran.cache.EvalCache`: rebuilt whenever the
+        adapters' factors, scaling, activation or the base weight changed); None when it does not fit the budget."""
         factors = [t for a in adapters for t in self._factors(a)]
         settings = [(self.loran_scaling[a], self.loran_activation[a]) for a in adapters]
-        entry = self._loran_cache.get(slot)
-        if entry is not None and entry.matches(factors, settings, weight):
-            return entry.value
-        with _CACHE_LOCK:  # one builder at a time; a second thread finds the finished entry
-            entry = self._loran_cache.get(slot)
-            if entry is not None and entry.matches(factors, settings, weight):
-                return entry.value
-            self._loran_cache.pop(slot, None)  # free the stale tensor before building its replacement
-            budget = self._loran_cache.budget
-            if budget is not None and not budget.take(nbytes):
-                return None
-            snapshot = [t.detach().clone(memory_format=torch.contiguous_format) for t in factors]
-            value = build()
-            self._loran_cache[slot] = _CacheEntry(snapshot, settings, weight, value, nbytes if budget else 0)
-        return value
+        return self._loran_cache.get_or_build(slot, factors, settings, build, nbytes, weight)
 
     def _apply(self, fn, recurse: bool = True):
         """``.to()``, ``.half()``, ``.cuda()``...: the cached tensors would be left behind, so drop them."""
@@ -373,7 +258,7 @@ class LoranLayer(BaseTunerLayer):
     def __getstate__(self) -> dict:
         """``deepcopy`` / pickling copy the layer without its cache (rebuilt on the next no-grad call)."""
         state = nn.Module.__getstate__(self)
-        return {**state, "_loran_cache": _LayerCache()}
+        return {**state, "_loran_cache": EvalCache()}
 
     def _grad_needed(self, x: torch.Tensor, adapters: list[str]) -> bool:
         if not torch.is_grad_enabled():
@@ -494,7 +379,7 @@ class Linear(nn.Module, LoranLayer):
     def _adapter_output(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """The adapter's own contribution ``s * dropout(x) @ f(BA)^T`` (cached when no gradient is needed)."""
         if self._use_cache(x, [adapter_name]):
-            dtype = LF.compute_dtype_for(x)
+            dtype = functional.compute_dtype_for(x)
             nbytes = self.out_features * self.in_features * dtype.itemsize
             update = self._cached(
                 ("delta", adapter_name, dtype), [adapter_name], lambda: self._dense_update_as(adapter_name, dtype),
@@ -502,7 +387,7 @@ class Linear(nn.Module, LoranLayer):
             )
             if update is not None:
                 return F.linear(self.loran_dropout[adapter_name](x).to(dtype), update)
-        return LF.loran_matmul(
+        return functional.loran_matmul(
             self.loran_dropout[adapter_name](x), self.loran_A[adapter_name], self.loran_B[adapter_name],
             self.stages(adapter_name), self.loran_activation[adapter_name], self.loran_scaling[adapter_name],
             block_rows=self.loran_block_rows[adapter_name],
@@ -510,13 +395,13 @@ class Linear(nn.Module, LoranLayer):
 
     def _dense_update_as(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
         update = self.dense_update(adapter_name)  # already page-aligned
-        return update if update.dtype == dtype else LF.page_aligned_copy(update, dtype)
+        return update if update.dtype == dtype else functional.page_aligned_copy(update, dtype)
 
     def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> Optional[torch.Tensor]:
         """Cached ``W + sum_a s_a f(B_a A_a)`` in the base weight's layout, for no-grad calls (rebuilt when
         anything it depends on changes)."""
-        def build():  # float32 weights only (the fold's condition); page-aligned: see LF.empty_page_aligned
-            total = LF.page_aligned_copy(weight)
+        def build():  # float32 weights only (the fold's condition); page-aligned: see functional.empty_page_aligned
+            total = functional.page_aligned_copy(weight)
             for a in adapters:
                 self._add_delta_(total, a)
             return total
@@ -541,7 +426,7 @@ class Linear(nn.Module, LoranLayer):
         weight = self._plain_weight(base) if not args and not kwargs else None
         # a weight can absorb the adapters whose input is x itself (no dropout active)
         foldable = [a for a in adapters if not self._dropout_active(a)] if weight is not None else []
-        if foldable and LF.compute_dtype_for(x) == torch.float32:
+        if foldable and functional.compute_dtype_for(x) == torch.float32:
             bias = self._base_bias(base)
             effective = self._effective_weight(weight, foldable) if self._use_cache(x, foldable) else None
             if effective is not None:
@@ -549,7 +434,7 @@ class Linear(nn.Module, LoranLayer):
                 rest = [a for a in adapters if a not in foldable]
             else:
                 first = foldable[0]
-                result = LF.loran_matmul(
+                result = functional.loran_matmul(
                     x, self.loran_A[first], self.loran_B[first], self.stages(first), self.loran_activation[first],
                     self.loran_scaling[first], weight=weight, bias=bias,
                     weight_in_out=self.fan_in_fan_out, block_rows=self.loran_block_rows[first],
@@ -607,7 +492,7 @@ class Embedding(nn.Module, LoranLayer):
             unique, inverse = flat, torch.arange(flat.numel(), device=flat.device)
         else:
             unique, inverse = torch.unique(flat, return_inverse=True)
-        columns = LF.chain_columns(
+        columns = functional.chain_columns(
             self.loran_B[adapter_name], self.loran_A[adapter_name], self.stages(adapter_name),
             self.loran_activation[adapter_name], unique,
         )

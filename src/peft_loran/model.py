@@ -19,7 +19,8 @@ from transformers.pytorch_utils import Conv1D
 from .compat import convert_original_state_dict
 from .compat import MLORA, MLoraConfig
 from .config import LORAN, LoranConfig
-from .layer import CacheBudget, Embedding, Linear, LoranLayer
+from .cache import CacheBudget
+from .layer import Embedding, Linear, LoranLayer
 
 
 def _adapter_names_pre_forward_hook(target, args, kwargs, adapter_names):

@@ -81,7 +81,7 @@ def sweep_cells(args: argparse.Namespace, settings, methods: list[str]) -> list[
 
     from peft_loran.activations import parameter_fields
 
-    from .training import parse_method
+    from .methods import parse_method
 
     values = {name: _checked_values(args, name) or [getattr(settings, name)] for name in GRID_OPTIONS}
     cells = []
@@ -116,7 +116,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     from . import report
     from .models import resolve_model
-    from .training import InterruptedAfterRun, main_metric, parse_method, train_isolated
+    from .evaluation import main_metric
+    from .methods import parse_method
+    from .training import InterruptedAfterRun, train_isolated
 
     settings = settings_from(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -219,7 +221,9 @@ def _prepare_sweep_dir(out: Path, fixed: dict, overwrite: bool) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .models import resolve_model
-    from .training import main_metric, parse_method, train
+    from .evaluation import main_metric
+    from .methods import parse_method
+    from .training import train
 
     parse_method(args.method)
     if len(seeds_from(args)) > 1:
@@ -238,7 +242,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .models import resolve_model
-    from .training import Settings, cap_max_length, evaluate, load_base, main_metric
+    from .evaluation import evaluate, main_metric
+    from .loading import cap_max_length, load_base
+    from .training import Settings
 
     config = adapter_config(args.adapter)
     record, task = args.task_record, args.task_data
@@ -388,7 +394,7 @@ def load_adapter_model(adapter: str, model_spec: Optional[str], load_in_4bit: bo
     import peft_loran
 
     from .data import read_task_record
-    from .training import qlora_quantization
+    from .loading import qlora_quantization
 
     config = adapter_config(adapter)
     if not isinstance(config, peft_loran.LoranConfig):

@@ -71,8 +71,27 @@ def convert_gguf(gguf_path: Path, destination: Path, quiet: bool = False) -> Pat
     return destination
 
 
+def check_model_spec(spec: str) -> None:
+    """The checks of ``spec`` that need no model loaded (pure Python): a bundled name's package, a local directory
+    with a config, or a hub id where the machine is online. Raises UserError."""
+    if spec in BUNDLED:
+        _bundled_file(spec)
+        return
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").exists():
+            raise UserError(f"{spec} is not a model directory (no config.json in it)")
+        return
+    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
+    if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
+        return
+    raise UserError(f"model not found: {spec} (use 'smollm2', 'minilm', a local model directory, or a hub id "
+                    "when online)")
+
+
 def resolve_model(spec: str, quiet: bool = False) -> str:
     """A loadable model location for ``spec``: a bundled name, a local directory, or a hub id (online only)."""
+    check_model_spec(spec)
     if spec in BUNDLED:
         path = _bundled_file(spec)
         if spec == "smollm2":
@@ -81,16 +100,7 @@ def resolve_model(spec: str, quiet: bool = False) -> str:
                 convert_gguf(path, converted, quiet=quiet)
             return str(converted)
         return str(path)
-    local = Path(spec).expanduser()
-    if local.exists():
-        if not (local / "config.json").exists():
-            raise UserError(f"{spec} is not a model directory (no config.json in it)")
-        return str(local)
-    looks_like_hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    if looks_like_hub_id and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"):
-        return spec
-    raise UserError(f"model not found: {spec} (use 'smollm2', 'minilm', a local model directory, or a hub id "
-                    "when online)")
+    return str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
 
 
 def default_targets(model_type: str) -> list[str] | None:

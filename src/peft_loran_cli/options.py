@@ -221,9 +221,13 @@ def prepare_data(args: argparse.Namespace) -> None:
     before any model is loaded: ``args.task_data`` (and ``args.task_record`` for ``evaluate``). Pure Python, so a
     bad file is reported in a fraction of a second. Raises UserError."""
     from .data import evaluation_task_from, read_task_record, task_from
+    from .models import check_model_spec
 
     if args.command in ("compare", "train"):
+        check_model_spec(args.model or PROFILES[args.profile]["model"])
         args.task_data = task_from(args, PROFILES[args.profile]["task"])
     elif args.command == "evaluate":
         args.task_record = read_task_record(args.adapter)
         args.task_data = evaluation_task_from(args, args.task_record)
+    if args.command in ("evaluate", "export") and args.model:
+        check_model_spec(args.model)

@@ -318,7 +318,7 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     from tqdm.auto import tqdm
 
     from peft_loran.config import LoranConfig
-    from peft_loran.functional import effective_rank
+    from peft_loran.diagnostics import spectrum_statistics
 
     written_type, config, tensors = load_adapter(path)
     names = adapted_layers(config, tensors)
@@ -335,14 +335,13 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     count_of = {kind: sum(layer[0].split(".")[-1] == kind for layer in layers) for kind in kinds}
     for name, r, delta, share in layers:
         sv = torch.linalg.svdvals(delta.double())
-        # 1e-6 of the largest: above float32 rounding of the update, below Sinter's effect at the paper's setting
-        numerical_rank = int((sv > sv[0] * 1e-6).sum()) if sv[0] > 0 else 0
-        energy = float((sv[r:] ** 2).sum() / (sv**2).sum()) if sv[0] > 0 else 0.0
-        summary["layers"].append({"layer": name, "shape": list(delta.shape), "r": r, "numerical_rank": numerical_rank,
-                                  "effective_rank": effective_rank(sv), "energy_beyond_r": energy,
+        stats = spectrum_statistics(sv, r)
+        summary["layers"].append({"layer": name, "shape": list(delta.shape), "r": r,
+                                  "numerical_rank": stats["numerical_rank"], "effective_rank": stats["effective_rank"],
+                                  "energy_beyond_r": stats["energy_beyond_r"],
                                   "nonlinear_share": share["share"] if share else None,
                                   "nonlinear_beyond_scale": share["beyond_scale"] if share else None,
-                                  "top_singular_value": float(sv[0])})
+                                  "top_singular_value": stats["top_singular_value"]})
         kind = name.split(".")[-1]  # one colour and one legend entry per kind of module
         spec_ax.semilogy(range(1, len(sv) + 1), (sv / sv[0]).clamp_min(1e-12), alpha=0.6, color=color_of[kind],
                          label=f"{kind} ({count_of[kind]} module{'s' if count_of[kind] > 1 else ''})")
