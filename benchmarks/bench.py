@@ -264,7 +264,9 @@ def table(results: list[tuple[Case, dict]]) -> str:
             "eval ours / base | eval LoRA / base | eval naive / base | gen tok/s ours / LoRA |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for case, rows in results:
-        lora, naive, ours = rows["lora"], rows["naive"], rows["loran"]
+        lora, ours = rows["lora"], rows["loran"]
+        naive = rows.get("naive", {"train_step_s": float("nan"), "train_mem_mb": float("nan"), "eval_s": float("nan"),
+                                   "base_eval_s": 1.0})
         eager = rows.get("loran_eager")  # absent from runs made before the compiled kernels
         lines.append(
             f"| {case.hidden} | {case.layers} | {case.tokens} | {case.rank} | {case.targets} | {case.dropout} | "
@@ -421,6 +423,7 @@ def main() -> None:
     parser.add_argument("--from-json", help="re-render the tables from a --json file instead of measuring")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run each method's process this many times (rotating order) and report medians")
+    parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: the preset's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -443,6 +446,8 @@ def main() -> None:
             methods = PRESET_METHODS.get(name, METHODS)
             if name == "paper" and case.dropout:
                 methods = ("lora", "loran")
+            if args.methods:
+                methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
             results.append((case, compare(case, args.repeats, methods)))
         raw[name] = [{"case": asdict(c), "results": r} for c, r in results]
         sections.append((name, render(name, results)))
