@@ -255,7 +255,7 @@ def compare(base: Case, repeats: int = 1, methods: tuple = METHODS) -> dict:
 
 
 def fmt_ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b > 0 else "n/a"
+    return f"{a / b:.2f}x" if b > 0 and a == a else "n/a"  # a != a: not measured (NaN)
 
 
 def table(results: list[tuple[Case, dict]]) -> str:

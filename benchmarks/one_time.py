@@ -7,8 +7,8 @@ Measured, each in a fresh process, with wall-clock time around the whole process
 - the bundled SmolLM2's one-time conversion (GGUF -> safetensors) into an empty ``PEFT_LORAN_CACHE``, then the
   same call again with the converted model in place;
 - the first training step (forward and backward of 256 tokens) of bench.py's headline model with all seven
-  projections adapted: PEFT LoRA; LoRAN with the default ``PEFT_LORAN_COMPILE=auto`` (eager until a job has run
-  long enough); LoRAN with the compiled kernels at once (``PEFT_LORAN_COMPILE=1``) on an empty inductor cache
+  projections adapted: PEFT LoRA; LoRAN with the default ``PEFT_LORAN_COMPILE=auto`` (eager: 1024-wide layers are below
+  its compile threshold); LoRAN with the compiled kernels at once (``PEFT_LORAN_COMPILE=1``) on an empty inductor cache
   (``TORCHINDUCTOR_CACHE_DIR`` a new folder), and again on that now warm cache. The second step is timed too: the
   difference is what the first step pays once.
 """

@@ -235,7 +235,9 @@ def _reuse_or_compare(done: list[dict], output: str, method: str, extra: list[st
     name = output.split("@")[0]
     mine = [r for r in done if r["method"] == name and r["split"] == split and r["lr"] in lrs
             and r["seed"] in seeds and r["rank"] in ranks]
-    missing = [k for k in ranks if not any(r["rank"] == k for r in mine)]
+    # a rank counts as done when every seed of it is there (a partly finished rank runs again, whole)
+    missing = [k for k in ranks if {r["seed"] for r in mine if r["rank"] == k} != set(seeds)]
+    mine = [r for r in mine if r["rank"] not in missing]
     if missing:
         suffix = "" if missing == list(ranks) else "-r" + "-".join(map(str, missing))
         mine += compare(output + suffix, method, extra, missing, lrs, seeds, split, task)

@@ -59,6 +59,9 @@ def test_mlora_defaults_are_the_originals():
     config = MLoraConfig()
     assert (config.activation, config.loran_alpha, config.sinter_amplitude, config.sinter_frequency) == (
         "sigmoid", 8, 5e-4, 1000.0)
-    # the original's table: mlora_use_P=True, mlora_use_b=True, mlora_dropout=0.0, init_mlora_weights=True
-    assert (config.use_P, config.use_b, config.loran_dropout, config.init_weights) == (True, True, 0.0, True)
+    # the original's table: mlora_use_P=True, mlora_use_b=True, mlora_dropout=0.0, init_mlora_weights=True (for the
+    # original's list r; an int r, our extension, is plain LoRAN with P and b off unless asked for)
+    chain = MLoraConfig(r=[4, 16])
+    assert (chain.use_P, chain.use_b, chain.loran_dropout, chain.init_weights) == (True, True, 0.0, True)
+    assert (config.use_P, config.use_b) == (False, False)
     assert config.zero_centered  # new adapters start at exactly zero, unlike the original's Sigmoid default

@@ -130,6 +130,10 @@ class LoranConfig(PeftConfig):
             raise ValueError(f"`r` must be a positive integer (the rank), got {self.r!r}.")
         if not isinstance(self.loran_alpha, (int, float)) or not math.isfinite(self.loran_alpha):
             raise ValueError(f"`loran_alpha` must be a finite number, got {self.loran_alpha!r}.")
+        for name in ("sinter_amplitude", "sinter_frequency"):  # checked whatever the activation: a saved config
+            value = getattr(self, name)                          # must not carry a NaN into a later change of f
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
         if not (isinstance(self.loran_dropout, (int, float)) and 0.0 <= self.loran_dropout < 1.0):
             raise ValueError(f"`loran_dropout` must be in [0, 1), got {self.loran_dropout!r}.")
         if self.bias not in ("none", "all", "loran_only"):

@@ -133,7 +133,7 @@ GRID_OPTIONS = tuple(LIST_OPTIONS)
 #: Their short names in cell folders and plot labels.
 SHORT_NAMES = {"rank": "r", "lr": "lr", "seed": "s", "sinter_amplitude": "a", "sinter_frequency": "w",
                "sine_frequency": "w"}
-#: A file in a compare output directory that makes it resumable (see peft_loran.cli.main.cmd_compare).
+#: A file in a compare output directory that makes it resumable (see peft_loran_cli.commands.cmd_compare).
 SWEEP_STATE = "sweep.json"
 
 
