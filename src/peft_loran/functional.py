@@ -109,8 +109,9 @@ def default_block_rows(
     allows, at least :data:`MIN_BLOCK_ROWS` on CPU within :data:`MAX_BLOCK_ELEMENTS` (unless a budget is given),
     GEMM-friendly."""
     cols = max(cols, 1)
-    rows = max(1, (elements or block_elements(device, compiled)) // cols)
-    if elements is None and device.type == "cpu" and _env_block_elements() is None:
+    budget = elements or _env_block_elements()  # an explicit budget is used as given
+    rows = max(1, (budget or block_elements(device, compiled)) // cols)
+    if budget is None and device.type == "cpu":
         rows = max(rows, min(MIN_BLOCK_ROWS[compiled], MAX_BLOCK_ELEMENTS // cols))
     return rows - rows % GEMM_ROW_MULTIPLE if rows >= 4 * GEMM_ROW_MULTIPLE else rows
 
