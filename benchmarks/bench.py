@@ -24,7 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 TARGETS = {"qv": ["q_proj", "v_proj"],
            "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -221,9 +221,9 @@ def run_child(case: Case) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- orchestrator
-#: ``loran`` is ours in the steady state of a long job, with the compiled kernels from the start
-#: (PEFT_LORAN_COMPILE=1; the default ``auto`` compiles once a job has run long enough, see kernels.py);
-#: ``loran_eager`` is ours with them switched off (PEFT_LORAN_COMPILE=0): what they buy.
+#: ``loran`` is ours with the compiled kernels on every layer (PEFT_LORAN_COMPILE=1; the default ``auto`` compiles
+#: for layers of at least 2048 x 2048 on CPUs, see kernels.compiles); ``loran_eager`` is ours with them switched off
+#: (PEFT_LORAN_COMPILE=0): what they buy.
 METHODS = ("lora", "naive", "loran", "loran_eager")
 
 
@@ -423,6 +423,8 @@ def main() -> None:
     parser.add_argument("--from-json", help="re-render the tables from a --json file instead of measuring")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run each method's process this many times (rotating order) and report medians")
+    parser.add_argument("--steps", type=int, help="timed training steps per process (default: the preset's; a GPU "
+                        "step takes milliseconds, so use more there)")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: the preset's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -442,6 +444,8 @@ def main() -> None:
     for name, cases in presets(args.preset, args.device, args.dtype).items():
         results = []
         for case in cases:
+            if args.steps:
+                case = replace(case, steps=args.steps)
             print(f"[{name}] {case}", file=sys.stderr, flush=True)
             methods = PRESET_METHODS.get(name, METHODS)
             if name == "paper" and case.dropout:

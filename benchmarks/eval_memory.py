@@ -3,6 +3,7 @@ LoRA vs LoRAN (default: no eval cache; with the full cache; merged); float32 and
 
     python benchmarks/eval_memory.py [--targets all|qv] [--json results/benchmarks/eval-memory-all-cpu.json]
     python benchmarks/eval_memory.py --from-json results/benchmarks/eval-memory-all-cpu.json      # re-render
+    python benchmarks/eval_memory.py --device cuda        # on a GPU: peak CUDA allocations instead of peak RSS
 
 Each (base, method) runs in a fresh process, as a Trainer does it: build the Llama-shaped model (hidden 1024, 4
 layers; the 4-bit base is the same random model saved once and loaded with ``BitsAndBytesConfig(load_in_4bit)``),
@@ -34,15 +35,15 @@ BASES = ("float32", "4bit")
 LAYERS = 4
 
 
-def _model(base: str, saved: str):
+def _model(base: str, saved: str, device: str):
     import torch
 
     if base == "float32":
-        return _build(Case(method="base", layers=LAYERS))
+        return _build(Case(method="base", layers=LAYERS, device=device))
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-    return LlamaForCausalLM.from_pretrained(saved, quantization_config=quant)
+    return LlamaForCausalLM.from_pretrained(saved, quantization_config=quant, device_map={"": device})
 
 
 def _adapt(model, method: str, targets: str):
@@ -64,22 +65,22 @@ def _adapt(model, method: str, targets: str):
     return model
 
 
-def run_child(base: str, method: str, targets: str, saved: str) -> dict:
+def run_child(base: str, method: str, targets: str, saved: str, device: str = "cpu") -> dict:
     import torch
 
     from peft_loran_cli.memory import peak_memory, reset_peak_memory
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     torch.manual_seed(0)
-    ids = torch.randint(0, 4096, (1, 256))
+    ids = torch.randint(0, 4096, (1, 256)).to(device)
     prompt = ids[:, :16]
-    model = _model(base, saved).eval()
+    model = _model(base, saved, device).eval()
     with torch.no_grad():  # bitsandbytes repacks 4-bit weights on the first CPU forward: keep that out of the figures
         model(input_ids=ids[:, :1])
     model = _adapt(model, method, targets)
     result: dict = {}
     _release_freed_memory()
-    reset_peak_memory("cpu")
+    reset_peak_memory(device)
     if method != "base":  # train as a Trainer would, then evaluate inside the same process
         model.train()
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -91,7 +92,7 @@ def run_child(base: str, method: str, targets: str, saved: str) -> dict:
         del optimizer
         if method == "loran_merged":
             model = model.merge_and_unload()
-    train_peak = peak_memory("cpu")[0]
+    train_peak = peak_memory(device)[0]
     result["train_peak_mb"] = train_peak
     model.eval()
     gen_kwargs = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
@@ -99,8 +100,8 @@ def run_child(base: str, method: str, targets: str, saved: str) -> dict:
         for what, call, repeats in (("eval", lambda: model(input_ids=ids), 4),
                                     ("gen", lambda: model.generate(input_ids=prompt, **gen_kwargs), 3)):
             call()  # warm-up (builds LoRAN's cache when it is on)
-            result[f"{what}_s"] = _median_seconds(call, repeats, "cpu")
-            result[f"{what}_raise_mb"] = max(0.0, peak_memory("cpu")[0] - train_peak)
+            result[f"{what}_s"] = _median_seconds(call, repeats, device)
+            result[f"{what}_raise_mb"] = max(0.0, peak_memory(device)[0] - train_peak)
     if method.startswith("loran") and method != "loran_merged":
         import peft_loran
 
@@ -111,8 +112,8 @@ def run_child(base: str, method: str, targets: str, saved: str) -> dict:
     return result
 
 
-def measure(base: str, method: str, targets: str, saved: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([base, method, targets, saved])]
+def measure(base: str, method: str, targets: str, saved: str, device: str = "cpu") -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps([base, method, targets, saved, device])]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed for {base}/{method}:\n{out.stderr[-3000:]}")
@@ -144,6 +145,8 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--targets", default="all", choices=sorted(TARGETS))
     parser.add_argument("--bases", default=",".join(BASES), help="comma-separated: float32,4bit")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: peak CUDA allocations (torch.cuda.max_memory_allocated) instead of peak RSS")
     parser.add_argument("--json", help="write the raw measurements here")
     parser.add_argument("--from-json", help="render the tables of an earlier run")
     args = parser.parse_args()
@@ -154,8 +157,12 @@ def main() -> None:
         with open(args.from_json) as fh:
             print(render(json.load(fh)))
         return
-    results = {"targets": args.targets, "runs": {},
-               "machine": f"{platform.machine()}, {os.environ.get('BENCH_THREADS', os.cpu_count())} threads"}
+    machine = f"{platform.machine()}, {os.environ.get('BENCH_THREADS', os.cpu_count())} threads"
+    if args.device == "cuda":
+        import torch
+
+        machine += f", {torch.cuda.get_device_name()} (peak CUDA allocations), torch {torch.__version__}"
+    results = {"targets": args.targets, "runs": {}, "machine": machine}
     with tempfile.TemporaryDirectory() as saved:
         bases = args.bases.split(",")
         if "4bit" in bases:
@@ -163,7 +170,7 @@ def main() -> None:
         for base in bases:
             results["runs"][base] = {}
             for method in METHODS:
-                results["runs"][base][method] = measure(base, method, args.targets, saved)
+                results["runs"][base][method] = measure(base, method, args.targets, saved, args.device)
                 print(f"  {base:7s} {method:13s} {json.dumps(results['runs'][base][method])}", file=sys.stderr,
                       flush=True)
     if args.json:

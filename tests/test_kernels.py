@@ -59,8 +59,11 @@ def test_kernels_equal_the_float64_reference(rank):
         assert none is None and kernels.kernel_compilation() == "1", f"{name}: compiled kernels were not used"
         torch.testing.assert_close(value.double(), base.double() + scaling * f_ref, atol=2e-6, rtol=1e-5)
         torch.testing.assert_close(update.double(), scaling * f_ref, atol=2e-6, rtol=1e-5)
+        # f' is more sensitive to the float32 rounding of B A than f: cuBLAS sums the rank-12 product in another
+        # order than the CPU's BLAS, and on an H200 one element of 960 was off by 2.3e-6 (where f' is near zero)
         for g in (grad, grad_only):
-            torch.testing.assert_close(g.double(), grad_h.double() * d_ref, atol=2e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(g.double(), grad_h.double() * d_ref, atol=5e-6, rtol=1e-5,
+                                       msg=lambda m: f"{name}: {m}")
 
 
 def test_kernels_are_not_used_where_autograd_is_wanted_or_layers_are_small(monkeypatch):
@@ -89,9 +92,9 @@ def test_fused_layer_with_compiled_kernels_equals_reference(in_f, out_f, r, act,
     check_fused_layer_against_reference(in_f, out_f, r, act, "plain", block, conv, dropout, tokens, seed)
 
 
-def test_large_layer_uses_the_kernels_in_auto_mode_and_matches_the_reference(monkeypatch):
+def test_large_layer_uses_the_kernels_in_auto_mode_and_matches_the_reference(monkeypatch, device):
     """A layer above the size threshold (lowered for this test) in the default mode: the training step equals the
-    float64 reference."""
+    float64 reference. ``auto`` compiles on CPUs only (on a GPU the eager path was faster: docs/benchmarks.md)."""
     set_kernel_compilation("auto")
     monkeypatch.setattr(kernels, "AUTO_COMPILE_MIN_ELEMENTS", 256 * 192)
     torch.manual_seed(0)
@@ -113,7 +116,10 @@ def test_large_layer_uses_the_kernels_in_auto_mode_and_matches_the_reference(mon
         got = torch.autograd.grad(y, params, grad)
     finally:
         kernels._run = original
-    assert {"value", "value_and_grad"} <= set(calls)
+    if device.type == "cpu":
+        assert {"value", "value_and_grad"} <= set(calls)
+    else:
+        assert not calls, "auto mode compiled on a GPU"
     base = layer.get_base_layer()
     ref = naive_linear_output(x, base.weight, base.bias, A, B, Ps, bs, activation("sinter", 0.5, 3.0), s)
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)

@@ -145,11 +145,11 @@ def test_half_precision_base_keeps_float32_nonlinearity(dtype, target):
                                naive_update(A, B, Ps, bs, activation("sinter", 0.5, 1e3), s), atol=1e-5, rtol=1e-4)
 
 
-def test_autocast_bf16_matches_reference_and_trains():
+def test_autocast_bf16_matches_reference_and_trains(device):
     model = make(["lin"], activation="sinter", sinter_amplitude=0.5, sinter_frequency=1e3)
     layer = model.lin
     x = torch.randn(2, 3, 12)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         y = layer(x)
     assert y.dtype == torch.bfloat16
     A, B, Ps, bs, s = layer_factors(layer)
@@ -157,13 +157,13 @@ def test_autocast_bf16_matches_reference_and_trains():
                               activation("sinter", 0.5, 1e3), s)
     torch.testing.assert_close(y.double(), ref, atol=5e-2, rtol=3e-2)
     # the adapter's own contribution, with a tolerance that sees sin(1e3 x) computed in bf16 (off by ~0.07)
-    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+    with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
         contribution = (layer(x) - layer.get_base_layer()(x)).double()
     want = x.double() @ naive_update(A, B, Ps, bs, activation("sinter", 0.5, 1e3), s).T
     torch.testing.assert_close(contribution, want, atol=2e-2, rtol=0)
     emb = make(["emb"], activation="sinter", sinter_amplitude=0.5, sinter_frequency=1e3).emb
     ids = torch.tensor([[1, 5, 7, 29]])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         got = (emb(ids) - emb.get_base_layer()(ids)).double()
     A_e, B_e, Ps_e, bs_e, s_e = layer_factors(emb)
     torch.testing.assert_close(got, naive_update(A_e, B_e, Ps_e, bs_e, activation("sinter", 0.5, 1e3), s_e).T[ids],

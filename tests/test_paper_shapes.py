@@ -62,7 +62,8 @@ def test_paper_recipe_trains_evaluates_exports_and_merges_on_an_nf4_7b_shaped_mo
     assert tuple(q_proj.loran_A["default"].shape) == (64, HIDDEN) and q_proj.loran_scaling["default"] == 16 / 64
 
     model.train()
-    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0)).to(torch.empty(0).device)
+    ids = torch.randint(0, 1000, (1, 32), generator=torch.Generator().manual_seed(0), device="cpu")
+    ids = ids.to(torch.empty(0).device)  # the default device (--device): the CPU generator draws the same ids
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
@@ -105,8 +106,9 @@ def test_an_original_checkpoint_with_the_published_key_names_loads(seven_b_shape
     for i in range(LAYERS):
         for proj in ("q_proj", "v_proj"):
             key = f"base_model.model.model.layers.{i}.self_attn.{proj}"
-            state[f"{key}.mlora_A"] = torch.randn(64, HIDDEN, generator=generator) * 0.02
-            state[f"{key}.mlora_B"] = torch.randn(HIDDEN, 64, generator=generator) * 0.05
+            # drawn on the CPU (as the original saved them) whatever the tests' default device
+            state[f"{key}.mlora_A"] = torch.randn(64, HIDDEN, generator=generator, device="cpu") * 0.02
+            state[f"{key}.mlora_B"] = torch.randn(HIDDEN, 64, generator=generator, device="cpu") * 0.05
     folder = tmp_path / "original"
     folder.mkdir()
     torch.save(state, folder / "adapter_model.bin")

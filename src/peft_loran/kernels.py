@@ -10,8 +10,9 @@ eager path runs): every float constant (Sinter's ``a`` and ``w``, the scaling, t
 argument, so one compiled kernel per function serves every setting and layer, and nothing global is patched per
 call. Registered activations compile like the built-ins; chains with ``P``/``b`` stay on the eager path (``P``
 mixes columns). By default the kernels
-serve wide layers on CPUs with a C++ compiler (:func:`compiles`; on GPUs only with ``PEFT_LORAN_COMPILE=1``: not yet
-run there), and never while an outer ``torch.compile`` is tracing (it fuses the eager code itself).
+serve wide layers on CPUs with a C++ compiler (:func:`compiles`; on GPUs only with ``PEFT_LORAN_COMPILE=1``: on an
+H200 they were slower than the eager path, docs/benchmarks.md), and never while an outer ``torch.compile`` is tracing
+(it fuses the eager code itself).
 
 If compiling fails (no working compiler, an inductor error), a warning gives the whole reason and that function
 runs on the eager kernels, which compute the same thing; other functions and other processes are unaffected
@@ -87,7 +88,7 @@ def _auto_device(device: torch.device) -> bool:
         if device.type == "cpu":
             compiler = os.environ.get("CXX", "g++")
             ok = any(shutil.which(c) for c in (compiler, "g++", "c++", "clang++"))
-        else:  # GPUs: inductor would use Triton, but that has not been run and measured yet, so only on request
+        else:  # GPUs: the Triton kernels ran slower than the eager path on an H200 (docs/benchmarks.md): on request
             ok = False
         _device_ok[device.type] = ok
     return _device_ok[device.type]
