@@ -550,8 +550,8 @@ def test_default_block_rows_stay_within_budget_and_round_to_gemm_friendly_height
 
 
 def test_cpu_block_budget_follows_the_kernels_in_use(monkeypatch):
-    """Compiled kernels: 2^19-element CPU blocks, eager: 2^18, each at least MIN_BLOCK_ROWS rows within
-    MAX_BLOCK_ELEMENTS (wide layers); the environment variable overrides all of it."""
+    """Compiled kernels: 2^19-element CPU blocks, eager: 2^18; layers at least 4096 wide get at least MIN_BLOCK_ROWS
+    rows within MAX_BLOCK_ELEMENTS; the environment variable overrides all of it."""
     cpu = torch.device("cpu")
     monkeypatch.delenv("PEFT_LORAN_BLOCK_ELEMENTS", raising=False)
     assert LF.block_elements(cpu, compiled=True) == 2**19 and LF.block_elements(cpu, compiled=False) == 2**18
@@ -559,10 +559,12 @@ def test_cpu_block_budget_follows_the_kernels_in_use(monkeypatch):
         for cols in [64, 1024, 2816, 4096, 11008, 300_000]:
             rows = LF.default_block_rows(cols, cpu, compiled=compiled)
             by_budget = LF.block_elements(cpu, compiled) // cols
-            floor_rows = min(LF.MIN_BLOCK_ROWS[compiled], LF.MAX_BLOCK_ELEMENTS // cols)
+            floor_rows = min(LF.MIN_BLOCK_ROWS[compiled], LF.MAX_BLOCK_ELEMENTS // cols) if cols >= 4096 else 0
             wanted = max(by_budget, floor_rows, 1)
             assert rows <= wanted and (rows == wanted or wanted - rows < 16 and rows % 16 == 0), (cols, rows)
     assert LF.default_block_rows(4096, cpu, compiled=True) == 512  # a 7B layer: 512 rows, not 128
+    assert LF.default_block_rows(11008, cpu, compiled=False) == 176  # 7B down projection: 2^21 / 11008, not 16
+    assert LF.default_block_rows(2816, cpu, compiled=False) == 80  # hidden 1024's down projection: the budget's
     monkeypatch.setenv("PEFT_LORAN_BLOCK_ELEMENTS", "4096")
     assert LF.block_elements(cpu, compiled=True) == 4096 and LF.default_block_rows(4096, cpu, compiled=True) == 1
     assert [b for b in LF.row_blocks(100, 2816, 7)][1] == (7, 14)  # an explicit height is kept as given

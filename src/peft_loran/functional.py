@@ -37,11 +37,14 @@ Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 BLOCK_ELEMENTS = {"cpu": 2**18}
 BLOCK_ELEMENTS_COMPILED = {"cpu": 2**19}
 DEFAULT_BLOCK_ELEMENTS_ACCELERATOR = 2**22
-#: ... but at least this many rows per block (compiled, eager), up to :data:`MAX_BLOCK_ELEMENTS`: every block costs
-#: a pass over the whole ``(tokens, in)`` input gradient and a repacking of the input for its GEMMs, so on wide layers
-#: short blocks spend more on those passes than on the update itself (a 4096-wide layer at 512 tokens: 128-row
-#: blocks took 1.5x the fused step time of 512-row ones; docs/benchmarks.md).
+#: ... but on layers at least :data:`MIN_BLOCK_ROWS_FROM_COLS` wide, at least this many rows per block (compiled,
+#: eager), up to :data:`MAX_BLOCK_ELEMENTS`: every block costs a pass over the whole ``(tokens, in)`` input gradient
+#: and a repacking of the input for its GEMMs, so on wide layers short blocks spend more on those passes than on the
+#: update itself (a 4096-wide layer at 512 tokens: 128-row blocks took 1.5x the fused step time of 512-row ones).
+#: Narrower layers keep the budget's blocks: there the floor bought no measurable speed and cost memory
+#: (docs/design.md, "Blocks").
 MIN_BLOCK_ROWS = {True: 512, False: 256}
+MIN_BLOCK_ROWS_FROM_COLS = 4096
 MAX_BLOCK_ELEMENTS = 2**21
 
 
@@ -106,12 +109,12 @@ def default_block_rows(
     cols: int, device: torch.device, elements: Optional[int] = None, compiled: bool = False
 ) -> int:
     """Rows per block for a ``cols``-wide matrix: as many as the block budget (``elements``, default the device's)
-    allows, at least :data:`MIN_BLOCK_ROWS` on CPU within :data:`MAX_BLOCK_ELEMENTS` (unless a budget is given),
-    GEMM-friendly."""
+    allows; on CPU and at least :data:`MIN_BLOCK_ROWS_FROM_COLS` wide, at least :data:`MIN_BLOCK_ROWS` within
+    :data:`MAX_BLOCK_ELEMENTS` (unless a budget is given); GEMM-friendly."""
     cols = max(cols, 1)
     budget = elements or _env_block_elements()  # an explicit budget is used as given
     rows = max(1, (budget or block_elements(device, compiled)) // cols)
-    if budget is None and device.type == "cpu":
+    if budget is None and device.type == "cpu" and cols >= MIN_BLOCK_ROWS_FROM_COLS:
         rows = max(rows, min(MIN_BLOCK_ROWS[compiled], MAX_BLOCK_ELEMENTS // cols))
     return rows - rows % GEMM_ROW_MULTIPLE if rows >= 4 * GEMM_ROW_MULTIPLE else rows
 
