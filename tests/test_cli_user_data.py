@@ -121,7 +121,8 @@ def test_checks_that_need_no_model_answer_without_importing_torch(tmp_path):
              ["compare", "--max-length", "0"], ["compare", "--eval-limit", "0"], ["compare", "--alpha", "-1"],
              ["compare", "--dropout", "1"], ["compare", "--lr", "0"], ["compare", "--sinter-amplitude", "nan"],
              ["compare", "--sinter-frequency", "inf"], ["compare", "--sine-frequency", "0"],
-             ["compare", "--train-file", str(bad_csv)], ["train", "--train-file", str(tmp_path / "missing.jsonl")]]
+             ["compare", "--train-file", str(bad_csv)], ["train", "--train-file", str(tmp_path / "missing.jsonl")],
+             ["compare", "--methods", "lora,loran:bogus"], ["train", "--method", "lorax"]]
     script = f"""
 import sys, time, json
 import peft_loran_cli
@@ -141,6 +142,7 @@ print(json.dumps({{"answers": answers, "heavy": sorted(m for m in ("torch", "tra
     assert max(seconds for _, seconds in result["answers"]) < 1.0
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == len(cases) and "--rank must be a positive integer, got -1" in lines[1]
+    assert "Unknown activation 'bogus'" in lines[-2] and "unknown method 'lorax'" in lines[-1]
 
 
 def test_evaluating_a_classifier_as_generation_names_the_task_kind(tiny_encoder, cls_file, gen_file, tmp_path, capsys):

@@ -482,10 +482,11 @@ def test_delta_weight_added_in_place_matches_reference(transposed, chain):
     from peft_loran import get_activation
 
     target = W.clone()
-    LF.delta_weight(A, B, stages, get_activation("tanh"), 0.7, block_rows=7, add_to=target.T if transposed else target)
+    LF.LowRankUpdate(A, B, stages, get_activation("tanh"), 0.7, block_rows=7).dense(
+        add_to=target.T if transposed else target)
     torch.testing.assert_close((target.T if transposed else target).double(), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="`add_to` has shape"):
-        LF.delta_weight(A, B, stages, get_activation("tanh"), 0.7, add_to=torch.zeros(20, 11))
+        LF.LowRankUpdate(A, B, stages, get_activation("tanh"), 0.7).dense(add_to=torch.zeros(20, 11))
 
 
 def test_cache_and_merged_weights_are_page_aligned():

@@ -10,7 +10,7 @@ from peft import inject_adapter_in_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_loran import LoranConfig, available_activations
+from peft_loran import LoranConfig, available_activations, set_eval_cache
 from peft_loran.layer import LoranLayer
 
 from .reference import activation, layer_factors, naive_linear_output, naive_update, well_conditioned
@@ -161,6 +161,12 @@ def test_autocast_bf16_matches_reference_and_trains(device):
         contribution = (layer(x) - layer.get_base_layer()(x)).double()
     want = x.double() @ naive_update(A, B, Ps, bs, activation("sinter", 0.5, 1e3), s).T
     torch.testing.assert_close(contribution, want, atol=2e-2, rtol=0)
+    set_eval_cache(model, True)  # the cached update, built inside the caller's autocast region, is float32 too
+    with torch.autocast(device.type, dtype=torch.bfloat16), torch.no_grad():
+        cached = (layer(x) - layer.get_base_layer()(x)).double()
+    assert layer._loran_cache, "the eval cache was not used"
+    torch.testing.assert_close(cached, want, atol=2e-2, rtol=0)
+    set_eval_cache(model, False)
     emb = make(["emb"], activation="sinter", sinter_amplitude=0.5, sinter_frequency=1e3).emb
     ids = torch.tensor([[1, 5, 7, 29]])
     with torch.autocast(device.type, dtype=torch.bfloat16):

@@ -19,14 +19,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
-import torch
-
-Tensor = torch.Tensor
+if TYPE_CHECKING:  # no torch at import: the command line reads the registry before importing torch (methods.py)
+    from torch import Tensor
 #: ``function(x, *params, derivative=False) -> (f(x), f'(x) if derivative else None)``; plain torch operations on
 #: tensors it may not modify (temporaries it creates may be updated in place).
-ActivationFunction = Callable[..., tuple[Tensor, Optional[Tensor]]]
+ActivationFunction = Callable[..., "tuple[Tensor, Optional[Tensor]]"]
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per registered definition
@@ -86,6 +85,8 @@ class Activation:
         """``grad_out * f'(x)``, by autograd where the derivative is not known."""
         if self.has_derivative:
             return grad_out * self.definition.function(x, *self.values, derivative=True)[1]
+        import torch
+
         with torch.enable_grad():
             leaf = x.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self.definition.function(leaf, *self.values)[0], leaf, grad_out)
@@ -97,10 +98,12 @@ class Activation:
         """``(base + alpha * f(x), f'(x) if with_derivative)``; ``base`` None means 0. Never modifies ``x``."""
         y, d = self.value_and_derivative(x) if with_derivative else (self(x), None)
         if base is not None:
-            return torch.add(base, y, alpha=alpha), d
+            return base.add(y, alpha=alpha), d
         return (y * alpha if y is x else y.mul_(alpha)), d
 
     def value_at_zero(self) -> float:
+        import torch
+
         return float(self.definition.function(torch.zeros((), dtype=torch.float64), *self.values)[0])
 
     def centered(self) -> "Activation":
@@ -116,64 +119,64 @@ class Activation:
 # ------------------------------------------------------------------------------------------------ the built-ins
 def _sinter(x: Tensor, a: float, w: float, derivative: bool = False):
     wx = x * w
-    s = torch.sin(wx)
-    value = torch.addcmul(x, x, s, value=a)
+    s = wx.sin()
+    value = x.addcmul(x, s, value=a)
     if not derivative:
         return value, None
-    return value, torch.cos(wx).mul_(wx).add_(s).mul_(a).add_(1)  # 1 + a (sin(wx) + wx cos(wx))
+    return value, wx.cos().mul_(wx).add_(s).mul_(a).add_(1)  # 1 + a (sin(wx) + wx cos(wx))
 
 
 def _cosinter(x: Tensor, a: float, w: float, derivative: bool = False):
     wx = x * w
-    c = torch.cos(wx)
-    value = torch.addcmul(x, x, c, value=a)
+    c = wx.cos()
+    value = x.addcmul(x, c, value=a)
     if not derivative:
         return value, None
-    return value, torch.sin(wx).mul_(wx).neg_().add_(c).mul_(a).add_(1)  # 1 + a (cos(wx) - wx sin(wx))
+    return value, wx.sin().mul_(wx).neg_().add_(c).mul_(a).add_(1)  # 1 + a (cos(wx) - wx sin(wx))
 
 
 def _sine(x: Tensor, a: float, w: float, derivative: bool = False):
     wx = x * w
-    return torch.sin(wx).mul_(a), (torch.cos(wx).mul_(a * w) if derivative else None)
+    return wx.sin().mul_(a), (wx.cos().mul_(a * w) if derivative else None)
 
 
 def _sigmoid(x: Tensor, derivative: bool = False):
-    s = torch.sigmoid(x)
+    s = x.sigmoid()
     return s, (s * (1 - s) if derivative else None)
 
 
 def _tanh(x: Tensor, derivative: bool = False):
-    t = torch.tanh(x)
+    t = x.tanh()
     return t, (1 - t * t if derivative else None)
 
 
 def _relu(x: Tensor, derivative: bool = False):
-    return torch.relu(x), ((x > 0).to(x.dtype) if derivative else None)
+    return x.relu(), ((x > 0).to(x.dtype) if derivative else None)
 
 
 def _silu(x: Tensor, derivative: bool = False):
-    s = torch.sigmoid(x)
+    s = x.sigmoid()
     return x * s, (s * (1 + x * (1 - s)) if derivative else None)
 
 
 def _swish(x: Tensor, beta: float, derivative: bool = False):
-    s = torch.sigmoid(beta * x)
+    s = (beta * x).sigmoid()
     return x * s, (s + beta * x * s * (1 - s) if derivative else None)
 
 
 def _identity(x: Tensor, derivative: bool = False):
-    return x, (torch.ones_like(x) if derivative else None)
+    return x, (x.new_ones(x.shape) if derivative else None)
 
 
 def _cos(x: Tensor, w: float, derivative: bool = False):
     wx = x * w
-    c = torch.cos(wx)
-    value = torch.addcmul(x, x, c)
-    return value, (c - wx * torch.sin(wx) + 1 if derivative else None)
+    c = wx.cos()
+    value = x.addcmul(x, c)
+    return value, (c - wx * wx.sin() + 1 if derivative else None)
 
 
 def _gaussian(x: Tensor, derivative: bool = False):
-    e = torch.exp(-x * x)
+    e = (-x * x).exp()
     return 0.5 * x * e, ((0.5 - x * x) * e if derivative else None)
 
 
@@ -306,6 +309,8 @@ def formula_table() -> str:
     """The docs' table of the built-in activations (docs/activations.md holds it verbatim; a test checks that)."""
     lines = ["| name (original's spelling) | f(x) | f'(x) | parameters (defaults) | f(0) | f'(0) |",
              "|---|---|---|---|---|---|"]
+    import torch
+
     for spec in BUILTINS.values():
         act = get_activation(spec.name)
         zero = torch.zeros((), dtype=torch.float64)

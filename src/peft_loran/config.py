@@ -187,6 +187,20 @@ class LoranConfig(PeftConfig):
         act = get_activation(spec.name, params={**values, **(self.activation_params or {})})
         return act.centered() if self.zero_centered else act
 
+    def chain_widths(self, rows: int, cols: int, width_name: str, where: str) -> tuple[list[int], list[int]]:
+        """The chain's widths for a ``(rows, cols)`` update: ``A``'s and each stage's input width, and each stage's
+        output width. Without ``use_P`` every width must be ``cols`` (the layer's ``width_name``); ``where`` names
+        the layer in the error."""
+        dims = list(self.chain_dims) if self.chain_dims else [cols]
+        if not self.use_P and any(d != cols for d in dims):
+            raise ValueError(
+                f"LoRAN without P matrices needs every chain width (r[1:] in MLoraConfig, `chain_dims` in "
+                f"LoranConfig) to equal the layer's {width_name}; {where} has {width_name}={cols} and output size "
+                f"{rows}, got widths {dims}. Use r=[{self.r}, {cols}] / chain_dims=None, or use_P=True "
+                "(mlora_use_P=True) to map the widths with P matrices."
+            )
+        return dims, (dims[1:] + [cols] if self.use_P else dims)
+
     def describe_activation(self) -> str:
         """``f`` in words for reports and model cards, e.g. ``x + a x sin(w x), a = 5e-05, w = 10000``."""
         if self.activation == "sine" and not self.sine_gain:

@@ -35,7 +35,7 @@ def spectrum_statistics(sv: torch.Tensor, r: Optional[int]) -> dict:
 
 def module_statistics(update: torch.Tensor, r: Optional[int], share: Optional[dict]) -> dict:
     """Statistics of one dense update ``update`` (out x in) whose factors have rank ``r``; ``share`` is
-    :func:`peft_loran.functional.nonlinear_share`'s answer (None where undefined)."""
+    :meth:`peft_loran.functional.LowRankUpdate.nonlinear_share`'s answer (None where undefined)."""
     stats = spectrum_statistics(torch.linalg.svdvals(update.detach().double()), r)
     return {
         "shape": list(update.shape), "r": r, "nonlinear_share": share["share"] if share else None,
@@ -57,9 +57,9 @@ def update_statistics(model: nn.Module, adapter: str = "default") -> list[dict]:
         if isinstance(module, LoranLayer):
             if adapter not in module.loran_A:
                 continue
-            update = module.low_rank_update(adapter).detached()
-            rows.append({"module": name, **module_statistics(update.dense(), update.A.shape[0],
-                                                             update.nonlinear_share())})
+            update = module.low_rank_update(adapter)
+            dense, share = update.dense_and_share()  # one pass over the blocks, in float64
+            rows.append({"module": name, **module_statistics(dense, update.A.shape[0], share)})
         elif hasattr(module, "get_delta_weight") and adapter in getattr(module, "lora_A", {}):
             r = module.r.get(adapter) if isinstance(getattr(module, "r", None), dict) else None
             update = module.get_delta_weight(adapter)

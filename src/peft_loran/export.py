@@ -9,7 +9,7 @@
   needed at all. Quantized (bitsandbytes) bases are dequantized, merged in float32 and saved in bf16.
 
 The SVD never holds more than one block of the dense update at a time besides its sketches: products ``D X`` and
-``D^T Y`` are formed block by block (:func:`peft_loran.functional.update_matmul`) inside a randomized SVD (Halko,
+``D^T Y`` are formed block by block (:meth:`peft_loran.functional.LowRankUpdate.matmul`) inside a randomized SVD (Halko,
 Martinsson and Tropp, 2011) with power iterations, all in float64.
 """
 

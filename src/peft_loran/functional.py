@@ -17,8 +17,10 @@ The non-linearity always runs in float32 (with ``w = 1e4`` half precision leaves
 
 from __future__ import annotations
 
+
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -277,101 +279,12 @@ def block_update_and_grads(
     return (update if need_update else None), grads
 
 
-def delta_weight(
-    A: torch.Tensor,
-    B: torch.Tensor,
-    stages: Sequence[Stage],
-    activation: Activation,
-    scaling: float,
-    block_rows: Optional[int] = None,
-    add_to: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """The dense update ``scaling * H_K`` of shape ``(out, in)`` in float32 (float64 for float64 factors), in
-    page-aligned memory; or, given ``add_to`` (``(out, in)``, a transposed view works too), ``add_to += scaling *
-    H_K`` in place, block by block: one block of transient memory instead of a second dense matrix."""
-    shape = (B.shape[0], _last_width(A, stages))
-    if add_to is None:
-        result = empty_page_aligned(shape, torch.promote_types(A.dtype, torch.float32), A.device)
-    elif tuple(add_to.shape) != shape:
-        raise ValueError(f"`add_to` has shape {tuple(add_to.shape)}; the update has shape {shape}.")
-    else:
-        result = add_to
-    return _write_update_blocks(result, add_to, A, B, stages, activation, scaling, block_rows)
-
-
-def _update_blocks(A, B, stages, activation, scaling, block_rows, base=None) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """``(start, stop, base[start:stop] + scaling * H_K[start:stop])`` per row block (``base`` None: the update
-    alone), one block alive at a time. Autocast is switched off: under it ``B @ A`` would run in half precision and
-    ``f`` (``sin(w x)``) on its rounding."""
-    rows, cols = B.shape[0], _last_width(A, stages)
-    compiled = uses_compiled_kernels(activation, stages, rows, cols, A.device)
-    for i0, i1 in row_blocks(rows, cols, block_rows, A.device, compiled):
-        with torch.autocast(A.device.type, enabled=False):
-            block = block_update(None if base is None else base[i0:i1], B[i0:i1], A, stages, activation, scaling,
-                                 compiled=compiled)[0]
-        yield i0, i1, block
-
-
-@torch.no_grad()
-def update_matmul(A, B, stages, activation, scaling, X, transpose: bool = False, block_rows=None) -> torch.Tensor:
-    """``D @ X`` (``X``: ``(cols, k)``) or, with ``transpose``, ``D^T @ X`` (``X``: ``(rows, k)``) for the dense update
-    ``D = scaling * H_K``, block by block, in ``X``'s dtype (float64 for the export's SVD)."""
-    rows, cols = B.shape[0], _last_width(A, stages)
-    out = X.new_zeros((cols if transpose else rows, X.shape[1]))
-    for i0, i1, block in _update_blocks(A, B, stages, activation, scaling, block_rows):
-        if transpose:
-            out += block.to(X.dtype).T @ X[i0:i1]
-        else:
-            out[i0:i1] = block.to(X.dtype) @ X
-    return out
-
-
-@torch.no_grad()
-def update_sq_norm(A, B, stages, activation, scaling, block_rows=None) -> float:
-    """``||D||_F^2`` of the dense update, block by block, accumulated in float64."""
-    return float(sum(block.double().pow(2).sum() for *_, block in
-                     _update_blocks(A, B, stages, activation, scaling, block_rows)))
-
-
-@torch.no_grad()
-def update_distance(A, B, stages, activation, scaling, left, right, block_rows=None) -> float:
-    """``||D - left @ right||_F^2`` (``left``: ``(rows, k)``, ``right``: ``(k, cols)``), block by block in float64."""
-    return float(sum((block.double() - left[i0:i1].double() @ right.double()).pow(2).sum() for i0, i1, block in
-                     _update_blocks(A, B, stages, activation, scaling, block_rows)))
-
-
-@torch.no_grad()
-def nonlinear_share(A, B, stages, activation, scaling, block_rows=None) -> Optional[dict]:
-    """How much of the update ``D = s f(BA)`` the non-linearity makes, in float64, block by block:
-
-    * ``share``: ``||D - s BA||^2 / ||D||^2`` (0 for LoRA; for Sinter with amplitude ``a < 1`` at most
-      ``a^2 / (1 - a)^2``; it counts a mere change of scale as non-linear: Sine-LoRA's ``sin(w x) / g ~ (w / g) x``
-      gives about ``(1 - g / w)^2`` even where it is linear);
-    * ``beyond_scale``: ``min_c ||D - c BA||^2 / ||D||^2 = 1 - <D, BA>^2 / (||D||^2 ||BA||^2)``: what no multiple of
-      ``BA`` explains, the part of the update a rescaled LoRA could not give.
-
-    None for chains with ``P``/``b`` (no linear counterpart) and for an all-zero update."""
-    if not is_plain(stages):
-        return None
-    A64, B64 = A.detach().double(), B.detach().double()
-    total = inner = distance = 0.0
-    for i0, i1, block in _update_blocks(A64, B64, stages, activation, scaling, block_rows):  # each block built once
-        linear = B64[i0:i1] @ A64
-        total += float(block.pow(2).sum())
-        inner += float((block * linear).sum())
-        distance += float((block - scaling * linear).pow(2).sum())
-    if total == 0.0:
-        return None
-    linear_sq = float(((B64.T @ B64) * (A64 @ A64.T)).sum())  # ||BA||^2 = trace(B^T B A A^T)
-    share = distance / total
-    beyond = 1.0 - inner * inner / (total * linear_sq) if linear_sq > 0 else 1.0
-    return {"share": share, "beyond_scale": max(0.0, beyond)}
-
-
 @dataclass(frozen=True)
 class LowRankUpdate:
-    """One adapter's update of one layer, ``scaling * chain(B A)`` of shape ``(out, in)``: its factors and how they
-    combine, so callers pass one object instead of unpacking six. Every method works block by block."""
+    """One adapter's update of one layer, ``D = scaling * chain(B A)`` of shape ``(out, in)``: its factors and how
+    they combine, so callers pass one object instead of six arguments. Every method works block by block (one block
+    of ``D`` alive at a time), with autocast off: under it ``B @ A`` would run in half precision and ``f``
+    (``sin(w x)``) on its rounding."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -380,30 +293,108 @@ class LowRankUpdate:
     scaling: float
     block_rows: Optional[int] = None
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.B.shape[0], _last_width(self.A, self.stages)
+
     def detached(self) -> "LowRankUpdate":
-        stages = [(P.detach() if P is not None else None, b.detach() if b is not None else None)
-                  for P, b in self.stages]
-        return LowRankUpdate(self.A.detach(), self.B.detach(), stages, self.activation, self.scaling,
-                             self.block_rows)
+        return self._with(lambda t: t.detach())
+
+    def in_float64(self) -> "LowRankUpdate":
+        """Detached float64 factors (for statistics that resolve Sinter's 2.5e-9 share at the paper's setting)."""
+        return self._with(lambda t: t.detach().double())
+
+    def _with(self, fn) -> "LowRankUpdate":
+        stages = [(None if P is None else fn(P), None if b is None else fn(b)) for P, b in self.stages]
+        return dataclasses.replace(self, A=fn(self.A), B=fn(self.B), stages=stages)
+
+    def blocks(self, base: Optional[torch.Tensor] = None) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``(start, stop, base[start:stop] + D[start:stop])`` per row block (``base`` None: ``D``'s rows alone)."""
+        rows, cols = self.shape
+        compiled = uses_compiled_kernels(self.activation, self.stages, rows, cols, self.A.device)
+        for i0, i1 in row_blocks(rows, cols, self.block_rows, self.A.device, compiled):
+            with torch.autocast(self.A.device.type, enabled=False):
+                block = block_update(None if base is None else base[i0:i1], self.B[i0:i1], self.A, self.stages,
+                                     self.activation, self.scaling, compiled=compiled)[0]
+            yield i0, i1, block
 
     def dense(self, add_to: Optional[torch.Tensor] = None, sign: float = 1.0) -> torch.Tensor:
-        """The dense update (float32, page-aligned), or ``add_to += sign * update`` in place (:func:`delta_weight`)."""
-        return delta_weight(self.A, self.B, self.stages, self.activation, sign * self.scaling, self.block_rows,
-                            add_to=add_to)
+        """``D`` in float32 (float64 for float64 factors), in page-aligned memory; or, given ``add_to`` (``(out,
+        in)``, a transposed view works too), ``add_to += sign * D`` in place: one block of transient memory instead
+        of a second dense matrix."""
+        if add_to is None:
+            result = empty_page_aligned(self.shape, torch.promote_types(self.A.dtype, torch.float32), self.A.device)
+        elif tuple(add_to.shape) != self.shape:
+            raise ValueError(f"`add_to` has shape {tuple(add_to.shape)}; the update has shape {self.shape}.")
+        else:
+            result = add_to
+        update = self if sign == 1.0 else dataclasses.replace(self, scaling=sign * self.scaling)
+        for i0, i1, block in update.blocks(add_to):
+            result[i0:i1] = block
+        return result
 
+    @torch.no_grad()
     def matmul(self, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        return update_matmul(self.A, self.B, self.stages, self.activation, self.scaling, X, transpose,
-                             self.block_rows)
+        """``D @ X`` (``X``: ``(cols, k)``) or, with ``transpose``, ``D^T @ X`` (``X``: ``(rows, k)``), in ``X``'s dtype
+        (float64 for the export's SVD)."""
+        rows, cols = self.shape
+        out = X.new_zeros((cols if transpose else rows, X.shape[1]))
+        for i0, i1, block in self.blocks():
+            if transpose:
+                out += block.to(X.dtype).T @ X[i0:i1]
+            else:
+                out[i0:i1] = block.to(X.dtype) @ X
+        return out
 
+    @torch.no_grad()
     def sq_norm(self) -> float:
-        return update_sq_norm(self.A, self.B, self.stages, self.activation, self.scaling, self.block_rows)
+        """``||D||_F^2``, accumulated in float64."""
+        return float(sum(block.double().pow(2).sum() for *_, block in self.blocks()))
 
+    @torch.no_grad()
     def distance(self, left: torch.Tensor, right: torch.Tensor) -> float:
-        return update_distance(self.A, self.B, self.stages, self.activation, self.scaling, left, right,
-                               self.block_rows)
+        """``||D - left @ right||_F^2`` (``left``: ``(rows, k)``, ``right``: ``(k, cols)``) in float64."""
+        return float(sum((block.double() - left[i0:i1].double() @ right.double()).pow(2).sum()
+                         for i0, i1, block in self.blocks()))
 
-    def nonlinear_share(self) -> Optional[dict]:
-        return nonlinear_share(self.A, self.B, self.stages, self.activation, self.scaling, self.block_rows)
+    @torch.no_grad()
+    def nonlinear_share(self, write_dense_to: Optional[torch.Tensor] = None) -> Optional[dict]:
+        """How much of ``D = s f(BA)`` the non-linearity makes, in float64:
+
+        * ``share``: ``||D - s BA||^2 / ||D||^2`` (0 for LoRA; for Sinter with amplitude ``a < 1`` at most
+          ``a^2 / (1 - a)^2``; it counts a mere change of scale as non-linear: Sine-LoRA's ``sin(w x) / g ~ (w / g)
+          x`` gives about ``(1 - g / w)^2`` even where it is linear);
+        * ``beyond_scale``: ``min_c ||D - c BA||^2 / ||D||^2 = 1 - <D, BA>^2 / (||D||^2 ||BA||^2)``: what no multiple
+          of ``BA`` explains, the part of the update a rescaled LoRA could not give.
+
+        None for chains with ``P``/``b`` (no linear counterpart) and for an all-zero update. ``write_dense_to`` (a
+        float64 ``(out, in)`` tensor) also receives ``D``, from the same pass (see :meth:`dense_and_share`)."""
+        if not is_plain(self.stages):
+            return None
+        update = self.in_float64()
+        A64, B64, scaling = update.A, update.B, self.scaling
+        total = inner = distance = 0.0
+        for i0, i1, block in update.blocks():
+            if write_dense_to is not None:
+                write_dense_to[i0:i1] = block
+            linear = B64[i0:i1] @ A64
+            total += float(block.pow(2).sum())
+            inner += float((block * linear).sum())
+            distance += float((block - scaling * linear).pow(2).sum())
+        if total == 0.0:
+            return None
+        linear_sq = float(((B64.T @ B64) * (A64 @ A64.T)).sum())  # ||BA||^2 = trace(B^T B A A^T)
+        beyond = 1.0 - inner * inner / (total * linear_sq) if linear_sq > 0 else 1.0
+        return {"share": distance / total, "beyond_scale": max(0.0, beyond)}
+
+    @torch.no_grad()
+    def dense_and_share(self) -> tuple[torch.Tensor, Optional[dict]]:
+        """``D`` in float64 and :meth:`nonlinear_share`, from one pass over the blocks (what the diagnostics need:
+        their SVD runs in float64 anyway)."""
+        if not is_plain(self.stages):
+            return self.in_float64().dense(), None
+        dense = empty_page_aligned(self.shape, torch.float64, self.A.device)
+        return dense, self.nonlinear_share(write_dense_to=dense)
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:
@@ -415,13 +406,6 @@ def effective_rank(singular_values: torch.Tensor) -> float:
     p = sv / sv.sum()
     p = p[p > 0]
     return float(torch.exp(-(p * p.log()).sum()))
-
-
-def _write_update_blocks(result, base, A, B, stages, activation, scaling, block_rows) -> torch.Tensor:
-    """``result[rows] = base[rows] + scaling * H_K[rows]`` (``base`` None: the update alone) per row block."""
-    for i0, i1, block in _update_blocks(A, B, stages, activation, scaling, block_rows, base):
-        result[i0:i1] = block
-    return result
 
 
 def _last_width(A: torch.Tensor, stages: Sequence[Stage]) -> int:

@@ -30,7 +30,7 @@ from transformers.pytorch_utils import Conv1D
 
 from . import functional
 from .activations import Activation
-from .cache import EvalCache
+from .cache import EvalCache, EvalCacheHost
 from .config import LoranConfig
 
 BASE_ADAPTER_NAME = "__base__"
@@ -47,7 +47,55 @@ def unpack_bnb_cpu_weight(layer: nn.Module) -> None:
         weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
 
 
-class LoranLayer(BaseTunerLayer):
+class WeightMerging:
+    """Merging into the base weight, mixed into :class:`LoranLayer`: ``W <- W +/- s f(BA)`` built block by block
+    beside the old weight (no dense delta), dequantized and re-quantized by PEFT's backend for bitsandbytes."""
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Add ``s f(BA)`` of the given (default: active) adapters to the base weight.
+
+        ``safe_merge=True`` builds the merged weight in a copy and refuses non-finite values before writing.
+        """
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name not in self.loran_A:
+                continue
+            if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
+                raise TypeError(f"Merging is not supported for {self.quantization_backend.backend_name} layers.")
+            self._shift_base_weight(name, +1.0, check_finite=safe_merge)
+            self.merged_adapters.append(name)
+        self._loran_cache.clear()
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters' updates again, last merged first."""
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.loran_A:
+                self._shift_base_weight(name, -1.0)
+        self._loran_cache.clear()
+
+    def _shift_base_weight(self, adapter_name: str, sign: float, check_finite: bool = False) -> None:
+        """``W <- W + sign * s f(BA)`` (dequantized and re-quantized for bitsandbytes by PEFT's backend). The new
+        weight is built beside the old one (at least float32, page-aligned, the update added block by block: no
+        dense delta), so a refused (non-finite) merge leaves ``W`` untouched."""
+        weight = self.get_base_weight()
+        shifted = functional.page_aligned_copy(weight, torch.promote_types(weight.dtype, torch.float32))
+        self._add_delta_(shifted, adapter_name, sign)
+        if check_finite and not torch.isfinite(shifted).all():
+            raise ValueError(
+                f"NaNs or infs detected in the merged weights. The adapter {adapter_name} seems to be broken."
+            )
+        self.set_base_weight(shifted if shifted.dtype == weight.dtype else functional.page_aligned_copy(shifted, weight.dtype))
+
+    def _add_delta_(self, target: torch.Tensor, adapter_name: str, sign: float = 1.0) -> None:
+        """``target += sign * s f(BA)`` in place for ``target`` in the base weight's layout, block by block."""
+        self.low_rank_update(adapter_name).dense(add_to=target.T if self.fan_in_fan_out else target, sign=sign)
+
+
+class LoranLayer(WeightMerging, EvalCacheHost, BaseTunerLayer):
     """State and behaviour shared by all LoRAN layers.
 
     The update has the orientation ``(rows, cols)`` = ``(out_features, in_features)``; for embeddings that is
@@ -96,16 +144,8 @@ class LoranLayer(BaseTunerLayer):
         """Create (or re-create) the factors of ``adapter_name`` from ``config``; checks the chain fits."""
         rows, cols = self.update_shape
         r = config.r
-        dims = list(config.chain_dims) if config.chain_dims else [cols]
         where = f"module '{module_name}'" if module_name else f"{type(self.get_base_layer()).__name__}"
-        if not config.use_P and any(d != cols for d in dims):
-            raise ValueError(
-                f"LoRAN without P matrices needs every chain width (r[1:] in MLoraConfig, `chain_dims` in "
-                f"LoranConfig) to equal the layer's {self._width_name()}; {where} has {self._width_name()}={cols} "
-                f"and output size {rows}, got widths {dims}. Use r=[{r}, {cols}] / chain_dims=None, or "
-                "use_P=True (mlora_use_P=True) to map the widths with P matrices."
-            )
-        outs = dims[1:] + [cols] if config.use_P else dims
+        dims, outs = config.chain_widths(rows, cols, self._width_name(), where)
         self.loran_scaling[adapter_name] = config.scaling
         self.loran_dims[adapter_name] = dims
         self.loran_block_rows[adapter_name] = config.block_rows
@@ -181,85 +221,7 @@ class LoranLayer(BaseTunerLayer):
         dtype = base_weight.dtype if base_weight.dtype.is_floating_point else torch.float32
         return delta.to(dtype)
 
-    # --------------------------------------------------------------------------------------- merge / unmerge
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        """Add ``s f(BA)`` of the given (default: active) adapters to the base weight.
-
-        ``safe_merge=True`` builds the merged weight in a copy and refuses non-finite values before writing.
-        """
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        for name in adapter_names:
-            if name not in self.loran_A:
-                continue
-            if self.quantization_backend is not None and not self.quantization_backend.supports_merge:
-                raise TypeError(f"Merging is not supported for {self.quantization_backend.backend_name} layers.")
-            self._shift_base_weight(name, +1.0, check_finite=safe_merge)
-            self.merged_adapters.append(name)
-        self._loran_cache.clear()
-
-    def unmerge(self) -> None:
-        """Subtract the merged adapters' updates again, last merged first."""
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.")
-            return
-        while self.merged_adapters:
-            name = self.merged_adapters.pop()
-            if name in self.loran_A:
-                self._shift_base_weight(name, -1.0)
-        self._loran_cache.clear()
-
-    def _shift_base_weight(self, adapter_name: str, sign: float, check_finite: bool = False) -> None:
-        """``W <- W + sign * s f(BA)`` (dequantized and re-quantized for bitsandbytes by PEFT's backend). The new
-        weight is built beside the old one (at least float32, page-aligned, the update added block by block: no
-        dense delta), so a refused (non-finite) merge leaves ``W`` untouched."""
-        weight = self.get_base_weight()
-        shifted = functional.page_aligned_copy(weight, torch.promote_types(weight.dtype, torch.float32))
-        self._add_delta_(shifted, adapter_name, sign)
-        if check_finite and not torch.isfinite(shifted).all():
-            raise ValueError(
-                f"NaNs or infs detected in the merged weights. The adapter {adapter_name} seems to be broken."
-            )
-        self.set_base_weight(shifted if shifted.dtype == weight.dtype else functional.page_aligned_copy(shifted, weight.dtype))
-
-    def _add_delta_(self, target: torch.Tensor, adapter_name: str, sign: float = 1.0) -> None:
-        """``target += sign * s f(BA)`` in place for ``target`` in the base weight's layout, block by block."""
-        self.low_rank_update(adapter_name).dense(add_to=target.T if self.fan_in_fan_out else target, sign=sign)
-
-    # ------------------------------------------------------------------------------------- state & caching
-    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
-        super().set_adapter(adapter_names, inference_mode=inference_mode)
-        self._loran_cache.clear()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._loran_cache.clear()
-
-    def _use_cache(self, x: torch.Tensor, adapters: list[str]) -> bool:
-        """The no-grad cache serves eager inference only: while ``torch.compile`` traces, the update is computed in
-        the graph (reading data pointers or building page-aligned copies would break it)."""
-        return (
-            all(self.loran_eval_cache.get(a, False) for a in adapters)
-            and not self._grad_needed(x, adapters)
-            and not torch.compiler.is_compiling()
-        )
-
-    def _cached(self, slot: tuple, adapters: list[str], build, nbytes: int, weight: Optional[torch.Tensor] = None):
-        """The eval cache's value for ``slot`` (:class:`~peft_loran.cache.EvalCache`: rebuilt whenever the
-        adapters' factors, scaling, activation or the base weight changed); None when it does not fit the budget."""
-        factors = [t for a in adapters for t in self._factors(a)]
-        settings = [(self.loran_scaling[a], self.loran_activation[a]) for a in adapters]
-        return self._loran_cache.get_or_build(slot, factors, settings, build, nbytes, weight)
-
-    def _apply(self, fn, recurse: bool = True):
-        """``.to()``, ``.half()``, ``.cuda()``...: the cached tensors would be left behind, so drop them."""
-        self._loran_cache.clear()
-        return nn.Module._apply(self, fn, recurse)
-
-    def __getstate__(self) -> dict:
-        """``deepcopy`` / pickling copy the layer without its cache (rebuilt on the next no-grad call)."""
-        state = nn.Module.__getstate__(self)
-        return {**state, "_loran_cache": EvalCache()}
-
+    # ------------------------------------------------------------------------------------------------ state
     def _grad_needed(self, x: torch.Tensor, adapters: list[str]) -> bool:
         if not torch.is_grad_enabled():
             return False

@@ -27,12 +27,13 @@ def quiet_library_notices() -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     """``peft-loran ...`` and ``python -m peft_loran ...``."""
     from .errors import UserError
+    from .methods import methods_problem
     from .options import build_parser, early_problem, prepare_data
 
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["peft-loran", *(sys.argv[1:] if argv is None else argv)])
     try:
-        problem = early_problem(args)
+        problem = early_problem(args) or methods_problem(args)
         if problem:
             raise UserError(problem)
         prepare_data(args)  # the user's data files are read and checked here, before any model is loaded

@@ -3,12 +3,13 @@ PEFT config each one gets from the run's settings (same rank, alpha, dropout and
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from .errors import UserError
 from .models import default_targets
 
-from .settings import Settings
+if TYPE_CHECKING:
+    from .settings import Settings
 
 
 #: The methods ``compare`` and ``train`` know: PEFT's LoRA family as users would pick them, and ours.
@@ -31,13 +32,47 @@ def parse_method(method: str) -> tuple[str, Optional[str]]:
     if kind not in METHODS or kind == "sine" or (kind != "loran" and activation):
         raise UserError(f"unknown method '{method}'; use {', '.join(METHODS)} or loran:<activation> (e.g. loran:tanh)")
     if activation:
-        from peft_loran.activations import canonical_name
-
         try:
-            activation = canonical_name(activation)
+            activation = activation_registry().canonical_name(activation)
         except ValueError as exc:
             raise UserError(str(exc).splitlines()[0]) from None
     return kind, activation or None
+
+
+def methods_problem(args) -> Optional[str]:
+    """What is wrong with ``--methods`` / ``--method``, or None (checked before torch is imported)."""
+    methods = (getattr(args, "methods", None) or "").split(",") + [getattr(args, "method", None) or ""]
+    for method in filter(None, (m.strip() for m in methods)):
+        try:
+            parse_method(method)
+        except UserError as exc:
+            return str(exc)
+    return None
+
+
+def activation_registry():
+    """``peft_loran.activations``: the package's own module once peft_loran is imported (it holds activations a
+    program registered), else that file loaded on its own, without the package (which imports torch, transformers
+    and PEFT): the module imports no torch, so the options are checked in milliseconds. The command line knows only
+    the built-ins, which both hold."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    loaded = sys.modules.get("peft_loran.activations")
+    if loaded is not None:
+        return loaded
+    light = sys.modules.get(_LIGHT_NAME)
+    if light is None:
+        package = importlib.util.find_spec("peft_loran")  # finds the package without running its __init__
+        spec = importlib.util.spec_from_file_location(_LIGHT_NAME, Path(package.origin).parent / "activations.py")
+        light = importlib.util.module_from_spec(spec)
+        sys.modules[_LIGHT_NAME] = light  # dataclasses look their module up while the file runs
+        spec.loader.exec_module(light)
+    return light
+
+
+_LIGHT_NAME = "peft_loran_cli._activations_without_torch"
 
 
 def peft_config(method: str, settings: Settings, task_kind: str, model_type: str):

@@ -299,8 +299,8 @@ def layer_updates(config, tensors: dict[str, torch.Tensor], layers: list[str]):
             act = config.build_activation(in_features=A.shape[1])
             stages = [(tensors.get(f"{layer}.loran_P.{k}"), tensors.get(f"{layer}.loran_b.{k}"))
                       for k in range(len(config.chain_dims or [A.shape[1]]))]
-            share = LF.nonlinear_share(A, B, stages, act, config.scaling)
-            yield layer, config.r, LF.delta_weight(A, B, stages, act, config.scaling), share
+            dense, share = LF.LowRankUpdate(A, B, stages, act, config.scaling).dense_and_share()
+            yield layer, config.r, dense, share
     else:
         scaling = config.lora_alpha / (config.r ** 0.5 if getattr(config, "use_rslora", False) else config.r)
         for layer in layers:

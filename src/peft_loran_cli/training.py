@@ -31,15 +31,18 @@ from .settings import RunResult, Settings
 _TRAINED = None
 
 
-def quiet_child(quiet: bool, trained=None) -> None:
+def quiet_child(quiet: bool, trained=None, worker_pid=None) -> None:
     """Initializer of the processes that train one run each (before they import peft_loran, PEFT or bitsandbytes):
     the same quiet as the command; Ctrl-C is the command's to handle (the process would print a traceback of its
-    own); and the process ends when the command that started it is killed (otherwise it would train on, orphaned)."""
+    own); the process ends when the command that started it is killed (otherwise it would train on, orphaned); and
+    it tells the command its pid (``worker_pid``, a shared integer) so that a Ctrl-C can stop it at once."""
     global _TRAINED
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _TRAINED = trained
+    if worker_pid is not None:
+        worker_pid.value = os.getpid()
     _exit_with_parent()
     quiet_libraries(quiet)
 
@@ -181,9 +184,9 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
-    trained = context.Event()
+    trained, worker_pid = context.Event(), context.Value("i", 0)
     pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=quiet_child,
-                               initargs=(settings.quiet, trained))
+                               initargs=(settings.quiet, trained, worker_pid))
     future = pool.submit(train, method, task, settings, model_path, save_to)
     try:
         try:
@@ -195,8 +198,13 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
                   "to stop now)", file=sys.stderr, flush=True)
             raise InterruptedAfterRun(future.result()) from None
     except KeyboardInterrupt:
-        for process in list(getattr(pool, "_processes", {}).values()):  # stop the run now, not when it is done
-            process.terminate()
+        if worker_pid.value:  # stop the run now, not when it is done
+            import signal
+
+            try:
+                os.kill(worker_pid.value, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
