@@ -26,7 +26,7 @@ status=0
 parts=${PARTS:-tests bench eval}
 if [[ $parts == *tests* ]]; then
 echo "== tests on cuda"
-timeout "${TEST_TIMEOUT:-240}" "$py" -m pytest -q -p no:cacheprovider --device cuda -rf --tb=short \
+timeout "${TEST_TIMEOUT:-240}" "$py" -m pytest -q -p no:cacheprovider --device cuda -m "slow or not slow" -rf --tb=short \
   tests/test_kernels.py tests/test_layers.py tests/test_reference_fixtures.py tests/test_paper_shapes.py \
   2>&1 | tee "$out/tests.log" | tail -n 40 || status=1
 fi

@@ -385,34 +385,47 @@ def test_bf16_trains_on_a_cpu_only_machine(tiny_encoder, cls_file, tmp_path):
 def test_sweep_grid_resumes_and_reports_per_cell(tiny_encoder, cls_file, tmp_path, capsys):
     out = tmp_path / "sweep"
     common = ["compare", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "2", "--batch-size", "4",
-              "--methods", "lora,sine", "--rank", "1,2", "--sine-frequency", "50", "--output-dir", str(out), "--quiet"]
+              "--methods", "lora,sine", "--rank", "2", "--sine-frequency", "50", "--output-dir", str(out), "--quiet"]
     assert run(common + ["--seed", "0"]) == 0
     first = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
-    assert sorted(first) == ["lora-r1-lr0.002-s0.json", "lora-r2-lr0.002-s0.json", "sine-r1-lr0.002-s0-w50.json",
-                             "sine-r2-lr0.002-s0-w50.json"]
+    assert sorted(first) == ["lora-r2-lr0.002-s0.json", "sine-r2-lr0.002-s0-w50.json"]
     capsys.readouterr()
-    # the same command with one more seed: the four finished cells are kept, four new ones run
+    # the same command with one more seed: the two finished cells are kept, two new ones run
     assert run(common + ["--seed", "0,1"]) == 0
-    assert "resuming: 4 finished cell(s)" in capsys.readouterr().err
+    assert "resuming: 2 finished cell(s)" in capsys.readouterr().err
     cells = {p.name: p.stat().st_mtime_ns for p in (out / "cells").glob("*.json")}
-    assert len(cells) == 8 and all(cells[name] == mtime for name, mtime in first.items())
+    assert len(cells) == 4 and all(cells[name] == mtime for name, mtime in first.items())
     metrics = json.loads((out / "metrics.json").read_text())
     results = metrics["results"]
     assert sorted((r["method"], r["rank"], r["seed"]) for r in results) == sorted(
-        (m, k, s) for m in ("lora", "sine") for k in (1, 2) for s in (0, 1))
+        (m, 2, s) for m in ("lora", "sine") for s in (0, 1))
     for r in results:
         assert {"method", "rank", "lr", "seed", "metrics", "train_seconds", "peak_memory_mb", "nonlinear_share",
                 "effective_rank"} <= set(r)
         assert (out / r["adapter"] / "adapter_model.safetensors").exists()
         assert (r["nonlinear_share"] == 0.0) if r["method"] == "lora" else (0.0 < r["nonlinear_share"] < 1.0)
         assert r["sine_frequency"] == 50.0 if r["method"] == "sine" else "sine_frequency" not in r
-    assert metrics["grid"]["rank"] == [1, 2] and metrics["grid"]["seed"] == [0, 1]
+    assert metrics["grid"]["rank"] == [2] and metrics["grid"]["seed"] == [0, 1]
     table = (out / "table.md").read_text()
-    assert "| sine r2 | 2 |" in table and "+-" in table and "(p=" in table
-    assert (out / "sweep.png").stat().st_size > 1000
+    assert "| sine | 2 |" in table and "+-" in table and "(p=" in table
+    assert (out / "comparison.png").stat().st_size > 1000 and not (out / "sweep.png").exists()  # one rank
     # another shared setting (the step budget) cannot be mixed into these cells
     assert run([*common, "--seed", "0", "--steps", "3"]) == 2
     assert "holds a comparison with other settings (steps)" in error_line(capsys)
+
+
+def test_sweep_plot_draws_each_method_over_ranks(tmp_path):
+    """More than one rank: sweep.png (metric against rank, mean and spread over seeds per method)."""
+    import matplotlib
+
+    from peft_loran_cli import report
+
+    matplotlib.use("Agg")
+    results = [{"method": m, "rank": k, "lr": 0.002, "seed": s, "metrics": {"accuracy": 0.5 + 0.1 * k + 0.01 * s},
+                "train_seconds": 1.0 + k}
+               for m in ("lora", "sine") for k in (1, 2) for s in (0, 1)]
+    report.plot_sweep(results, "accuracy", tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 
 def test_list_options_are_checked_before_anything_loads(tmp_path, capsys):

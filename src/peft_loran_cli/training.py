@@ -31,11 +31,13 @@ from .settings import RunResult, Settings
 _TRAINED = None
 
 
-def quiet_child(quiet: bool, trained=None, worker_pid=None) -> None:
+def quiet_child(quiet: bool, trained=None, worker_pid=None, parent_pid: Optional[int] = None) -> None:
     """Initializer of the processes that train one run each (before they import peft_loran, PEFT or bitsandbytes):
     the same quiet as the command; Ctrl-C is the command's to handle (the process would print a traceback of its
     own); the process ends when the command that started it is killed (otherwise it would train on, orphaned); and
-    it tells the command its pid (``worker_pid``, a shared integer) so that a Ctrl-C can stop it at once."""
+    it tells the command its pid (``worker_pid``, a shared integer) so that a Ctrl-C can stop it at once.
+    ``parent_pid`` is the command's pid as the command saw it: a command killed while this process was still
+    starting is noticed too (the process's parent is then already another one)."""
     global _TRAINED
     import signal
 
@@ -43,14 +45,12 @@ def quiet_child(quiet: bool, trained=None, worker_pid=None) -> None:
     _TRAINED = trained
     if worker_pid is not None:
         worker_pid.value = os.getpid()
-    _exit_with_parent()
+    _exit_with_parent(parent_pid or os.getppid())
     quiet_libraries(quiet)
 
 
-def _exit_with_parent() -> None:
+def _exit_with_parent(parent: int) -> None:
     import threading
-
-    parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -186,7 +186,7 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
     context = multiprocessing.get_context("spawn")
     trained, worker_pid = context.Event(), context.Value("i", 0)
     pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=quiet_child,
-                               initargs=(settings.quiet, trained, worker_pid))
+                               initargs=(settings.quiet, trained, worker_pid, os.getpid()))
     future = pool.submit(train, method, task, settings, model_path, save_to)
     try:
         try:
