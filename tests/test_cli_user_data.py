@@ -64,9 +64,13 @@ def test_a_constant_prediction_is_named_in_metrics_table_and_plot(tmp_path):
                     labels=["a", "b", "c"])
     examples = [Example("y", label=k) for k in (1, 1, 0, 2, 1)]
     assert majority_baseline(task, examples, [1, 1, 1, 1, 1]) == {
-        "majority_label": "b", "majority_rate": 0.6, "predicted_classes": 1,
+        "majority_label": "b", "majority_rate": 0.6, "majority_from": "training split", "predicted_classes": 1,
         "note": "predicts a single class (b) for every example"}
     assert "note" not in majority_baseline(task, examples, [1, 0, 1, 2, 1])
+    # evaluate --eval-file has no training split: the evaluated examples' own majority (not an empty baseline)
+    held_out = TaskData("t", "classify", train=[], validation=[], test=examples, labels=["a", "b", "c"])
+    assert majority_baseline(held_out, [Example("z", label=k) for k in (2, 2, 0)], [0, 2, 2]) == {
+        "majority_label": "c", "majority_rate": 2 / 3, "majority_from": "evaluated examples", "predicted_classes": 2}
     metrics = {"accuracy": 0.6, "macro_f1": 0.25, "n": 5, "majority_label": "b", "majority_rate": 0.6}
     results = [dict(method=m, rank=4, lr=1e-3, seed=0, trainable_params=10, train_seconds=1.0, peak_memory_mb=1.0,
                     loss_curve=[(1, 2.0), (2, 1.5)], metrics={**metrics, "predicted_classes": k})

@@ -29,16 +29,18 @@ def evaluate(model, tokenizer, task: TaskData, settings: Settings) -> dict:
 
 def majority_baseline(task: TaskData, examples: list[Example], predicted: list[int]) -> dict:
     """What a constant prediction scores, so a reader can tell a model from one: the training split's most frequent
-    class and its share of the evaluated examples, how many classes the model predicted at all, and a note when
-    it predicted a single one."""
+    class (the evaluated examples' own when there is no training split, as for ``evaluate --eval-file``; named in
+    ``majority_from``) and its share of the evaluated examples, how many classes the model predicted at all, and a
+    note when it predicted a single one."""
     from collections import Counter
 
-    counts = Counter(e.label for e in task.train)
+    source = "training split" if task.train else "evaluated examples"
+    counts = Counter(e.label for e in (task.train or examples))
     majority = min(counts, key=lambda label: (-counts[label], label)) if counts else None
     rate = sum(e.label == majority for e in examples) / len(examples)
     distinct = sorted(set(predicted))
     out = {"majority_label": task.labels[majority] if majority is not None else None, "majority_rate": rate,
-           "predicted_classes": len(distinct)}
+           "majority_from": source, "predicted_classes": len(distinct)}
     if len(distinct) == 1:
         out["note"] = f"predicts a single class ({task.labels[distinct[0]]}) for every example"
     return out
