@@ -45,7 +45,7 @@ def naive_update(A, B, Ps, bs, f, scaling, centered=True):
 
 def layer_factors(layer, adapter="default"):
     return (
-        layer.loran_A[adapter], layer.loran_B[adapter], list(layer.loran_P[adapter]), list(layer.loran_b[adapter]),
+        layer.loran_A[adapter], layer.loran_B[adapter], list(layer.loran_P[adapter]), list(layer.loran_bias[adapter]),
         layer.loran_scaling[adapter],
     )
 
@@ -64,5 +64,5 @@ def well_conditioned(layer, act: str, adapter: str = "default") -> None:
         return
     with torch.no_grad():
         layer.loran_B[adapter].mul_(1e-3)
-        for b in layer.loran_b[adapter]:
+        for b in layer.loran_bias[adapter]:
             b.mul_(1e-3)

@@ -334,7 +334,7 @@ def test_layers_are_loran_layers_with_prefixed_parameters():
     model = make(["lin", "conv", "emb"], chain_dims=[6], use_P=True, use_b=True)
     names = [n for n, _ in model.named_parameters() if "loran_" in n]
     assert all(isinstance(getattr(model, t), LoranLayer) for t in ("lin", "conv", "emb"))
-    assert "lin.loran_P.default.0" in names and "emb.loran_b.default.0" in names
+    assert "lin.loran_P.default.0" in names and "emb.loran_bias.default.0" in names
     assert copy.deepcopy(model).lin.loran_A["default"].shape == (8, 6)
 
 

@@ -116,7 +116,7 @@ def test_original_embedding_adapter_with_linear_targets(tmp_path, af, use_P, use
     grad = torch.randn_like(plain)
     ours = layer(ids)
     torch.testing.assert_close(ours, plain, atol=1e-5, rtol=1e-4)
-    params = [layer.loran_A["default"], layer.loran_B["default"], *layer.loran_P["default"], *layer.loran_b["default"]]
+    params = [layer.loran_A["default"], layer.loran_B["default"], *layer.loran_P["default"], *layer.loran_bias["default"]]
     got = torch.autograd.grad(ours, params, grad)
     expected = torch.autograd.grad(plain, [A, B, *Ps, *bs], grad)
     for g, e in zip(got, expected):
@@ -145,6 +145,24 @@ def test_loran_adapter_on_another_base_model_is_an_error(tmp_path):
         PeftModel.from_pretrained(tiny_llama(0, layers=3), tmp_path / "adapter")
     with pytest.raises(ValueError, match=r"another shape.*checkpoint \(32, 8\), model \(48, 8\)"):
         PeftModel.from_pretrained(tiny_llama(0, hidden=48), tmp_path / "adapter")
+
+
+def test_adapter_saved_with_the_old_bias_name_loads(tmp_path):
+    """peft-loran 0.1 and 0.2 saved the chain's biases as ``loran_b`` (beside the factor ``loran_B``); 0.3 calls
+    them ``loran_bias`` and still loads the old name: same outputs as the model that saved them."""
+    config = LoranConfig(target_modules=["q_proj", "v_proj"], r=4, chain_dims=[16], use_P=True, use_b=True,
+                         activation="tanh", init_weights=False)
+    model = get_peft_model(tiny_llama(0), config).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    assert any(".loran_bias." in k for k in tensors)
+    save_file({k.replace(".loran_bias.", ".loran_b."): v for k, v in tensors.items()}, weights)  # as 0.2 wrote it
+    ids = torch.tensor([[1, 5, 7, 29, 3]])
+    loaded = PeftModel.from_pretrained(tiny_llama(0), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
+        assert not torch.equal(loaded(input_ids=ids).logits, tiny_llama(0)(input_ids=ids).logits)
 
 
 def test_loran_adapter_with_a_renamed_module_is_an_error(tmp_path):
@@ -228,7 +246,7 @@ def test_mlora_config_has_every_original_argument_and_default():
     model = get_peft_model(tiny_llama(0), config)
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert [tuple(p.shape) for p in q.loran_P["default"]] == [(4, 8), (8, 32)]
-    assert [tuple(b.shape) for b in q.loran_b["default"]] == [(8,), (32,)]
+    assert [tuple(b.shape) for b in q.loran_bias["default"]] == [(8,), (32,)]
     ids = torch.tensor([[1, 2, 3]])
     with torch.no_grad():  # zero-centred, so a new adapter starts exactly at the base model
         assert torch.equal(model(input_ids=ids).logits, tiny_llama(0)(ids).logits)

@@ -25,6 +25,9 @@ from .config import ExternalPeftType, LoranConfig
 
 _FACTOR_KEY = re.compile(r"(^|\.)mlora_(?:embedding_)?(A|B)$")
 _STAGE_KEY = re.compile(r"(^|\.)mlora_(?:embedding_)?(P|b)_(\d+)$")
+#: peft-loran 0.1 and 0.2 called the chain's biases ``loran_b`` (beside the factor ``loran_B``); now ``loran_bias``
+_LEGACY_BIAS_KEY = re.compile(r"(^|\.)loran_b(\.|$)")
+_STAGE_NAMES = {"P": "loran_P", "b": "loran_bias"}
 ORIGINAL_WEIGHTS_NAME = "adapter_model.bin"
 _PART_SUFFIX = re.compile(r"^[a-z]{2,}$")
 
@@ -55,14 +58,16 @@ def join_parts_command(directory: str) -> str:
 
 
 def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename ``mlora_*`` keys to ours and flatten the original's column biases; other keys pass unchanged."""
+    """Rename ``mlora_*`` keys to ours and flatten the original's column biases, and rename peft-loran 0.1 and 0.2's
+    ``loran_b`` to ``loran_bias``; other keys pass unchanged."""
     converted = {}
     for key, value in state_dict.items():
+        key = _LEGACY_BIAS_KEY.sub(r"\1loran_bias\2", key)
         if match := _FACTOR_KEY.search(key):
             key = key[: match.start()] + f"{match.group(1)}loran_{match.group(2)}"
         elif match := _STAGE_KEY.search(key):
             kind, index = match.group(2), int(match.group(3)) - 1
-            key = key[: match.start()] + f"{match.group(1)}loran_{kind}.{index}"
+            key = key[: match.start()] + f"{match.group(1)}{_STAGE_NAMES[kind]}.{index}"
             if kind == "b":
                 value = value.reshape(-1)
         converted[key] = value

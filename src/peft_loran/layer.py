@@ -103,7 +103,7 @@ class LoranLayer(WeightMerging, EvalCacheHost, BaseTunerLayer):
     ``B`` is ``(rows, r)``, ``P_k`` is ``(d_k, d_{k+1})`` and ``b_k`` is ``(d_{k+1},)``; the last width is ``cols``.
     """
 
-    adapter_layer_names: tuple[str, ...] = ("loran_A", "loran_B", "loran_P", "loran_b")
+    adapter_layer_names: tuple[str, ...] = ("loran_A", "loran_B", "loran_P", "loran_bias")
     other_param_names: tuple[str, ...] = (
         "loran_scaling", "loran_dropout", "loran_activation", "loran_dims", "loran_block_rows", "loran_eval_cache",
     )
@@ -118,7 +118,7 @@ class LoranLayer(WeightMerging, EvalCacheHost, BaseTunerLayer):
         self.loran_A = nn.ParameterDict({})
         self.loran_B = nn.ParameterDict({})
         self.loran_P = nn.ModuleDict({})
-        self.loran_b = nn.ModuleDict({})
+        self.loran_bias = nn.ModuleDict({})
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self.loran_eval_cache: dict[str, bool] = {}
@@ -159,7 +159,7 @@ class LoranLayer(WeightMerging, EvalCacheHost, BaseTunerLayer):
         self.loran_P[adapter_name] = nn.ParameterList(
             [nn.Parameter(torch.empty(d_in, d_out)) for d_in, d_out in zip(dims, outs)] if config.use_P else []
         )
-        self.loran_b[adapter_name] = nn.ParameterList(
+        self.loran_bias[adapter_name] = nn.ParameterList(
             [nn.Parameter(torch.zeros(d_out)) for d_out in outs] if config.use_b else []
         )
         self.reset_loran_parameters(adapter_name, config.init_weights)
@@ -181,12 +181,12 @@ class LoranLayer(WeightMerging, EvalCacheHost, BaseTunerLayer):
                 nn.init.zeros_(B)
             else:
                 nn.init.normal_(B, std=0.1)
-                for b in self.loran_b[adapter_name]:
+                for b in self.loran_bias[adapter_name]:
                     nn.init.normal_(b, std=0.1)
 
     # ---------------------------------------------------------------------------------------------- the math
     def stages(self, adapter_name: str) -> list[functional.Stage]:
-        Ps, bs = self.loran_P[adapter_name], self.loran_b[adapter_name]
+        Ps, bs = self.loran_P[adapter_name], self.loran_bias[adapter_name]
         return [
             (Ps[k] if len(Ps) else None, bs[k] if len(bs) else None) for k in range(len(self.loran_dims[adapter_name]))
         ]
@@ -198,7 +198,7 @@ class LoranLayer(WeightMerging, EvalCacheHost, BaseTunerLayer):
         A = modules["loran_A"]._parameters[adapter_name]
         B = modules["loran_B"]._parameters[adapter_name]
         Ps = modules["loran_P"]._modules[adapter_name]._parameters.values()
-        bs = modules["loran_b"]._modules[adapter_name]._parameters.values()
+        bs = modules["loran_bias"]._modules[adapter_name]._parameters.values()
         return [A, B, *Ps, *bs]
 
     def low_rank_update(self, adapter_name: str) -> functional.LowRankUpdate:
@@ -443,7 +443,7 @@ class Embedding(nn.Module, LoranLayer):
                 nn.init.normal_(self.loran_B[adapter_name])
                 Ps = self.loran_P[adapter_name]
                 nn.init.zeros_(Ps[-1] if len(Ps) else self.loran_A[adapter_name])
-                for b in self.loran_b[adapter_name]:
+                for b in self.loran_bias[adapter_name]:
                     nn.init.zeros_(b)
 
     def _adapter_output(self, ids: torch.Tensor, adapter_name: str) -> torch.Tensor:

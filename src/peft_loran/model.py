@@ -148,7 +148,7 @@ def set_eval_cache(model: nn.Module, enabled: bool, max_mb: Optional[float] = No
             module._loran_cache.budget = budget
 
 
-_ADAPTER_KEY = re.compile(r"\.loran_(A|B|P|b)(\.|$)")
+_ADAPTER_KEY = re.compile(r"\.loran_(A|B|P|bias)(\.|$)")
 _PEFT_PREFIX = "base_model.model."
 
 

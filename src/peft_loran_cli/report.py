@@ -297,7 +297,7 @@ def layer_updates(config, tensors: dict[str, torch.Tensor], layers: list[str]):
         for layer in layers:
             A, B = tensors[layer + ".loran_A"].float(), tensors[layer + ".loran_B"].float()
             act = config.build_activation(in_features=A.shape[1])
-            stages = [(tensors.get(f"{layer}.loran_P.{k}"), tensors.get(f"{layer}.loran_b.{k}"))
+            stages = [(tensors.get(f"{layer}.loran_P.{k}"), tensors.get(f"{layer}.loran_bias.{k}"))
                       for k in range(len(config.chain_dims or [A.shape[1]]))]
             dense, share = LF.LowRankUpdate(A, B, stages, act, config.scaling).dense_and_share()
             yield layer, config.r, dense, share
