@@ -31,11 +31,10 @@ from .settings import RunResult, Settings
 _TRAINED = None
 
 
-def quiet_child(quiet: bool, trained=None, worker_pid=None, parent_pid: Optional[int] = None) -> None:
+def quiet_child(quiet: bool, trained=None, parent_pid: Optional[int] = None) -> None:
     """Initializer of the processes that train one run each (before they import peft_loran, PEFT or bitsandbytes):
     the same quiet as the command; Ctrl-C is the command's to handle (the process would print a traceback of its
-    own); the process ends when the command that started it is killed (otherwise it would train on, orphaned); and
-    it tells the command its pid (``worker_pid``, a shared integer) so that a Ctrl-C can stop it at once.
+    own); and the process ends when the command that started it is killed (otherwise it would train on, orphaned).
     ``parent_pid`` is the command's pid as the command saw it: a command killed while this process was still
     starting is noticed too (the process's parent is then already another one)."""
     global _TRAINED
@@ -43,8 +42,6 @@ def quiet_child(quiet: bool, trained=None, worker_pid=None, parent_pid: Optional
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _TRAINED = trained
-    if worker_pid is not None:
-        worker_pid.value = os.getpid()
     _exit_with_parent(parent_pid or os.getppid())
     quiet_libraries(quiet)
 
@@ -184,9 +181,9 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
-    trained, worker_pid = context.Event(), context.Value("i", 0)
+    trained = context.Event()
     pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=quiet_child,
-                               initargs=(settings.quiet, trained, worker_pid, os.getpid()))
+                               initargs=(settings.quiet, trained, os.getpid()))
     future = pool.submit(train, method, task, settings, model_path, save_to)
     try:
         try:
@@ -198,13 +195,9 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
                   "to stop now)", file=sys.stderr, flush=True)
             raise InterruptedAfterRun(future.result()) from None
     except KeyboardInterrupt:
-        if worker_pid.value:  # stop the run now, not when it is done
-            import signal
-
-            try:
-                os.kill(worker_pid.value, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        # stop the run now, not when it is done: the pool's worker is this command's only multiprocessing child
+        for process in multiprocessing.active_children():
+            process.terminate()
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
