@@ -17,10 +17,9 @@ The non-linearity always runs in float32 (with ``w = 1e4`` half precision leaves
 
 from __future__ import annotations
 
-
+import dataclasses
 import math
 import os
-import dataclasses
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
