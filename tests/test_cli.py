@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import peft_loran_cli as cli
-from peft_loran_cli import training
+from peft_loran_cli import report, training
 
 
 
@@ -63,8 +63,10 @@ def test_inspect_original_checkpoint_shows_rank_above_r(tmp_path, capsys):
     assert run(["inspect", str(adapter), "--output", str(png), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "MLORA" in printed and png.exists()
-    ranks = [int(line.split(", rank ")[1].split()[0]) for line in printed.splitlines() if ", rank " in line]
+    ranks = [int(line.split("numerical rank ")[1].split()[0]) for line in printed.splitlines()
+             if "numerical rank " in line]
     assert len(ranks) == 6 and min(ranks) > 4  # r = 4, the strong Sinter makes the update (nearly) full rank
+    assert "the factors have rank r = 4" in printed
 
 
 def test_train_then_evaluate_on_bundled_task(tiny_encoder, tmp_path, capsys):
@@ -135,20 +137,27 @@ def test_unknown_method_and_activation(tmp_path, capsys):
 
 def test_existing_output_dir_refused_then_replaced_with_overwrite(tiny_encoder, cls_file, tmp_path, capsys):
     out = tmp_path / "exists"
-    out.mkdir()
-    (out / "keep.txt").write_text("precious")
-    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--output-dir", str(out)]) == 2
+    common = ["train", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "1", "--output-dir", str(out),
+              "--quiet"]
+    assert run(common) == 0
+    first = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert run(common) == 2
     assert "exists; pass --overwrite" in error_line(capsys)
-    assert (out / "keep.txt").read_text() == "precious"
-    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "1", "--output-dir",
-                str(out), "--overwrite", "--quiet"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "adapter" / "adapter_config.json").exists()
+    # a folder peft-loran wrote is replaced with --overwrite (the new run's files, nothing of the old one left over)
+    (out / "adapter" / "extra_written_by_us").write_text("x")  # not listed: would make the folder the user's
+    assert run(common + ["--overwrite"]) == 2
+    assert "extra_written_by_us" in error_line(capsys)
+    (out / "adapter" / "extra_written_by_us").unlink()
+    assert run(common + ["--overwrite", "--seed", "1"]) == 0
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() != first
+    assert not [p for p in tmp_path.iterdir() if ".old-" in p.name or ".partial-" in p.name]
 
 
 def test_ctrl_c_leaves_nothing_half_written(tiny_encoder, cls_file, tmp_path, capsys, monkeypatch):
     out = tmp_path / "previous"
-    out.mkdir()
-    (out / "adapter_model.safetensors").write_text("a completed adapter")
+    common = ["train", "--model", tiny_encoder, "--train-file", cls_file, "--steps", "1", "--output-dir", str(out)]
+    assert run(common + ["--quiet"]) == 0
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def interrupted(*args, **kwargs):
         save_to = args[4]
@@ -157,10 +166,9 @@ def test_ctrl_c_leaves_nothing_half_written(tiny_encoder, cls_file, tmp_path, ca
         raise KeyboardInterrupt
 
     monkeypatch.setattr(training, "train", interrupted)
-    assert run(["train", "--model", tiny_encoder, "--train-file", cls_file, "--output-dir", str(out),
-                "--overwrite"]) == 130
+    assert run(common + ["--overwrite"]) == 130
     assert "interrupted" in error_line(capsys)
-    assert (out / "adapter_model.safetensors").read_text() == "a completed adapter"
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["previous", "topics.jsonl"])
 
 
@@ -408,7 +416,8 @@ def test_sweep_grid_resumes_and_reports_per_cell(tiny_encoder, cls_file, tmp_pat
     assert metrics["grid"]["rank"] == [2] and metrics["grid"]["seed"] == [0, 1]
     table = (out / "table.md").read_text()
     assert "| sine | 2 |" in table and "+-" in table and "(p=" in table
-    assert (out / "comparison.png").stat().st_size > 1000 and not (out / "sweep.png").exists()  # one rank
+    assert (out / "comparison.png").stat().st_size > 1000
+    assert report.sweep_axis(results) is None and (out / "sweep.png").stat().st_size > 1000  # one rank: per method
     # another shared setting (the step budget) cannot be mixed into these cells
     assert run([*common, "--seed", "0", "--steps", "3"]) == 2
     assert "holds a comparison with other settings (steps)" in error_line(capsys)

@@ -15,7 +15,7 @@ import pytest
 
 from peft_loran_cli import report
 from peft_loran_cli.data import read_rows
-from peft_loran_cli.evaluation import majority_baseline
+from peft_loran_cli.evaluation import label_counts, majority_baseline
 
 from .conftest import TOPICS
 from .test_cli import error_line, run
@@ -60,17 +60,23 @@ def test_evaluate_reproduces_the_number_and_split_the_run_reported(tiny_encoder,
 def test_a_constant_prediction_is_named_in_metrics_table_and_plot(tmp_path):
     from peft_loran_cli.data import Example, TaskData
 
-    task = TaskData("t", "classify", train=[Example("x", label=k) for k in (0, 1, 1, 2)], validation=[], test=[],
-                    labels=["a", "b", "c"])
+    labels = ["a", "b", "c"]
+    train_counts = label_counts([Example("x", label=k) for k in (0, 1, 1, 2)], labels)
+    assert train_counts == {"a": 1, "b": 2, "c": 1}
     examples = [Example("y", label=k) for k in (1, 1, 0, 2, 1)]
-    assert majority_baseline(task, examples, [1, 1, 1, 1, 1]) == {
+    assert majority_baseline(labels, train_counts, examples, [1, 1, 1, 1, 1]) == {
         "majority_label": "b", "majority_rate": 0.6, "majority_from": "training split", "predicted_classes": 1,
         "note": "predicts a single class (b) for every example"}
-    assert "note" not in majority_baseline(task, examples, [1, 0, 1, 2, 1])
-    # evaluate --eval-file has no training split: the evaluated examples' own majority (not an empty baseline)
-    held_out = TaskData("t", "classify", train=[], validation=[], test=examples, labels=["a", "b", "c"])
-    assert majority_baseline(held_out, [Example("z", label=k) for k in (2, 2, 0)], [0, 2, 2]) == {
-        "majority_label": "c", "majority_rate": 2 / 3, "majority_from": "evaluated examples", "predicted_classes": 2}
+    assert "note" not in majority_baseline(labels, train_counts, examples, [1, 0, 1, 2, 1])
+    # the training split's majority, not the evaluated examples' (c is the most frequent there: an oracle baseline)
+    evaluated = [Example("z", label=k) for k in (2, 2, 0)]
+    assert majority_baseline(labels, train_counts, evaluated, [0, 2, 2])["majority_label"] == "b"
+    # a tie in the training split is flagged
+    tied = majority_baseline(labels, {"a": 2, "b": 2, "c": 1}, evaluated, [0, 2, 2])
+    assert tied["majority_tie"] == ["a", "b"] and tied["majority_rate"] == 1 / 3
+    # no training counts at all (an adapter from an older version): the evaluated examples', and it says so
+    fallback = majority_baseline(labels, {}, evaluated, [0, 2, 2])
+    assert fallback["majority_label"] == "c" and fallback["majority_from"].startswith("evaluated examples")
     metrics = {"accuracy": 0.6, "macro_f1": 0.25, "n": 5, "majority_label": "b", "majority_rate": 0.6}
     results = [dict(method=m, rank=4, lr=1e-3, seed=0, trainable_params=10, train_seconds=1.0, peak_memory_mb=1.0,
                     loss_curve=[(1, 2.0), (2, 1.5)], metrics={**metrics, "predicted_classes": k})
@@ -127,6 +133,25 @@ def test_checks_that_need_no_model_answer_without_importing_torch(tmp_path):
              ["compare", "--sinter-frequency", "inf"], ["compare", "--sine-frequency", "0"],
              ["compare", "--train-file", str(bad_csv)], ["train", "--train-file", str(tmp_path / "missing.jsonl")],
              ["compare", "--methods", "lora,loran:bogus"], ["train", "--method", "lorax"]]
+    output = ["--output-dir", str(tmp_path / "o")]
+    cases = [case + output for case in cases]
+    # refused combinations, damaged files and outputs that may not be replaced: answered before torch too
+    good_csv = tmp_path / "good.csv"
+    good_csv.write_text("text,label\n" + "".join(f"row {i},{'ab'[i % 2]}\n" for i in range(20)))
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORAN", "base_model_name_or_path": ""}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"\x40\x00\x00\x00\x00\x00\x00\x00{}")
+    users = tmp_path / "users_folder"
+    users.mkdir()
+    (users / "draft.txt").write_text("mine")
+    cases += [["compare", "--task", "bbc-topic", "--train-file", str(good_csv), *output],
+              ["train", "--eval-file", str(good_csv), *output], ["train", "--steps", "5", "--epochs", "1", *output],
+              ["compare", "--methods", "lora,lora", *output],
+              ["export", str(adapter), "--to-lora", "x", *output],
+              ["inspect", str(adapter)],
+              ["train", "--task", "bbc-headline", "--model", "minilm", *output],
+              ["train", "--train-file", str(good_csv), "--output-dir", str(users), "--overwrite"]]
     script = f"""
 import sys, time, json
 import peft_loran_cli
@@ -134,7 +159,7 @@ answers = []
 for argv in {json.dumps(cases)}:
     started = time.perf_counter()
     try:
-        peft_loran_cli.main(argv + ["--output-dir", {json.dumps(str(tmp_path / "o"))}])
+        peft_loran_cli.main(argv)
     except SystemExit as exc:
         answers.append((exc.code, time.perf_counter() - started))
 print(json.dumps({{"answers": answers, "heavy": sorted(m for m in ("torch", "transformers", "peft") if m in sys.modules)}}))
@@ -146,7 +171,12 @@ print(json.dumps({{"answers": answers, "heavy": sorted(m for m in ("torch", "tra
     assert max(seconds for _, seconds in result["answers"]) < 1.0
     lines = [line for line in out.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == len(cases) and "--rank must be a positive integer, got -1" in lines[1]
-    assert "Unknown activation 'bogus'" in lines[-2] and "unknown method 'lorax'" in lines[-1]
+    assert "Unknown activation 'bogus'" in lines[16] and "unknown method 'lorax'" in lines[17]
+    expected = ["not both", "--eval-file needs --train-file", "--steps or --epochs, not both",
+                "--methods must list distinct methods", "--to-lora: `rank` must be a positive integer",
+                "is truncated or not a safetensors file", "needs a causal LM", "draft.txt"]
+    for line, words in zip(lines[18:], expected, strict=True):
+        assert words in line, (words, line)
 
 
 def test_evaluating_a_classifier_as_generation_names_the_task_kind(tiny_encoder, cls_file, gen_file, tmp_path, capsys):

@@ -5,6 +5,7 @@
 :class:`LoranConfig` adapters and with checkpoints of the original code (peft_type ``MLORA``).
 """
 
+from . import _notices  # noqa: F401  (first: before PEFT imports bitsandbytes)
 from .activations import Activation, available_activations, get_activation, register_activation, unregister_activation
 from .compat import CorruptCheckpointError, UnsafeCheckpointError, convert_original_checkpoint
 from .compat import MLORA, MLoraConfig

@@ -166,10 +166,13 @@ class LoranConfig(PeftConfig):
         self.activation = canonical_name(self.activation)
         act = self.build_activation()
         if self.init_weights and self.zero_centered and float(act.grad(torch.zeros(()), torch.ones(()))) == 0.0:
+            # attributed to this line (stacklevel 1), so Python's default filter shows it once per process: PEFT
+            # and the Trainer build the same config more than once (copies, loading), and the same advice twice
+            # reads like two problems
             warnings.warn(
                 f"activation={self.activation!r} has f'(0) = 0: with init_weights=True (B = 0) no gradient reaches "
                 "A or B and they never train. Use init_weights=False or another activation.",
-                stacklevel=3,
+                stacklevel=1,
             )
 
     @property

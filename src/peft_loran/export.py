@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .layer import Embedding, LoranLayer, unpack_bnb_cpu_weight
+from .rank_spec import parse_rank
 
 #: Extra sketch columns beyond the wanted rank, and power iterations, of the randomized SVD.
 OVERSAMPLE = 16
@@ -42,26 +43,6 @@ class ModuleExport:
     rank: int
     relative_error: float  # ||D - D_k||_F / ||D||_F, measured on the exported factors
     energy_kept: float  # ||D_k||_F^2 / ||D||_F^2
-
-
-def parse_rank(rank: Union[int, str]) -> tuple[Optional[int], Optional[float]]:
-    """``8`` -> (8, None); ``"auto:1e-3"`` -> (None, 1e-3). Raises ValueError naming ``rank`` otherwise."""
-    if isinstance(rank, int) and not isinstance(rank, bool):
-        if rank <= 0:
-            raise ValueError(f"`rank` must be a positive integer or 'auto:TOL', got {rank}.")
-        return rank, None
-    text = str(rank).strip()
-    if text.isdigit():
-        return parse_rank(int(text))
-    if text.startswith("auto:"):
-        try:
-            tol = float(text[5:])
-        except ValueError:
-            tol = float("nan")
-        if not (0 < tol < 1):
-            raise ValueError(f"`rank` 'auto:TOL' needs 0 < TOL < 1 (a relative Frobenius error), got {rank!r}.")
-        return None, tol
-    raise ValueError(f"`rank` must be a positive integer or 'auto:TOL' (e.g. auto:1e-3), got {rank!r}.")
 
 
 def _randomized_svd(layer: LoranLayer, adapter: str, sketch: int, generator: torch.Generator):

@@ -55,15 +55,27 @@ def seeds_from(args: argparse.Namespace) -> list[int]:
 
 # -------------------------------------------------------------------------------------------- output dirs
 @contextmanager
-def staged_output(final: str, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``final``; it becomes ``final`` only when the block completes."""
-    from peft_loran._atomic import DirectoryInUseError, atomic_directory
+def staged_output(final: str, overwrite: bool, inputs: list[str]) -> Iterator[Path]:
+    """Yield a temporary directory beside ``final``; it becomes ``final`` only when the block completes (replacing
+    only what peft-loran wrote there, never one of the command's ``inputs``)."""
+    with _output_errors(final):
+        from peft_loran._atomic import atomic_directory
+
+        with atomic_directory(final, overwrite=overwrite, inputs=inputs) as tmp:
+            yield tmp
+
+
+@contextmanager
+def _output_errors(final: str) -> Iterator[None]:
+    """An output directory that exists, is being written, or may not be replaced: one ``error:`` line."""
+    from peft_loran._atomic import DirectoryInUseError, UnsafeOverwriteError
 
     try:
-        with atomic_directory(final, overwrite=overwrite) as tmp:
-            yield tmp
+        yield
     except FileExistsError:
         raise UserError(f"output directory {final} exists; pass --overwrite to replace it") from None
+    except UnsafeOverwriteError as exc:
+        raise UserError(str(exc)) from None
     except DirectoryInUseError as exc:
         raise UserError(f"{exc}; wait for it to finish or choose another --output-dir") from None
 
@@ -109,33 +121,33 @@ def _fixed_settings(settings, task, model_path: str) -> dict:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Train every cell of the grid (each in its own process), keeping each finished cell on disk so that running
-    the same command again resumes; then write metrics.json, table.md and the plots."""
-    import shutil
+    the same command again resumes; then write metrics.json, table.md and the plots. Every file written is listed
+    in the folder's manifest, so ``--overwrite`` removes only those."""
+    import time
 
-    from peft_loran._atomic import DirectoryInUseError, directory_lock, write_text_atomic
+    from peft_loran._atomic import DirectoryInUseError, add_to_manifest, directory_lock, write_text_atomic
 
     from . import report
-    from .models import resolve_model
     from .evaluation import main_metric
-    from .methods import parse_method
+    from .files import input_paths
+    from .models import resolve_model
+    from .targets import check_adapter_plan
     from .training import InterruptedAfterRun, train_isolated
 
     settings = settings_from(args)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    for method in methods:
-        parse_method(method)
-    if len(set(methods)) != len(methods) or not methods:
-        raise UserError(f"--methods must list distinct methods, got '{args.methods}'")
     task = args.task_data
+    check_adapter_plan(settings.model, None, methods, _checked_values(args, "rank") or [settings.rank], settings, task)
     model_path = resolve_model(settings.model, quiet=settings.quiet)
     metric = main_metric(task.kind)
     cells = sweep_cells(args, settings, methods)
     out = Path(args.output_dir)
     fixed = _fixed_settings(settings, task, model_path)
+    invocation = time.strftime("%Y-%m-%dT%H:%M:%S") + f" pid {os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with directory_lock(out.resolve()):
-            done = _prepare_sweep_dir(out, fixed, args.overwrite)
+            done = _prepare_sweep_dir(out, fixed, args.overwrite, input_paths(args))
             results = []
             for number, cell in enumerate(cells, 1):
                 name = cell_name(cell)
@@ -149,51 +161,70 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     budget = f"{settings.epochs:g} epochs" if settings.epochs else f"{settings.steps} steps"
                     print(f"== [{number}/{len(cells)}] {name}: {budget} on {task.name} ({len(task.train)} train "
                           "examples)", file=sys.stderr, flush=True)
-                staging = out / "adapters" / f".{name}.partial"
-                shutil.rmtree(staging, ignore_errors=True)
+                staging = f"adapters/.{name}.partial"
+                _remove_owned_below(out, staging)
+                add_to_manifest(out, staging=[staging])
                 interrupted = None
                 try:
-                    result = train_isolated(cell["method"], task, run_settings, model_path, staging).as_dict()
+                    result = train_isolated(cell["method"], task, run_settings, model_path, out / staging).as_dict()
                 except InterruptedAfterRun as stop:  # Ctrl-C after its training: keep this cell, then stop
                     result, interrupted = stop.result.as_dict(), stop
-                os.replace(staging, _fresh(out / "adapters" / name))
-                result.update(cell, cell=name, adapter=f"adapters/{name}", eval_split=settings.eval_split)
+                _remove_owned_below(out, f"adapters/{name}")  # a leftover of an interrupted run
+                os.replace(out / staging, out / "adapters" / name)
+                add_to_manifest(out, files=_files_below(out, f"adapters/{name}"), drop_staging=[staging])
+                result.update(cell, cell=name, adapter=f"adapters/{name}", eval_split=settings.eval_split,
+                              invocation=invocation)
                 write_text_atomic(out / "cells" / f"{name}.json", json.dumps(result, indent=2, default=str) + "\n")
+                add_to_manifest(out, files=[f"cells/{name}.json"])
                 results.append(result)
                 if interrupted:
                     raise KeyboardInterrupt from None
-            plots = report.write_sweep_reports(out, results, metric, {
+            written = report.write_sweep_reports(out, results, metric, {
                 "task": task.name, "task_kind": task.kind, "labels": task.labels, "metric": metric,
                 "model": model_path, "eval_split": settings.eval_split,
                 "settings": {f.name: getattr(settings, f.name) for f in fields(settings) if f.name not in GRID_OPTIONS},
                 "grid": {name: sorted({c[name] for c in cells if name in c}) for name in GRID_OPTIONS},
-                "methods": methods})
+                "methods": methods, "warnings": task.warnings})
+            add_to_manifest(out, files=written)
     except DirectoryInUseError as exc:
         raise UserError(f"{exc}; wait for it to finish or choose another --output-dir") from None
     print(report.read_table(out))
+    plots = [name for name in written if name.endswith(".png")]
     print(f"\nwrote {args.output_dir}/metrics.json, table.md, {', '.join(plots) or 'no plot'} and adapters/")
     return 0
 
 
-def _fresh(path: Path) -> Path:
-    """``path`` with nothing at it (a leftover from an interrupted run is removed)."""
-    import shutil
-
-    if path.exists():
-        shutil.rmtree(path)
-    return path
+def _files_below(out: Path, below: str) -> list[str]:
+    return [p.relative_to(out).as_posix() for p in sorted((out / below).rglob("*")) if p.is_file()]
 
 
-def _prepare_sweep_dir(out: Path, fixed: dict, overwrite: bool) -> dict:
+def _remove_owned_below(out: Path, below: str) -> None:
+    """Remove what this program wrote at ``out/below`` (a cell's adapter or staging folder left by an interrupted
+    run); a file there it did not write is an error that names it, and stays."""
+    from peft_loran._atomic import remove_owned
+
+    if not (out / below).exists():
+        return
+    left = remove_owned(out, below)
+    if left:
+        raise UserError(f"{out / left[0]} was not written by peft-loran, and the run needs its place; move it away "
+                        "(nothing was removed)")
+
+
+def _prepare_sweep_dir(out: Path, fixed: dict, overwrite: bool, inputs: list[str]) -> dict:
     """Create the sweep directory, or resume one made with the same shared settings: returns its finished cells
-    (keyed by their grid settings). ``--overwrite`` starts afresh."""
-    import shutil
-
-    from peft_loran._atomic import write_text_atomic
+    (keyed by their grid settings). ``--overwrite`` starts afresh, removing only the files peft-loran wrote there
+    (and refusing a folder that holds others)."""
+    from peft_loran._atomic import (UnsafeOverwriteError, check_replaceable, read_manifest, remove_owned,
+                                    write_manifest, write_text_atomic)
 
     state = out / SWEEP_STATE
     if out.exists() and overwrite:
-        shutil.rmtree(out)
+        try:
+            check_replaceable(out, inputs)
+        except UnsafeOverwriteError as exc:
+            raise UserError(str(exc)) from None
+        remove_owned(out)
         print(f"note: --overwrite: removed the previous results in {out}", file=sys.stderr)
     if out.exists():
         if not state.exists():
@@ -208,10 +239,14 @@ def _prepare_sweep_dir(out: Path, fixed: dict, overwrite: bool) -> dict:
     else:
         out.mkdir(parents=True)
         write_text_atomic(state, json.dumps(fixed, indent=2) + "\n")
+        write_manifest(out, [SWEEP_STATE])
     (out / "cells").mkdir(exist_ok=True)
     (out / "adapters").mkdir(exist_ok=True)
+    listed = set((read_manifest(out) or {}).get("files", []))
     done = {}
     for path in sorted((out / "cells").glob("*.json")):
+        if path.relative_to(out).as_posix() not in listed:  # only the cells this program wrote
+            continue
         result = json.loads(path.read_text())
         done[json.dumps({k: result[k] for k in ("method",) + GRID_OPTIONS if k in result}, sort_keys=True)] = result
     if done:  # also with --quiet: the user should know that these results were not recomputed
@@ -220,18 +255,17 @@ def _prepare_sweep_dir(out: Path, fixed: dict, overwrite: bool) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .models import resolve_model
     from .evaluation import main_metric
-    from .methods import parse_method
+    from .files import input_paths
+    from .models import resolve_model
+    from .targets import check_adapter_plan
     from .training import train
 
-    parse_method(args.method)
-    if len(seeds_from(args)) > 1:
-        raise UserError(f"train runs one seed, got --seed {args.seed}; use compare for several")
     settings = settings_from(args)
     task = args.task_data
+    check_adapter_plan(settings.model, None, [args.method], [settings.rank], settings, task)
     model_path = resolve_model(settings.model, quiet=settings.quiet)
-    with staged_output(args.output_dir, args.overwrite) as out:
+    with staged_output(args.output_dir, args.overwrite, input_paths(args)) as out:
         result = train(args.method, task, settings, model_path, out / "adapter").as_dict()
         _write_json(out / "metrics.json", {"task": task.name, "task_kind": task.kind, "labels": task.labels,
                                            "model": model_path, **result})
@@ -242,7 +276,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from .models import resolve_model
-    from .evaluation import evaluate, main_metric
+    from .evaluation import evaluate, main_metric, split_name
     from .loading import cap_max_length, load_base
     from .training import Settings
 
@@ -258,19 +292,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         "another base model gives numbers that mean nothing (leave out --model)")
     max_length = args.max_length or (record or {}).get("max_length") or 128
     same_data = not (args.task or args.eval_file)  # the run's own data: score the examples the run scored
-    eval_limit = args.eval_limit or ((record or {}).get("eval_limit") if same_data else None)
+    eval_limit = args.eval_limit or ((record or {}).get("eval_limit") if same_data and not task.scored_split else None)
     eval_split = (record or {}).get("eval_split", "test") if same_data else "test"
     settings = Settings(eval_limit=eval_limit, eval_split=eval_split, max_length=max_length, quiet=args.quiet)
+    if args.eval_limit and task.scored_split:
+        task.test = task.test[: args.eval_limit]
     base, tokenizer = load_base(model_path, task, settings)
     model = attach_adapter(base, args.adapter)
     cap_max_length(settings, model)
-    metrics = evaluate(model, tokenizer, task, settings)
+    metrics = evaluate(model, tokenizer, task, settings, train_label_counts=(record or {}).get("train_label_counts"))
     metric = main_metric(task.kind)
     print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}))
-    print(f"{metric}: {metrics[metric]:.4f} on {metrics['n']} {settings.eval_split} examples of {task.name}")
+    print(f"{metric}: {metrics[metric]:.4f} on {metrics['n']} {split_name(task, settings)} examples of {task.name}")
     return 0
-
-
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -283,8 +317,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{len(summary['layers'])} adapted modules")
     for layer in summary["layers"]:
         share, beyond = layer["nonlinear_share"], layer["nonlinear_beyond_scale"]
-        print(f"  {layer['layer']}: update {layer['shape'][0]}x{layer['shape'][1]}, rank {layer['numerical_rank']} "
-              f"(singular values above 1e-6 of the largest; r = {layer['r']}), effective rank "
+        print(f"  {layer['layer']}: update {layer['shape'][0]}x{layer['shape'][1]}, numerical rank "
+              f"{layer['numerical_rank']} of {min(layer['shape'])} (singular values above 1e-6 of the largest; the "
+              f"factors have rank r = {layer['r']}), effective rank "
               f"{layer['effective_rank']:.1f}, energy beyond r {layer['energy_beyond_r']:.2e}, non-linear share "
               + ("n/a" if share is None else f"{share:.2e} ({beyond:.2e} beyond a change of scale)"))
     shares = [layer["nonlinear_share"] for layer in summary["layers"] if layer["nonlinear_share"] is not None]
@@ -336,21 +371,14 @@ def _classifier_note(record: Optional[dict], folder: str = "this_folder") -> str
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from peft_loran.export import export_lora, export_merged, parse_rank
+    from peft_loran.export import export_lora, export_merged
 
     from .data import TASK_RECORD, read_task_record
 
-    rank = None
+    # --to-lora and --output-dir were checked before torch (options.early_problem); the LoRA factors depend on the
+    # adapter alone, the base (unquantized) only serves the sample comparison
+    model, tokenizer = load_adapter_model(args.adapter, args.model, args.load_in_4bit, args.quiet)
     if args.to_lora is not None:
-        try:
-            rank = parse_rank(args.to_lora)
-        except ValueError as exc:
-            raise UserError(f"--to-lora: {exc}") from None
-    if Path(args.output_dir).exists() and not args.overwrite:
-        raise UserError(f"output directory {args.output_dir} exists; pass --overwrite to replace it")
-    # the LoRA factors depend on the adapter alone; the base (unquantized) only serves the sample comparison
-    model, tokenizer = load_adapter_model(args.adapter, args.model, args.load_in_4bit and rank is None, args.quiet)
-    if rank is not None:
         record = read_task_record(args.adapter)
         with _export_errors():
             report = export_lora(model, args.output_dir, args.to_lora, sample_inputs=_sample_inputs(model, tokenizer),
@@ -382,7 +410,7 @@ def _export_errors() -> Iterator[None]:
 
     try:
         yield
-    except (FileExistsError, DirectoryInUseError, ValueError) as exc:
+    except (FileExistsError, DirectoryInUseError, ValueError) as exc:  # UnsafeOverwriteError is a ValueError
         raise UserError(str(exc).splitlines()[0]) from None
 
 

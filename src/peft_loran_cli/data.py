@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import importlib.util
 import io
 import json
@@ -33,12 +34,43 @@ SPLIT_SEED = 1234
 
 @dataclass
 class Example:
-    """One row: ``text`` (the input) and either ``label`` (classification) or ``target`` (generation)."""
+    """One row: ``text`` (the input) and either ``label`` (classification) or ``target`` (generation). ``uid`` orders
+    the seeded split (a file name for the bundled data; for users' files the row's content, so reordering the rows of
+    a file does not move examples between splits); ``where`` says where the row came from (``file:row``)."""
 
     text: str
     label: Optional[int] = None
     target: Optional[str] = None
     uid: str = ""
+    where: str = ""
+
+    def digest(self, labels: list[str]) -> str:
+        """A fingerprint of what the example holds: its text and its answer (the label's name, or the target)."""
+        return example_digest(self.text, labels[self.label] if self.label is not None else self.target)
+
+
+def example_digest(text: str, answer: Optional[str]) -> str:
+    """16 hex digits of SHA-256 over the text and the answer: what a run records of each example it scored, so that
+    ``evaluate`` can find exactly those examples again (or tell that the data changed)."""
+    return hashlib.sha256(json.dumps([text, answer], ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def content_uids(examples: list[Example]) -> None:
+    """Give each example a uid from its content (``digest#k`` for the k-th copy of the same content), so a split
+    depends on what the rows hold, not on their order in the file."""
+    seen: dict[str, int] = {}
+    for e in examples:
+        d = example_digest(e.text, e.target)
+        e.uid = f"{d}#{seen.get(d, 0)}"
+        seen[d] = seen.get(d, 0) + 1
 
 
 @dataclass
@@ -51,6 +83,12 @@ class TaskData:
     labels: list[str] = field(default_factory=list)
     #: where the data came from, enough to rebuild it: {"task": name} or the user's files and field names
     source: dict = field(default_factory=dict)
+    #: what the user should know about this data (the command line prints each as ``warning: ...``)
+    warnings: list[str] = field(default_factory=list)
+    #: facts worth a line (``note: ...``), e.g. that a file changed but still holds the examples a run scored
+    notes: list[str] = field(default_factory=list)
+    #: set when ``test`` holds exactly the examples a run scored: the split they were scored as
+    scored_split: Optional[str] = None
 
 
 TASKS = {"bbc-topic": "classify", "bbc-headline": "generate", "news-headline": "generate"}
@@ -195,8 +233,9 @@ def user_task(
 ) -> TaskData:
     """The user's own data: ``kind`` "classify" (text + label fields) or "generate" (source + target fields).
 
-    Without ``eval_file`` the train file is split 80/10/10 like the bundled tasks; with it, the eval file is both
-    validation and test set.
+    Without ``eval_file`` the train file is split 80/10/10 like the bundled tasks (by the rows' content, so the order
+    of the rows does not matter); with it, the eval file is both validation and test set, and ``TaskData.warnings``
+    says so when it is the training file or shares most of its examples with it.
     """
     if kind not in ("classify", "generate"):
         raise UserError(f"--task-type must be 'classify' or 'generate', got '{kind}'")
@@ -216,17 +255,17 @@ def user_task(
                                 f"--{'text-field/--label-field' if kind == 'classify' else 'source-field/--target-field'}")
             if empty:
                 raise UserError(f"{path}, row {number}: field(s) {', '.join(empty)} empty or null; fill or drop the row")
-            if kind == "classify":
-                examples.append(Example(str(row[text_field]), label=None, target=str(row[label_field]),
-                                        uid=f"{path}:{number}"))
-            else:
-                examples.append(Example(str(row[source_field]), target=str(row[target_field]), uid=f"{path}:{number}"))
+            text, answer = (text_field, label_field) if kind == "classify" else (source_field, target_field)
+            examples.append(Example(str(row[text]), target=str(row[answer]), where=f"{path}, row {number}"))
+        content_uids(examples)
         return examples
 
     train = convert(train_file)
+    warnings: list[str] = []
     if eval_file:
         evaluation = convert(eval_file)
         parts = (train, evaluation, evaluation)
+        warnings = overlap_warnings(train_file, eval_file, train, evaluation)
     else:
         parts = split(train, key=(lambda e: e.target) if kind == "classify" else None, seed=seed)
         if not parts[0] or not parts[2]:
@@ -244,27 +283,42 @@ def user_task(
               "eval_file": str(Path(eval_file).resolve()) if eval_file else None, "task_type": kind,
               "text_field": text_field, "label_field": label_field, "source_field": source_field,
               "target_field": target_field}
-    return TaskData(Path(train_file).stem, kind, *parts, labels=labels, source=source)
+    return TaskData(Path(train_file).stem, kind, *parts, labels=labels, source=source, warnings=warnings)
 
 
-def evaluation_task(path: str, kind: str, labels: list[str], source: dict) -> TaskData:
-    """New data to evaluate a trained adapter on: ``path`` read with the field names the adapter was trained with
-    (``source``), labels mapped onto the adapter's own label order. A label the adapter never saw is an error."""
-    fields = ((source.get("text_field", "text"), source.get("label_field", "label")) if kind == "classify"
-              else (source.get("source_field", "source"), source.get("target_field", "target")))
+#: Warn when at least this share of the evaluation examples are training examples too.
+OVERLAP_WARNING_SHARE = 0.5
+
+
+def overlap_warnings(train_file: str, eval_file: str, train: list[Example], evaluation: list[Example]) -> list[str]:
+    """A warning when the evaluation file is the training file, or when most of its examples are training examples
+    (a score on them says how well the model remembers, not how well it generalises)."""
+    if Path(train_file).resolve() == Path(eval_file).resolve() or file_sha256(train_file) == file_sha256(eval_file):
+        return [f"--eval-file {eval_file} is the training file: the score measures memory, not generalisation; "
+                "evaluate on held-out rows (leave out --eval-file to split the training file)"]
+    seen = {example_digest(e.text, e.target) for e in train}
+    shared = sum(example_digest(e.text, e.target) in seen for e in evaluation)
+    if shared and shared >= OVERLAP_WARNING_SHARE * len(evaluation):
+        return [f"{shared} of the {len(evaluation)} examples in --eval-file {eval_file} are also in the training "
+                "file: the score mostly measures memory, not generalisation"]
+    return []
+
+
+def evaluation_task(path: str, kind: str, labels: list[str], fields: tuple[str, str]) -> TaskData:
+    """New data to evaluate a trained adapter on: ``path`` read with ``fields`` (text and label, or source and
+    target: by default the names the adapter was trained with), labels mapped onto the adapter's own label order. A
+    label the adapter never saw is an error."""
     rows = read_rows(path)
     if not rows:
         raise UserError(f"{path}: no rows to evaluate on")
     examples = []
+    options = "--text-field/--label-field" if kind == "classify" else "--source-field/--target-field"
     for number, row in enumerate(rows, 1):
         missing = [f for f in fields if row.get(f) in (None, "")]
         if missing:
-            raise UserError(f"{path}, row {number}: no value for {', '.join(missing)}, the field(s) the adapter was "
-                            f"trained with (fields present: {', '.join(sorted(map(str, row))) or 'none'})")
-        if kind == "classify":
-            examples.append(Example(str(row[fields[0]]), target=str(row[fields[1]]), uid=f"{path}:{number}"))
-        else:
-            examples.append(Example(str(row[fields[0]]), target=str(row[fields[1]]), uid=f"{path}:{number}"))
+            raise UserError(f"{path}, row {number}: no value for {', '.join(missing)} (fields present: "
+                            f"{', '.join(sorted(map(str, row))) or 'none'}); name the file's fields with {options}")
+        examples.append(Example(str(row[fields[0]]), target=str(row[fields[1]]), where=f"{path}, row {number}"))
     if kind == "classify":
         unknown = sorted({e.target for e in examples} - set(labels))
         if unknown:
@@ -273,7 +327,59 @@ def evaluation_task(path: str, kind: str, labels: list[str], source: dict) -> Ta
                             "cannot predict them")
         for e in examples:
             e.label, e.target = labels.index(e.target), None
-    return TaskData(Path(path).stem, kind, [], [], examples, labels=list(labels), source=dict(source, eval_file=path))
+    names = ("text_field", "label_field") if kind == "classify" else ("source_field", "target_field")
+    return TaskData(Path(path).stem, kind, [], [], examples, labels=list(labels),
+                    source={"eval_file": str(Path(path).resolve()), "task_type": kind, **dict(zip(names, fields))})
+
+
+# ------------------------------------------------------------------------------------------ data fingerprints
+def data_fingerprint(task: TaskData, split: str, scored: list[Example]) -> dict:
+    """What a run records of its data: the digest of every example it scored (in order), the split they came from,
+    and the SHA-256 of the user's files."""
+    files = {name: file_sha256(task.source[name]) for name in ("train_file", "eval_file")
+             if task.source.get(name) and Path(task.source[name]).is_file()}
+    return {"split": split, "examples": [e.digest(task.labels) for e in scored], "files": files}
+
+
+def find_recorded_examples(task: TaskData, fingerprint: dict) -> list[Example]:
+    """The examples a run scored, found again by content in the rebuilt ``task`` (in the recorded order), or one
+    ``error:`` line saying that the data changed: a score on other examples would be a wrong answer."""
+    pool: dict[str, list[Example]] = {}
+    for part in (task.train, task.validation, task.test):
+        for e in part:
+            if not any(e is other for other in pool.get(e.digest(task.labels), [])):
+                pool.setdefault(e.digest(task.labels), []).append(e)
+    wanted = fingerprint["examples"]
+    found, missing = [], 0
+    used: dict[str, int] = {}
+    for digest in wanted:
+        k = used.get(digest, 0)
+        candidates = pool.get(digest, [])
+        if k < len(candidates):
+            found.append(candidates[k])
+            used[digest] = k + 1
+        else:
+            missing += 1
+    if missing:
+        where = task.source.get("eval_file") or task.source.get("train_file") or f"the bundled task {task.name}"
+        raise UserError(f"the data changed since the run: {missing} of the {len(wanted)} {fingerprint['split']} "
+                        f"examples it scored are no longer in {where}; pass --eval-file to evaluate on data of your "
+                        "choice")
+    return found
+
+
+def recorded_examples_task(task: TaskData, record: dict) -> TaskData:
+    """``task`` reduced to the examples the run scored (its test split; see :func:`find_recorded_examples`); a note
+    when the user's file changed but still holds them all."""
+    fingerprint = record["fingerprint"]
+    found = find_recorded_examples(task, fingerprint)
+    changed = [task.source[name] for name, digest in fingerprint.get("files", {}).items()
+               if task.source.get(name) and Path(task.source[name]).is_file()
+               and file_sha256(task.source[name]) != digest]
+    notes = [f"{path} changed since the run; the {len(found)} {fingerprint['split']} examples it scored were found "
+             "in it again by content and are the ones scored" for path in changed]
+    return TaskData(task.name, task.kind, task.train, [], found, labels=task.labels, source=task.source,
+                    warnings=task.warnings, notes=notes, scored_split=fingerprint["split"])
 
 
 # ------------------------------------------------------------------------------------------ what a command reads
@@ -299,9 +405,28 @@ def task_from(args: argparse.Namespace, profile_task: str):
     return load_task(args.task or profile_task)
 
 
+#: evaluate's field options, by the task kind they belong to
+_FIELD_OPTIONS = {"classify": ("text_field", "label_field"), "generate": ("source_field", "target_field")}
+
+
+def evaluation_fields(args: argparse.Namespace, kind: str, record: Optional[dict]) -> tuple[str, str]:
+    """The two field names ``evaluate --eval-file`` reads: given with the options of the adapter's task kind, else
+    the names it was trained with (else the defaults). An option of the other kind is an error, not ignored."""
+    other = "generate" if kind == "classify" else "classify"
+    wrong = [f"--{name.replace('_', '-')}" for name in _FIELD_OPTIONS[other] if getattr(args, name, None)]
+    if wrong:
+        right = "/".join(f"--{n.replace('_', '-')}" for n in _FIELD_OPTIONS[kind])
+        raise UserError(f"{', '.join(wrong)} name(s) fields of a {_KIND_WORDS[other]} task; this adapter does "
+                        f"{_KIND_WORDS[kind]}: use {right}")
+    recorded = (record or {}).get("source", {})
+    defaults = {"text_field": "text", "label_field": "label", "source_field": "source", "target_field": "target"}
+    return tuple(getattr(args, n, None) or recorded.get(n) or defaults[n] for n in _FIELD_OPTIONS[kind])
+
+
 def evaluation_task_from(args: argparse.Namespace, record: Optional[dict]):
-    """The data ``evaluate`` runs on: ``--eval-file`` (read with the adapter's field names and labels), ``--task``,
-    or by default what the adapter was trained on (its record); a task that does not fit the adapter is an error."""
+    """The data ``evaluate`` runs on: ``--eval-file`` (read with the adapter's field names and labels, or the ones
+    given), ``--task``, or by default exactly the examples the run scored (found again by their recorded
+    fingerprint); a task that does not fit the adapter, or data that changed, is an error."""
     if args.task and args.eval_file:
         raise UserError("give --task or --eval-file, not both")
     if record is None and not (args.task or args.eval_file):
@@ -311,14 +436,19 @@ def evaluation_task_from(args: argparse.Namespace, record: Optional[dict]):
     if record and args.task_type and args.task_type != kind:
         raise UserError(f"the adapter was trained for {_KIND_WORDS[kind]}; it cannot be evaluated as "
                         f"{_KIND_WORDS[args.task_type]} (--task-type {args.task_type})")
+    given_fields = [f"--{n.replace('_', '-')}" for names in _FIELD_OPTIONS.values() for n in names
+                    if getattr(args, n, None)]
+    if given_fields and not args.eval_file:
+        raise UserError(f"{', '.join(given_fields)} name(s) the fields of --eval-file; the recorded task and --task "
+                        "know their own fields")
     labels = record["labels"] if record else None
     if args.eval_file:
         if record is None and kind == "classify":
             raise UserError("--eval-file with an adapter that records no labels cannot map classes to its outputs; "
                             "use an adapter written by peft-loran train/compare")
-        source = record["source"] if record else {
-            "source_field": args.source_field, "target_field": args.target_field}
-        return evaluation_task(args.eval_file, kind, labels or [], source)
+        task = evaluation_task(args.eval_file, kind, labels or [], evaluation_fields(args, kind, record))
+        task.warnings += training_overlap_warnings(args.eval_file, record)
+        return task
     if args.task:
         task = load_task(args.task)
     elif "task" in record["source"]:
@@ -327,6 +457,10 @@ def evaluation_task_from(args: argparse.Namespace, record: Optional[dict]):
         source = record["source"]
         if not Path(source["train_file"]).exists():
             raise UserError(f"the adapter was trained on {source['train_file']}, which is gone; pass --eval-file")
+        if "fingerprint" not in record:
+            raise UserError(f"{args.adapter}'s task record has no data fingerprint (written by peft-loran < 0.4), so "
+                            f"the examples its run scored cannot be found again in {source['train_file']}; pass "
+                            "--eval-file to evaluate on a file of your choice")
         task = user_task(source["train_file"], source.get("eval_file"), source["task_type"], source["text_field"],
                          source["label_field"], source["source_field"], source["target_field"])
     if record is not None:
@@ -336,4 +470,25 @@ def evaluation_task_from(args: argparse.Namespace, record: Optional[dict]):
         if kind == "classify" and task.labels != labels:
             raise UserError(f"task '{task.name}' has the labels {', '.join(task.labels)}; the adapter was trained on "
                             f"{', '.join(labels)}")
+        if not args.task and "fingerprint" in record:
+            task = recorded_examples_task(task, record)
     return task
+
+
+def training_overlap_warnings(eval_file: str, record: Optional[dict]) -> list[str]:
+    """:func:`overlap_warnings` for ``evaluate --eval-file``, against the adapter's training file when it is still
+    there (an adapter trained on a bundled task: nothing to compare)."""
+    train_file = ((record or {}).get("source") or {}).get("train_file")
+    if not train_file or not Path(train_file).is_file():
+        return []
+    kind, source = record["kind"], record["source"]
+    try:
+        trained = user_task(train_file, source.get("eval_file"), kind,
+                            **{n: source[n] for names in _FIELD_OPTIONS.values() for n in names if n in source})
+    except UserError:
+        return []
+    fields = [source.get(n) for n in _FIELD_OPTIONS[kind]]
+    evaluated = [Example(str(r.get(fields[0])), target=str(r.get(fields[1]))) for r in read_rows(eval_file)]
+    everything = [Example(e.text, target=trained.labels[e.label] if e.label is not None else e.target)
+                  for e in trained.train]
+    return overlap_warnings(train_file, eval_file, everything, evaluated)

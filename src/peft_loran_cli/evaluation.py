@@ -4,6 +4,10 @@ generations (generation), on the split and number of examples the settings name.
 from __future__ import annotations
 
 import sys
+from collections import Counter
+from contextlib import contextmanager
+from typing import Iterator, Optional
+
 import torch
 
 from .data import Example, TaskData
@@ -13,36 +17,94 @@ from .errors import UserError
 from .settings import Settings
 
 
-def evaluate(model, tokenizer, task: TaskData, settings: Settings) -> dict:
-    """Metrics on the test split, or on the validation split with ``settings.eval_split == "validation"`` (for
-    choosing settings without looking at the test split)."""
+def scored_examples(task: TaskData, settings: Settings) -> list[Example]:
+    """The examples a run is scored on: the test split (or the validation split, ``settings.eval_split``), cut to
+    ``settings.eval_limit``. A task rebuilt from a run's fingerprint holds exactly those in its test split."""
+    if task.scored_split is not None:
+        return task.test
     split = task.validation if settings.eval_split == "validation" else task.test
-    examples = split[: settings.eval_limit] if settings.eval_limit else split
+    return split[: settings.eval_limit] if settings.eval_limit else split
+
+
+def split_name(task: TaskData, settings: Settings) -> str:
+    return task.scored_split or settings.eval_split
+
+
+def evaluate(model, tokenizer, task: TaskData, settings: Settings, train_label_counts: Optional[dict] = None) -> dict:
+    """Metrics on :func:`scored_examples`. A LoRAN model is evaluated with its eval cache on (its dense updates are
+    built once, not again for every batch and generated token; freed afterwards): the same numbers, at about the
+    base model's speed. ``train_label_counts`` (label name -> count in the adapter's training split, from its task
+    record) sets the majority baseline where ``task`` has no training split."""
+    examples = scored_examples(task, settings)
     if not examples:
-        raise UserError(f"task '{task.name}' has an empty {settings.eval_split} split")
+        raise UserError(f"task '{task.name}' has an empty {split_name(task, settings)} split")
     progress = _progress(len(examples), "evaluating", settings.quiet)
-    if task.kind == "classify":
-        metrics = _evaluate_classification(model, tokenizer, examples, settings, progress)
-        return {**metrics, **majority_baseline(task, examples, metrics.pop("predicted"))}
-    return _evaluate_generation(model, tokenizer, examples, settings, progress)
+    with eval_cache_on(model):
+        if task.kind == "classify":
+            metrics = _evaluate_classification(model, tokenizer, examples, settings, progress)
+            counts = train_label_counts or label_counts(task.train, task.labels)
+            return {**metrics, **majority_baseline(task.labels, counts, examples, metrics.pop("predicted"))}
+        return _evaluate_generation(model, tokenizer, examples, settings, progress)
 
 
-def majority_baseline(task: TaskData, examples: list[Example], predicted: list[int]) -> dict:
+@contextmanager
+def eval_cache_on(model) -> Iterator[None]:
+    """The model's LoRAN layers keep their dense update between no-grad calls while the block runs, then free it
+    (no-op for other adapters). Memory: one weight-sized float32 matrix per adapted layer, while evaluating."""
+    from peft_loran import set_eval_cache
+    from peft_loran.layer import LoranLayer
+
+    has_loran = any(isinstance(m, LoranLayer) for m in model.modules())
+    if has_loran:
+        set_eval_cache(model, True, max_mb=_free_memory_mb(model) / 2)
+    try:
+        yield
+    finally:
+        if has_loran:
+            set_eval_cache(model, False)
+
+
+def _free_memory_mb(model) -> float:
+    """Memory free for the cache where the model lives (GPU: free device memory; else the system's available
+    memory): the cache takes at most half of it, layers beyond that compute their update per call."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**20
+    try:
+        with open("/proc/meminfo") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("MemAvailable")) / 1024
+    except (OSError, StopIteration):
+        return 1024.0
+
+
+def label_counts(examples: list[Example], labels: list[str]) -> dict[str, int]:
+    """How often each label occurs in ``examples``, by name (every label, zero counts included)."""
+    counts = Counter(labels[e.label] for e in examples)
+    return {label: counts.get(label, 0) for label in labels}
+
+
+def majority_baseline(labels: list[str], train_counts: dict[str, int], examples: list[Example],
+                      predicted: list[int]) -> dict:
     """What a constant prediction scores, so a reader can tell a model from one: the training split's most frequent
-    class (the evaluated examples' own when there is no training split, as for ``evaluate --eval-file``; named in
-    ``majority_from``) and its share of the evaluated examples, how many classes the model predicted at all, and a
-    note when it predicted a single one."""
-    from collections import Counter
-
-    source = "training split" if task.train else "evaluated examples"
-    counts = Counter(e.label for e in (task.train or examples))
-    majority = min(counts, key=lambda label: (-counts[label], label)) if counts else None
+    class (``train_counts``; when there are none, the evaluated examples' own, named in ``majority_from``: an
+    optimistic baseline), its share of the evaluated examples, the classes tied with it (``majority_tie``), how many
+    classes the model predicted at all, and a note when it predicted a single one."""
+    source = "training split"
+    counts = {k: v for k, v in train_counts.items() if k in labels}
+    if not any(counts.values()):
+        source = "evaluated examples (no training counts recorded)"
+        counts = label_counts(examples, labels)
+    top = max(counts.values())
+    tied = [label for label in labels if counts.get(label, 0) == top]
+    majority = labels.index(tied[0])
     rate = sum(e.label == majority for e in examples) / len(examples)
     distinct = sorted(set(predicted))
-    out = {"majority_label": task.labels[majority] if majority is not None else None, "majority_rate": rate,
-           "majority_from": source, "predicted_classes": len(distinct)}
+    out = {"majority_label": labels[majority], "majority_rate": rate, "majority_from": source,
+           "predicted_classes": len(distinct)}
+    if len(tied) > 1:
+        out["majority_tie"] = tied
     if len(distinct) == 1:
-        out["note"] = f"predicts a single class ({task.labels[distinct[0]]}) for every example"
+        out["note"] = f"predicts a single class ({labels[distinct[0]]}) for every example"
     return out
 
 

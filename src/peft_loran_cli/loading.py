@@ -8,6 +8,7 @@ import torch
 
 from .data import TaskData
 from .errors import UserError
+from .models import generation_model_problem
 
 from .settings import Settings
 
@@ -27,9 +28,9 @@ def load_base(model_path: str, task: TaskData, settings: Settings):
             model_path, num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={label: i for i, label in enumerate(labels)}, **kwargs)
     else:
-        if "Bert" in (getattr(_config(model_path), "architectures", None) or [""])[0]:
-            raise UserError(f"task '{task.name}' generates text and needs a causal LM; {model_path} is an encoder "
-                            "(use --model smollm2)")
+        problem = generation_model_problem(model_path, task)
+        if problem:
+            raise UserError(problem)
         model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
         tokenizer.padding_side = "left"
     if model.config.pad_token_id is None:
@@ -58,7 +59,3 @@ def qlora_quantization():
                               bnb_4bit_compute_dtype=torch.bfloat16)
 
 
-def _config(model_path: str):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(model_path)

@@ -51,28 +51,11 @@ def methods_problem(args) -> Optional[str]:
 
 
 def activation_registry():
-    """``peft_loran.activations``: the package's own module once peft_loran is imported (it holds activations a
-    program registered), else that file loaded on its own, without the package (which imports torch, transformers
-    and PEFT): the module imports no torch, so the options are checked in milliseconds. The command line knows only
-    the built-ins, which both hold."""
-    import importlib.util
-    import sys
-    from pathlib import Path
+    """``peft_loran.activations`` without importing torch (:func:`peft_loran_cli.light.library_module`); the command
+    line knows only the built-ins, which both the light and the real module hold."""
+    from .light import library_module
 
-    loaded = sys.modules.get("peft_loran.activations")
-    if loaded is not None:
-        return loaded
-    light = sys.modules.get(_LIGHT_NAME)
-    if light is None:
-        package = importlib.util.find_spec("peft_loran")  # finds the package without running its __init__
-        spec = importlib.util.spec_from_file_location(_LIGHT_NAME, Path(package.origin).parent / "activations.py")
-        light = importlib.util.module_from_spec(spec)
-        sys.modules[_LIGHT_NAME] = light  # dataclasses look their module up while the file runs
-        spec.loader.exec_module(light)
-    return light
-
-
-_LIGHT_NAME = "peft_loran_cli._activations_without_torch"
+    return library_module("activations")
 
 
 def peft_config(method: str, settings: Settings, task_kind: str, model_type: str):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import json
 import os
 from pathlib import Path
+from typing import Optional
 
 from .errors import UserError
 
@@ -87,6 +89,37 @@ def check_model_spec(spec: str) -> None:
         return
     raise UserError(f"model not found: {spec} (use 'smollm2', 'minilm', a local model directory, or a hub id "
                     "when online)")
+
+
+#: Model types that are encoders only (no causal LM head): they classify, they cannot generate.
+ENCODER_TYPES = ("bert", "roberta", "distilbert", "deberta", "deberta-v2", "electra", "xlm-roberta", "mpnet",
+                 "albert", "camembert", "modernbert")
+
+
+def local_config(spec: str) -> Optional[dict]:
+    """A bundled or local model's ``config.json`` as a dict (None for a hub id, or the GGUF-packed SmolLM2 before it
+    is converted): pure Python."""
+    if spec in BUNDLED:
+        path = _bundled_file(spec)
+        folder = path if path.is_dir() else cache_dir() / "SmolLM2-135M-Instruct"
+    else:
+        folder = Path(spec).expanduser()
+    try:
+        return json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def generation_model_problem(spec: str, task) -> Optional[str]:
+    """Why ``spec`` cannot serve a generation ``task`` (it is an encoder), or None."""
+    if task.kind != "generate":
+        return None
+    config = local_config(spec) or {}
+    architecture = (config.get("architectures") or [""])[0]
+    if config.get("model_type") in ENCODER_TYPES or "Bert" in architecture:
+        return (f"task '{task.name}' generates text and needs a causal LM; {spec} is an encoder "
+                f"({config.get('model_type')}; use --model smollm2 or another causal LM)")
+    return None
 
 
 def resolve_model(spec: str, quiet: bool = False) -> str:

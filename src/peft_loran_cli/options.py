@@ -6,7 +6,9 @@ in a fraction of a second, and the commands use the same definitions.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -98,8 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--task-type", choices=["classify", "generate"],
                     help="with --eval-file, for adapters that record no task (e.g. the original code's; default "
                          "generate); others must match what the adapter was trained for")
-    ev.add_argument("--source-field", default="source")
-    ev.add_argument("--target-field", default="target")
+    for name, kind in (("text", "classification"), ("label", "classification"), ("source", "generation"),
+                       ("target", "generation")):
+        ev.add_argument(f"--{name}-field", help=f"with --eval-file: the file's {name} field ({kind} adapters; "
+                                                 "default: the name the adapter was trained with)")
     ev.add_argument("--eval-limit", type=int)
     ev.add_argument("--max-length", type=int, help="default: the one the adapter was trained with (else 128)")
     ev.add_argument("--quiet", action="store_true")
@@ -119,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--quiet", action="store_true")
     ins = sub.add_parser("inspect", help="config, size and singular-value spectrum of an adapter's updates")
     ins.add_argument("adapter")
-    ins.add_argument("--output", help="PNG path (default: <adapter>-spectrum.png beside the adapter folder)")
+    ins.add_argument("--output", help="PNG path (default: <adapter>-spectrum.png beside the adapter folder); an "
+                                      "existing file is replaced only if it is a plot peft-loran wrote")
     ins.add_argument("--quiet", action="store_true")
     return parser
 
@@ -204,30 +209,116 @@ def early_problem(args: argparse.Namespace) -> Optional[str]:
     for name in NUMBER_RULES:
         if name not in LIST_OPTIONS and number_problem(name, getattr(args, name, None)):
             return number_problem(name, getattr(args, name))
+    return (combination_problem(args) or files_problem(args) or output_problem(args))
+
+
+def combination_problem(args: argparse.Namespace) -> Optional[str]:
+    """Settings that contradict each other or are ignored where the user would expect them to count."""
+    if args.command in ("compare", "train"):
+        if args.task and args.train_file:
+            return "give --task (a bundled task) or --train-file (your data), not both"
+        if args.eval_file and not args.train_file:
+            return ("--eval-file needs --train-file: a bundled task is scored on its own test split (evaluate a saved "
+                    "adapter on your file with `peft-loran evaluate ADAPTER --eval-file FILE`)")
+        if args.steps is not None and args.epochs is not None:
+            return "give --steps or --epochs, not both"
+        if args.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+            return "--load-in-4bit needs bitsandbytes: pip install bitsandbytes (or peft-loran[quant])"
+    if args.command == "compare":
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods or len(set(methods)) != len(methods):
+            return f"--methods must list distinct methods, got '{args.methods}'"
+    if args.command == "export" and args.to_lora is not None:
+        from .light import library_module
+
+        try:
+            library_module("rank_spec").parse_rank(args.to_lora)
+        except ValueError as exc:
+            return f"--to-lora: {exc}"
+        if args.load_in_4bit:
+            return "--load-in-4bit applies to --merge (--to-lora reads only the adapter's factors)"
+    return None
+
+
+def files_problem(args: argparse.Namespace) -> Optional[str]:
+    """A damaged adapter or base model file (truncated weights, a broken header), named in one line."""
+    from .files import adapter_problem, model_problem
+
     adapter = getattr(args, "adapter", None)
-    if adapter and not (Path(adapter) / "adapter_config.json").exists():
-        return f"{adapter} is not an adapter directory (no adapter_config.json)"
+    if adapter:
+        problem = adapter_problem(adapter)
+        if problem:
+            return problem
+    return model_problem(getattr(args, "model", None) or (recorded_base(adapter) if adapter else None))
+
+
+def recorded_base(adapter: str) -> Optional[str]:
+    """The base model an adapter names (its task record, else its config), read as JSON."""
+    import json
+
+    for name, key in (("peft_loran_task.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            value = json.loads((Path(adapter) / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            return value
+    return None
+
+
+def output_problem(args: argparse.Namespace) -> Optional[str]:
+    """An ``--output-dir`` (or inspect's ``--output``) that may not be written: it exists without ``--overwrite``,
+    or replacing it would remove something peft-loran did not write (a folder of the user's, the working folder or
+    an ancestor of it or of an input). Checked with the same rules the writing itself enforces."""
+    from .files import input_paths, is_our_plot
+    from .light import library_module
+
+    if args.command == "inspect":
+        output = Path(args.output) if args.output else None
+        if output is not None and output.exists() and not (output.is_file() and is_our_plot(output)):
+            return (f"--output {output} exists and is not a plot peft-loran wrote; choose another --output "
+                    "(nothing was replaced)")
+        return None
     output = getattr(args, "output_dir", None)
-    if output and Path(output).exists() and not Path(output).is_dir():
+    if not output or not Path(output).exists():
+        return None
+    if not Path(output).is_dir():
         return f"--output-dir {output} is a file, not a directory; choose another --output-dir (nothing was removed)"
-    resumable = args.command == "compare" and output and (Path(output) / SWEEP_STATE).exists()
-    if output and Path(output).exists() and not getattr(args, "overwrite", False) and not resumable:
-        return f"output directory {output} exists; pass --overwrite to replace it"
+    resumable = args.command == "compare" and (Path(output) / SWEEP_STATE).exists()
+    if not getattr(args, "overwrite", False):
+        return None if resumable else f"output directory {output} exists; pass --overwrite to replace it"
+    atomic = library_module("_atomic")
+    try:
+        atomic.check_replaceable(output, input_paths(args))
+    except atomic.UnsafeOverwriteError as exc:
+        return str(exc)
     return None
 
 
 def prepare_data(args: argparse.Namespace) -> None:
     """Read and check the data the command will use (the user's files, a bundled task, an adapter's task record),
-    before any model is loaded: ``args.task_data`` (and ``args.task_record`` for ``evaluate``). Pure Python, so a
-    bad file is reported in a fraction of a second. Raises UserError."""
+    before any model is loaded: ``args.task_data`` (and ``args.task_record`` for ``evaluate``); print what the user
+    should know about it (``warning:`` / ``note:`` lines, also with --quiet). Pure Python, so a bad file is reported
+    in a fraction of a second. Raises UserError."""
     from .data import evaluation_task_from, read_task_record, task_from
-    from .models import check_model_spec
+    from .models import check_model_spec, generation_model_problem
 
     if args.command in ("compare", "train"):
-        check_model_spec(args.model or PROFILES[args.profile]["model"])
+        model = args.model or PROFILES[args.profile]["model"]
+        check_model_spec(model)
         args.task_data = task_from(args, PROFILES[args.profile]["task"])
+        problem = generation_model_problem(model, args.task_data)
+        if problem:
+            from .errors import UserError
+
+            raise UserError(problem)
     elif args.command == "evaluate":
         args.task_record = read_task_record(args.adapter)
         args.task_data = evaluation_task_from(args, args.task_record)
     if args.command in ("evaluate", "export") and args.model:
         check_model_spec(args.model)
+    task = getattr(args, "task_data", None)
+    for line in (task.warnings if task else []):
+        print(f"warning: {line}", file=sys.stderr)
+    for line in (task.notes if task else []):
+        print(f"note: {line}", file=sys.stderr)

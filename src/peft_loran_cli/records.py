@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .data import TASK_RECORD, TaskData
+from .data import TASK_RECORD, TaskData, data_fingerprint
 from .methods import parse_method
 
 from .settings import Settings
@@ -14,7 +14,11 @@ from .settings import Settings
 
 def write_task_record(adapter_dir: Path, task: TaskData, settings: Settings, model_path: str) -> None:
     """What ``evaluate`` needs to evaluate the adapter again: task kind and source, field names, label names in
-    the order of the model's outputs (``id2label``/``label2id`` as in a transformers config), max length, base."""
+    the order of the model's outputs (``id2label``/``label2id`` as in a transformers config), max length, base; the
+    fingerprint of the examples the run scored (so ``evaluate`` scores exactly those, or refuses), and the training
+    split's label counts (the majority baseline on other data)."""
+    from .evaluation import label_counts, scored_examples, split_name
+
     record = {
         "task": task.name, "kind": task.kind, "source": task.source, "labels": task.labels,
         "id2label": {str(i): label for i, label in enumerate(task.labels)},
@@ -22,7 +26,10 @@ def write_task_record(adapter_dir: Path, task: TaskData, settings: Settings, mod
         "max_length": settings.max_length, "base_model": model_path,
         # the examples the run's reported metric was computed on, so `evaluate` reproduces it by default
         "eval_split": settings.eval_split, "eval_limit": settings.eval_limit,
+        "fingerprint": data_fingerprint(task, split_name(task, settings), scored_examples(task, settings)),
     }
+    if task.kind == "classify":
+        record["train_label_counts"] = label_counts(task.train, task.labels)
     (Path(adapter_dir) / TASK_RECORD).write_text(json.dumps(record, indent=2) + "\n")
 
 

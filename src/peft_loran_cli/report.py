@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from .errors import UserError
+from .files import PLOT_SOFTWARE
 from .options import GRID_OPTIONS, SHORT_NAMES
 
 
@@ -89,12 +90,7 @@ def comparison_table(results: list[dict], metric: str) -> str:
         mean, std = _mean_std([r["metrics"][metric] for r in runs])
         single = sum(r["metrics"].get("predicted_classes") == 1 for r in runs)
         diffs = paired_to_lora(runs, results, metric) if first["method"] != "lora" else []
-        if diffs:
-            d_mean, d_std = _mean_std(diffs)
-            p = sign_flip_p(diffs)
-            paired = f"{d_mean:+.4f} +- {d_std:.4f}" + (f" (p={p:.2f})" if p is not None else "")
-        else:
-            paired = ""
+        paired = paired_text(diffs)
         shares = [r.get("nonlinear_share") for r in runs if r.get("nonlinear_share") is not None]
         beyond = [r.get("nonlinear_beyond_scale") for r in runs if r.get("nonlinear_beyond_scale") is not None]
         ranks = [r.get("effective_rank") for r in runs if r.get("effective_rank") is not None]
@@ -113,24 +109,57 @@ def comparison_table(results: list[dict], metric: str) -> str:
     if baseline and any(r["metrics"].get("predicted_classes") == 1 for r in results):
         lines.append("\nsingle class: the model predicted the same class for every example; its accuracy is the share "
                      "of that class, not learned (compare with the majority-class column).")
+    if baseline and any(r["metrics"].get("majority_tie") for r in results):
+        tie = next(r["metrics"]["majority_tie"] for r in results if r["metrics"].get("majority_tie"))
+        lines.append(f"\nmajority class: {', '.join(tie)} are equally frequent in the training split; the column "
+                     "shows the first of them.")
+    note = invocations_note(results)
+    if note:
+        lines.append("\n" + note)
     return "\n".join(lines)
 
 
+def paired_text(diffs: list[float]) -> str:
+    """The paired difference to LoRA: mean +- std and the sign-flip p-value over seeds; with one seed the difference
+    alone, saying that it has no spread and no test (one pair cannot show either)."""
+    if not diffs:
+        return ""
+    if len(diffs) == 1:
+        return f"{diffs[0]:+.4f} (1 seed: no spread, no test)"
+    d_mean, d_std = _mean_std(diffs)
+    p = sign_flip_p(diffs)
+    return f"{d_mean:+.4f} +- {d_std:.4f}" + (f" (p={p:.2f})" if p is not None else "")
+
+
+def invocations_note(results: list[dict]) -> str:
+    """When a resumed sweep's cells were trained by different invocations of the command (at other times, under
+    another machine load), their train times are not comparable: say so, and which cells came from which."""
+    runs: dict[str, list[str]] = {}
+    for r in results:
+        runs.setdefault(r.get("invocation") or "an earlier version (not recorded)", []).append(r.get("cell", r["method"]))
+    if len(runs) < 2:
+        return ""
+    parts = "; ".join(f"{when}: {len(cells)} cell(s)" for when, cells in runs.items())
+    return (f"train times: the cells were trained by {len(runs)} invocations of the command (the sweep was resumed): "
+            f"{parts}. Times from different invocations ran under different machine load; compare them with care.")
+
+
 def write_sweep_reports(out: Path, results: list[dict], metric: str, header: dict) -> list[str]:
-    """metrics.json (every run), table.md, comparison.png (up to 8 runs) and sweep.png (more than one rank);
-    each written whole under a temporary name, then renamed. Returns the plots' file names."""
+    """metrics.json (every run), table.md, comparison.png (up to 8 runs: loss curves and bars) and sweep.png (every
+    sweep of more than one cell: the metric and train time over the setting that varies); each written whole under a
+    temporary name, then renamed. Returns the names of the files written."""
     from peft_loran._atomic import write_text_atomic
 
     write_text_atomic(out / "metrics.json", json.dumps({**header, "results": results}, indent=2, default=str) + "\n")
     write_text_atomic(out / "table.md", comparison_table(results, metric) + "\n")
-    plots = []
+    written = ["metrics.json", "table.md"]
     if len(results) <= 8:
         _save_plot(lambda path: plot_comparison(results, metric, path), out / "comparison.png")
-        plots.append("comparison.png")
-    if len({r["rank"] for r in results}) > 1:
+        written.append("comparison.png")
+    if len(results) > 1:
         _save_plot(lambda path: plot_sweep(results, metric, path), out / "sweep.png")
-        plots.append("sweep.png")
-    return plots
+        written.append("sweep.png")
+    return written
 
 
 def read_table(out: Path) -> str:
@@ -143,41 +172,69 @@ def _save_plot(draw, path: Path) -> None:
     os.replace(tmp, path)
 
 
+#: Axis titles of the settings a sweep can run over.
+_AXIS_NAMES = {"rank": "rank r", "lr": "learning rate", "sinter_amplitude": "Sinter amplitude a",
+               "sinter_frequency": "Sinter frequency w", "sine_frequency": "Sine-LoRA frequency w"}
+
+
+def sweep_axis(results: list[dict]) -> Optional[str]:
+    """The setting a sweep plot runs along: the rank if it varies, else the first other grid setting that does, else
+    None (the methods side by side, seeds pooled)."""
+    varying = _varying(results)
+    return "rank" if "rank" in varying else (varying[0] if varying else None)
+
+
 def plot_sweep(results: list[dict], metric: str, path: Path) -> None:
-    """The metric against the rank per method (mean and standard deviation over seeds), and the training time."""
+    """The metric (mean and standard deviation over seeds) and the training time per method, against the setting
+    that varies (:func:`sweep_axis`); with none varying, one point per method. Says when the train times come from
+    more than one invocation of the command (a resumed sweep)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    varying = [k for k in _varying(results) if k != "rank"]
-    lines: dict[str, dict[int, list[dict]]] = {}
+    axis = sweep_axis(results)
+    varying = [k for k in _varying(results) if k != axis]
+    lines: dict[str, dict[float, list[dict]]] = {}
     for r in results:
-        lines.setdefault(group_label(r, varying), {}).setdefault(r["rank"], []).append(r)
+        x = r[axis] if axis else 0
+        lines.setdefault(group_label(r, varying), {}).setdefault(x, []).append(r)
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     markers = "oxs^Dv<>P*"
-    for i, (label, by_rank) in enumerate(lines.items()):
-        ranks = sorted(by_rank)
-        stats = [_mean_std([r["metrics"][metric] for r in by_rank[k]]) for k in ranks]
-        times = [_mean_std([r["train_seconds"] for r in by_rank[k]])[0] for k in ranks]
+    for i, (label, by_x) in enumerate(lines.items()):
+        xs = sorted(by_x)
+        stats = [_mean_std([r["metrics"][metric] for r in by_x[k]]) for k in xs]
+        times = [_mean_std([r["train_seconds"] for r in by_x[k]])[0] for k in xs]
+        positions = xs if axis else [i]
         style = dict(marker=markers[i % len(markers)], linestyle=["-", "--", ":", "-."][i % 4], color=f"C{i}",
                      markerfacecolor="none", capsize=3)
-        left.errorbar(ranks, [m for m, _ in stats], yerr=[s for _, s in stats], label=label, **style)
-        right.plot(ranks, times, label=label, **{k: v for k, v in style.items() if k != "capsize"})
+        left.errorbar(positions, [m for m, _ in stats], yerr=[s for _, s in stats], label=label, **style)
+        right.plot(positions, times, label=label, **{k: v for k, v in style.items() if k != "capsize"})
     seeds = sorted({r["seed"] for r in results})
+    values = sorted({r[axis] for r in results}) if axis else []
     for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted({r["rank"] for r in results}))
-        ax.set_xticklabels([str(k) for k in sorted({r["rank"] for r in results})])
-        ax.set_xlabel("rank r")
+        if axis:
+            if all(v > 0 for v in values):
+                ax.set_xscale("log", base=2 if axis == "rank" else 10)
+            ax.set_xticks(values)
+            ax.set_xticklabels([f"{v:g}" for v in values])
+            ax.set_xlabel(_AXIS_NAMES[axis])
+        else:
+            ax.set_xticks(range(len(lines)))
+            ax.set_xticklabels(list(lines), rotation=20, ha="right")
+            ax.set_xlabel("method")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    against = f"against {_AXIS_NAMES[axis]}" if axis else "per method"
     left.set_ylabel(f"{metric} (mean +- std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
-    left.set_title(f"{metric} against rank")
+    left.set_title(f"{metric} {against}")
     right.set_ylabel("training time (s)")
-    right.set_title("training time against rank")
+    invocations = len({r.get("invocation") for r in results})
+    right.set_title(f"training time {against}" + (f"\n(from {invocations} invocations of a resumed sweep: machine "
+                                                  "load may differ between them)" if invocations > 1 else ""),
+                    fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
 
 
@@ -243,7 +300,7 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
         right.set_xticks(range(len(names)), names, rotation=30, ha="right")
     right.set_ylim(0, max(values) * 1.15 if max(values) > 0 else 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
 
 
@@ -285,7 +342,37 @@ def adapted_layers(config, tensors: dict[str, torch.Tensor]) -> list[str]:
         suffix = ".lora_A.weight"
     else:
         raise UserError(f"cannot inspect adapters of type {config.peft_type}; LoRAN, MLORA and LoRA are supported")
-    return sorted(k[: -len(suffix)] for k in tensors if k.endswith(suffix))
+    return in_model_order(config, [k[: -len(suffix)] for k in tensors if k.endswith(suffix)])
+
+
+def in_model_order(config, names: list[str]) -> list[str]:
+    """``names`` (PEFT state-dict module names) in the order the base model runs them: read from the base model's
+    config (the model built on the meta device, no weights) when the adapter's base is a local folder; else numbers
+    compared as numbers (``layers.2`` before ``layers.10``)."""
+    import re
+
+    def natural(name: str) -> list:
+        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+    order: dict[str, int] = {}
+    base = getattr(config, "base_model_name_or_path", None)
+    if base and (Path(base) / "config.json").exists():
+        from transformers import AutoConfig
+
+        from .targets import meta_model
+
+        try:
+            task = str(getattr(config.task_type, "value", config.task_type) or "")
+            model = meta_model(AutoConfig.from_pretrained(base), "classify" if task == "SEQ_CLS" else "generate")
+            order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+        except (OSError, ValueError, KeyError):
+            order = {}
+
+    def position(name: str):
+        plain = name.removeprefix("base_model.model.")
+        return (order.get(plain, len(order)), natural(name))
+
+    return sorted(names, key=position)
 
 
 def layer_updates(config, tensors: dict[str, torch.Tensor], layers: list[str]):
@@ -322,8 +409,9 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
 
     written_type, config, tensors = load_adapter(path)
     names = adapted_layers(config, tensors)
+    # the bar keeps its line (leave=True): a cleared bar leaves the cursor on it, and the first printed line lands there
     layers = list(tqdm(layer_updates(config, tensors, names), desc="spectra", total=len(names), unit="module",
-                       disable=quiet, leave=False))
+                       disable=quiet, leave=True))
     if not layers:
         raise UserError(f"{path}: no adapter layers found in the weights")
     summary = {"peft_type": written_type, "parameters": sum(t.numel() for t in tensors.values()), "layers": []}
@@ -367,7 +455,7 @@ def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(tmp, dpi=110, metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
     os.replace(tmp, output)
     summary["plot"] = str(output)
