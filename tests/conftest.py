@@ -20,6 +20,22 @@ if not FIXTURES.exists():  # the repository ships a copy for machines without ..
     FIXTURES = REPO / "tests" / "fixtures" / "reference_mlora"
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_kernel_settings():
+    """Every test leaves the kernel mode and the plan settings as it found them (the environment's): a test that
+    set them for itself and forgot to undo it would change what every later test runs, and fails here instead."""
+    from peft_loran import kernels
+
+    before = {name: os.environ.get(name) for name in ("PEFT_LORAN_COMPILE", "PEFT_LORAN_PLAN",
+                                                      "PEFT_LORAN_BLOCK_ELEMENTS")}
+    yield
+    leaked = kernels._mode
+    kernels.set_kernel_compilation(None)
+    after = {name: os.environ.get(name) for name in before}
+    assert leaked is None, f"the test left the kernel mode at {leaked!r}"
+    assert after == before, f"the test changed {before} to {after}"
+
+
 # ------------------------------------------------------------------------------------------------------- device
 def pytest_addoption(parser) -> None:
     parser.addoption("--device", default=None,

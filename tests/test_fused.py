@@ -11,7 +11,7 @@ from peft import get_peft_model, inject_adapter_in_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_loran import LoranConfig, set_eval_cache
+from peft_loran import LoranConfig, get_activation, set_eval_cache
 from peft_loran import functional as LF
 
 from .conftest import tiny_llama
@@ -541,31 +541,32 @@ def test_layer_with_accelerate_hook_keeps_the_hook():
 
 
 def test_default_block_rows_stay_within_budget_and_round_to_gemm_friendly_heights():
-    cpu = torch.device("cpu")
     for cols in [1, 7, 1024, 2816, 4096, 11008, 300_000]:
-        rows = LF.default_block_rows(cols, cpu, elements=2**18)
+        rows = LF.cpu_block_rows(cols, compiled=False, budget=2**18)
         assert 1 <= rows and (rows * cols <= 2**18 or rows == 1)
         exact = max(1, 2**18 // cols)
         assert rows == (exact - exact % 16 if exact >= 64 else exact)
-    assert LF.default_block_rows(2816, cpu, elements=2**18) == 80  # 93 rounded down
+    assert LF.cpu_block_rows(2816, compiled=False, budget=2**18) == 80  # 93 rounded down
 
 
-def test_cpu_block_budget_follows_the_kernels_in_use(monkeypatch):
-    """Compiled kernels: 2^19-element CPU blocks, eager: 2^18; layers at least 4096 wide get at least MIN_BLOCK_ROWS
-    rows within MAX_BLOCK_ELEMENTS; the environment variable overrides all of it."""
-    cpu = torch.device("cpu")
+def test_cpu_block_budget_follows_the_kernel_in_use(monkeypatch):
+    """Compiled kernel: 2^19-element CPU blocks, eager: 2^18; layers at least 4096 wide get at least MIN_BLOCK_ROWS
+    rows within MAX_BLOCK_ELEMENTS; the environment variable overrides all of it; an explicit height is kept."""
     monkeypatch.delenv("PEFT_LORAN_BLOCK_ELEMENTS", raising=False)
-    assert LF.block_elements(cpu, compiled=True) == 2**19 and LF.block_elements(cpu, compiled=False) == 2**18
+    assert LF.CPU_BLOCK_ELEMENTS == {True: 2**19, False: 2**18}
     for compiled in (True, False):
         for cols in [64, 1024, 2816, 4096, 11008, 300_000]:
-            rows = LF.default_block_rows(cols, cpu, compiled=compiled)
-            by_budget = LF.block_elements(cpu, compiled) // cols
+            rows = LF.cpu_block_rows(cols, compiled)
+            by_budget = LF.CPU_BLOCK_ELEMENTS[compiled] // cols
             floor_rows = min(LF.MIN_BLOCK_ROWS[compiled], LF.MAX_BLOCK_ELEMENTS // cols) if cols >= 4096 else 0
             wanted = max(by_budget, floor_rows, 1)
             assert rows <= wanted and (rows == wanted or wanted - rows < 16 and rows % 16 == 0), (cols, rows)
-    assert LF.default_block_rows(4096, cpu, compiled=True) == 512  # a 7B layer: 512 rows, not 128
-    assert LF.default_block_rows(11008, cpu, compiled=False) == 176  # 7B down projection: 2^21 / 11008, not 16
-    assert LF.default_block_rows(2816, cpu, compiled=False) == 80  # hidden 1024's down projection: the budget's
+    assert LF.cpu_block_rows(4096, compiled=True) == 512  # a 7B layer: 512 rows, not 128
+    assert LF.cpu_block_rows(11008, compiled=False) == 176  # 7B down projection: 2^21 / 11008, not 16
+    assert LF.cpu_block_rows(2816, compiled=False) == 80  # hidden 1024's down projection: the budget's
+    update = LF.LowRankUpdate(torch.zeros(2, 4096), torch.zeros(100, 2), [(None, None)], get_activation("tanh"), 1.0)
     monkeypatch.setenv("PEFT_LORAN_BLOCK_ELEMENTS", "4096")
-    assert LF.block_elements(cpu, compiled=True) == 4096 and LF.default_block_rows(4096, cpu, compiled=True) == 1
-    assert [b for b in LF.row_blocks(100, 2816, 7)][1] == (7, 14)  # an explicit height is kept as given
+    assert update.plan(target="cpu").block_rows == 1
+    explicit = LF.LowRankUpdate(torch.zeros(2, 2816), torch.zeros(100, 2), [(None, None)], get_activation("tanh"),
+                                1.0, block_rows=7)
+    assert explicit.plan().ranges(100)[1] == (7, 14)

@@ -1,5 +1,5 @@
-"""The LoRAN math on plain tensors, in one place. Layers and tools call these functions; nothing here knows
-about modules, adapters or PEFT.
+"""The LoRAN math on plain tensors, in one place. Layers and tools call it; nothing here knows about modules,
+adapters or PEFT.
 
 Row view of the (original MLoRA) chain, for a layer ``W`` of shape ``(out, in)``::
 
@@ -9,59 +9,74 @@ Row view of the (original MLoRA) chain, for a layer ``W`` of shape ``(out, in)``
 
 Plain LoRAN is one stage with neither ``P`` nor ``b``: ``delta_W = scaling * f(B @ A)``.
 
-Every row of ``delta_W`` depends only on the same row of ``B``. :class:`FusedLoranMatmul` uses that to work on
-blocks of output rows: it builds one block of ``f(BA)``, uses it and drops it, both in forward and (rebuilt) in
-backward. Autograd then keeps only the small factors and the input alive, never a dense ``(out, in)`` tensor.
-The non-linearity always runs in float32 (with ``w = 1e4`` half precision leaves nothing of ``sin(w x)``).
+Every row of ``delta_W`` depends only on the same row of ``B``, so an update is computed in blocks of rows: one
+block of ``f(BA)`` alive at a time, built, used and dropped, in forward and (rebuilt) in backward. How is decided
+once per call by the update's :class:`BlockPlan` (:meth:`LowRankUpdate.plan`): the rows per block and the
+:class:`~peft_loran.kernels.BlockKernel` that computes each block, from the device, the shape, whether autograd must
+see the operations and a transient-memory budget, and nothing else. Every path (training forward and backward,
+no-grad evaluation, mixed batches, merging, ``get_delta_weight``, export, diagnostics) runs the one block loop,
+:meth:`LowRankUpdate.blocks`. The non-linearity always runs in float32 (with ``w = 1e4`` half precision leaves
+nothing of ``sin(w x)``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
 from . import kernels
 from .activations import Activation
+from .kernels import BlockGrads, BlockKernel, CompileFailed
 
 # A stage of the chain: (P or None, b or None).
 Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 
-#: Elements of one transient ``(rows, in)`` float32 block on CPU; backward keeps about five such temporaries alive.
-#: The eager kernels make several passes over a block, which stay in cache at 2**18 (1 MiB); the compiled kernels
-#: make one pass and their per-block GEMMs are wider at 2**19. On accelerators 2**22 (16 MiB) keeps the GEMMs wide.
-#: Override per layer with ``LoranConfig(block_rows=...)`` or for the process with ``PEFT_LORAN_BLOCK_ELEMENTS``.
-BLOCK_ELEMENTS = {"cpu": 2**18}
-BLOCK_ELEMENTS_COMPILED = {"cpu": 2**19}
-DEFAULT_BLOCK_ELEMENTS_ACCELERATOR = 2**22
+
+# ------------------------------------------------------------------------------------------------- the plan
+#: Elements of one transient ``(rows, in)`` float32 block on the CPU plan, by kernel (eager, compiled); backward
+#: keeps about five such temporaries alive. The eager kernel makes several passes over a block, which stay in cache
+#: at 2**18 (1 MiB); the compiled kernel makes one pass and its per-block GEMMs are wider at 2**19.
+CPU_BLOCK_ELEMENTS = {False: 2**18, True: 2**19}
 #: ... but on layers at least :data:`MIN_BLOCK_ROWS_FROM_COLS` wide, at least this many rows per block (compiled,
 #: eager), up to :data:`MAX_BLOCK_ELEMENTS`: every block costs a pass over the whole ``(tokens, in)`` input gradient
 #: and a repacking of the input for its GEMMs, so on wide layers short blocks spend more on those passes than on the
 #: update itself (a 4096-wide layer at 512 tokens: 128-row blocks took 1.5x the fused step time of 512-row ones).
-#: Narrower layers keep the budget's blocks: there the floor bought no measurable speed and cost memory
-#: (docs/design.md, "Blocks").
+#: Narrower layers keep the budget's blocks (docs/design.md, "One plan per call").
 MIN_BLOCK_ROWS = {True: 512, False: 256}
 MIN_BLOCK_ROWS_FROM_COLS = 4096
 MAX_BLOCK_ELEMENTS = 2**21
+#: The accelerator plan's budget: elements of one float32 temporary (2**24 = 64 MiB). On a GPU the arithmetic of a
+#: block is microseconds and every block costs several kernel launches, so a layer is computed in as few blocks as
+#: this allows: a whole 4096 x 4096 layer in one, a 4096 x 11008 one in four (backward holds about three such
+#: temporaries at once).
+ACCELERATOR_BLOCK_ELEMENTS = 2**24
+#: Default CPU block heights are rounded down to a multiple of this (when at least four multiples fit): the blocks
+#: are one dimension of the per-block GEMMs, and MKL ran them about 10% slower at 93 rows (2^18 / 2816, a
+#: Llama-shaped down projection) than at 80 or 96 (docs/benchmarks.md).
+GEMM_ROW_MULTIPLE = 16
+#: ``PEFT_LORAN_PLAN``: ``auto`` (the device's plan: cpu on CPUs, accelerator elsewhere), or force one of them.
+PLAN_TARGETS = ("auto", "cpu", "accelerator")
 
 
-def block_elements(device: torch.device, compiled: bool = False) -> int:
-    """The block budget: ``PEFT_LORAN_BLOCK_ELEMENTS`` (read on each use, so it can change within a process), else
-    the device's default, which on CPU depends on whether the layer runs on the compiled kernels. A per-layer
-    ``LoranConfig(block_rows=...)`` takes precedence over both."""
-    env = _env_block_elements()
-    if env:
-        return env
-    if compiled and device.type in BLOCK_ELEMENTS_COMPILED:
-        return BLOCK_ELEMENTS_COMPILED[device.type]
-    return BLOCK_ELEMENTS.get(device.type, DEFAULT_BLOCK_ELEMENTS_ACCELERATOR)
+def plan_target(device: torch.device) -> str:
+    """``cpu`` or ``accelerator``: the device's plan, unless ``PEFT_LORAN_PLAN`` forces one (read on each use; the
+    accelerator plan on a CPU is how its numbers and its operator count are tested without a GPU)."""
+    forced = os.environ.get("PEFT_LORAN_PLAN", "auto").strip().lower() or "auto"
+    if forced not in PLAN_TARGETS:
+        raise ValueError(f"PEFT_LORAN_PLAN={forced!r} is not one of {PLAN_TARGETS}.")
+    if forced != "auto":
+        return forced
+    return "cpu" if device.type == "cpu" else "accelerator"
 
 
-def _env_block_elements() -> Optional[int]:
+def env_block_elements() -> Optional[int]:
+    """``PEFT_LORAN_BLOCK_ELEMENTS`` (elements per block, read on each use), or None."""
     env = os.environ.get("PEFT_LORAN_BLOCK_ELEMENTS", "").strip()
     if not env:
         return None
@@ -70,6 +85,57 @@ def _env_block_elements() -> Optional[int]:
     return int(env)
 
 
+def cpu_block_rows(cols: int, compiled: bool, budget: Optional[int] = None) -> int:
+    """Rows per block on the CPU plan for a ``cols``-wide update: as many as the budget (``budget`` elements, else
+    :data:`CPU_BLOCK_ELEMENTS` of the kernel) allows; at least :data:`MIN_BLOCK_ROWS` on layers at least
+    :data:`MIN_BLOCK_ROWS_FROM_COLS` wide (unless a budget is given); GEMM-friendly."""
+    cols = max(cols, 1)
+    rows = max(1, (budget or CPU_BLOCK_ELEMENTS[compiled]) // cols)
+    if budget is None and cols >= MIN_BLOCK_ROWS_FROM_COLS:
+        rows = max(rows, min(MIN_BLOCK_ROWS[compiled], MAX_BLOCK_ELEMENTS // cols))
+    return rows - rows % GEMM_ROW_MULTIPLE if rows >= 4 * GEMM_ROW_MULTIPLE else rows
+
+
+def accelerator_block_rows(rows: int, cols: int, budget: Optional[int] = None) -> int:
+    """Rows per block on the accelerator plan: the fewest blocks of at most ``budget`` elements (default
+    :data:`ACCELERATOR_BLOCK_ELEMENTS`), of equal height where a divisor of ``rows`` allows (one block shape per
+    layer)."""
+    budget = budget or ACCELERATOR_BLOCK_ELEMENTS
+    need = max(1, math.ceil(rows * max(cols, 1) / budget))
+    for n in range(need, min(rows, 4 * need) + 1):
+        if rows % n == 0:
+            return rows // n
+    return math.ceil(rows / need)
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How one call computes an update: ``block_rows`` rows per block, each computed by ``kernel``. Made by
+    :meth:`LowRankUpdate.plan`; the same inputs always give the same plan."""
+
+    block_rows: int
+    kernel: BlockKernel
+    target: str = "cpu"
+
+    def ranges(self, rows: int) -> list[tuple[int, int]]:
+        return [(i0, min(i0 + self.block_rows, rows)) for i0 in range(0, rows, self.block_rows)]
+
+    @property
+    def compiled(self) -> bool:
+        return self.kernel is not EAGER
+
+
+class Block(NamedTuple):
+    """Rows ``[i0, i1)`` of an update: ``value`` (``base`` rows plus the update's, or None when not asked for) and,
+    when an upstream gradient was given, the block's ``grads`` (:data:`~peft_loran.kernels.BlockGrads`)."""
+
+    i0: int
+    i1: int
+    value: Optional[torch.Tensor]
+    grads: Optional[BlockGrads]
+
+
+# ---------------------------------------------------------------------------------------- memory helpers
 def at_least_float32(t: torch.Tensor) -> torch.Tensor:
     """``t`` in float32, or kept in float64: the non-linearity never runs below float32."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -100,44 +166,8 @@ def page_aligned_copy(t: torch.Tensor, dtype: Optional[torch.dtype] = None) -> t
     return out.copy_(t)
 
 
-#: Default block heights are rounded down to a multiple of this (when at least four multiples fit): the blocks are
-#: one dimension of the per-block GEMMs, and MKL ran them about 10% slower at 93 rows (2^18 / 2816, a Llama-shaped
-#: down projection) than at 80 or 96 (an ad-hoc interleaved timing loop; docs/benchmarks.md).
-GEMM_ROW_MULTIPLE = 16
 
-
-def default_block_rows(
-    cols: int, device: torch.device, elements: Optional[int] = None, compiled: bool = False
-) -> int:
-    """Rows per block for a ``cols``-wide matrix: as many as the block budget (``elements``, default the device's)
-    allows; on CPU and at least :data:`MIN_BLOCK_ROWS_FROM_COLS` wide, at least :data:`MIN_BLOCK_ROWS` within
-    :data:`MAX_BLOCK_ELEMENTS` (unless a budget is given); GEMM-friendly."""
-    cols = max(cols, 1)
-    budget = elements or _env_block_elements()  # an explicit budget is used as given
-    rows = max(1, (budget or block_elements(device, compiled)) // cols)
-    if budget is None and device.type == "cpu" and cols >= MIN_BLOCK_ROWS_FROM_COLS:
-        rows = max(rows, min(MIN_BLOCK_ROWS[compiled], MAX_BLOCK_ELEMENTS // cols))
-    return rows - rows % GEMM_ROW_MULTIPLE if rows >= 4 * GEMM_ROW_MULTIPLE else rows
-
-
-def row_blocks(
-    rows: int, cols: int, block_rows: Optional[int] = None, device: torch.device = torch.device("cpu"),
-    compiled: bool = False,
-) -> Iterator[tuple[int, int]]:
-    """Yield ``(start, stop)`` row ranges of ``block_rows`` rows, or by default as many as fit the block budget of
-    a layer on the compiled kernels or not (:func:`default_block_rows`)."""
-    step = block_rows if block_rows else default_block_rows(cols, device, compiled=compiled)
-    for start in range(0, rows, step):
-        yield start, min(start + step, rows)
-
-
-def uses_compiled_kernels(activation: Activation, stages: Sequence[Stage], rows: int, cols: int,
-                          device: torch.device) -> bool:
-    """Whether a ``(rows, cols)`` update runs on the compiled kernels (plain ``f(B A)`` only): the shape, the
-    activation, the device and the mode decide, never the clock (:func:`peft_loran.kernels.compiles`)."""
-    return is_plain(stages) and kernels.compiles(activation, rows, cols, device)
-
-
+# ------------------------------------------------------------------------------------------- the eager math
 def chain_rows(
     B_rows: torch.Tensor, A: torch.Tensor, stages: Sequence[Stage], activation: Activation, keep: bool = False
 ) -> tuple[torch.Tensor, list[tuple]]:
@@ -223,101 +253,148 @@ def block_update(
     activation: Activation,
     scaling: float,
     keep: bool = False,
-    compiled: bool = False,
 ) -> tuple[torch.Tensor, list[tuple]]:
-    """``base_rows + scaling * H`` (``base_rows`` None: just the scaled update) for a block of rows, plus what
-    :func:`chain_rows_backward` needs when ``keep``. The plain case goes through the compiled kernel when
-    ``compiled`` (:func:`uses_compiled_kernels`), else eagerly through the activation's ``scaled_add``; chains
-    through :func:`chain_rows`."""
-    if compiled and not keep and is_plain(stages):
-        fused = kernels.value(activation, base_rows, at_least_float32(B_rows), at_least_float32(A), scaling)
-        if fused is not None:
-            return fused, []
+    """``base_rows + scaling * H`` (``base_rows`` None: just the scaled update) for a block of rows, in eager torch
+    operations, plus what :func:`chain_rows_backward` needs when ``keep``: the plain case through the activation's
+    ``scaled_add``, chains through :func:`chain_rows`. Differentiable by autograd."""
     if is_plain(stages):
-        return _plain_block_update(base_rows, B_rows, A, activation, scaling, keep)
+        m = at_least_float32(B_rows) @ at_least_float32(A)
+        out, fprime = activation.scaled_add(base_rows, m, scaling, with_derivative=keep)
+        if keep and fprime is None:  # no analytic derivative: keep Z for autograd (m untouched by scaled_add)
+            return out, [(m, None, None)]
+        return out, [(None, None, fprime)] if keep else []
     h, saved = chain_rows(B_rows, A, stages, activation, keep=keep)
     return (h.mul_(scaling) if base_rows is None else torch.add(base_rows, h, alpha=scaling)), saved
 
 
-def _plain_block_update(base_rows, B_rows, A, activation, scaling, keep):
-    """:func:`block_update` of one stage without P or b, in eager PyTorch."""
-    m = at_least_float32(B_rows) @ at_least_float32(A)
-    out, fprime = activation.scaled_add(base_rows, m, scaling, with_derivative=keep)
-    if keep and fprime is None:  # no analytic derivative: keep Z for autograd (m untouched by scaled_add)
-        return out, [(m, None, None)]
-    return out, [(None, None, fprime)] if keep else []
+class EagerKernel(BlockKernel):
+    """The block kernel in plain torch operations: every chain, every activation; what autograd differentiates when
+    it must see the operations, and the fall-back where nothing is compiled."""
+
+    name = "eager"
+
+    def value(self, update, i0, i1, base_rows, out_dtype=None):
+        out = block_update(base_rows, update.B[i0:i1], update.A, update.stages, update.activation, update.scaling)[0]
+        return out if out_dtype is None else out.to(out_dtype)
+
+    def value_and_grads(self, update, i0, i1, base_rows, grad_h, need_value, out_dtype=None):
+        B_rows = update.B[i0:i1]
+        out, saved = block_update(base_rows, B_rows, update.A, update.stages, update.activation, update.scaling,
+                                  keep=True)
+        grads = chain_rows_backward(grad_h.mul_(update.scaling), B_rows, update.A, update.stages, update.activation,
+                                    saved)
+        if not need_value:
+            return None, grads
+        return (out if out_dtype is None else out.to(out_dtype)), grads
 
 
-def block_update_and_grads(
-    base_rows: Optional[torch.Tensor],
-    B_rows: torch.Tensor,
-    A: torch.Tensor,
-    stages: Sequence[Stage],
-    activation: Activation,
-    scaling: float,
-    grad_h: Optional[torch.Tensor],
-    need_update: bool = True,
-    compiled: bool = False,
-) -> tuple[Optional[torch.Tensor], Optional[tuple]]:
-    """One block of the backward: the update as :func:`block_update` builds it (when ``need_update``; it feeds
-    ``dx``) and, given ``grad_h`` (the gradient of the block's ``H_K`` rows), :func:`chain_rows_backward`'s
-    ``(grad_B_rows, grad_A, grad_P, grad_b)``. The plain case runs as one compiled kernel where available
-    (:mod:`peft_loran.kernels`), which is why ``grad_h`` comes in before the update is built."""
-    if grad_h is None:
-        update = block_update(base_rows, B_rows, A, stages, activation, scaling, compiled=compiled)[0] \
-            if need_update else None
-        return update, None
-    B32, A32 = at_least_float32(B_rows), at_least_float32(A)
-    if compiled and is_plain(stages):
-        fused = kernels.value_and_grad(activation, base_rows, B32, A32, scaling, grad_h, need_update)
-        if fused is not None:
-            update, grad_z = fused
-            return update, (grad_z @ A32.T, B32.T @ grad_z, [None], [None])
-    update, saved = block_update(base_rows, B_rows, A, stages, activation, scaling, keep=True)
-    grads = chain_rows_backward(grad_h, B_rows, A, stages, activation, saved)
-    return (update if need_update else None), grads
+#: The one eager kernel (it holds no state).
+EAGER = EagerKernel()
 
 
+# ---------------------------------------------------------------------------------------------- the update
 @dataclass(frozen=True)
 class LowRankUpdate:
     """One adapter's update of one layer, ``D = scaling * chain(B A)`` of shape ``(out, in)``: its factors and how
-    they combine, so callers pass one object instead of six arguments. Every method works block by block (one block
-    of ``D`` alive at a time), with autocast off: under it ``B @ A`` would run in half precision and ``f``
-    (``sin(w x)``) on its rounding."""
+    they combine, and how a call computes it (:meth:`plan`, then the one block loop :meth:`blocks`). Every method
+    works block by block (one block of ``D`` alive at a time), with autocast off: under it ``B @ A`` would run in
+    half precision and ``f`` (``sin(w x)``) on its rounding."""
 
     A: torch.Tensor
     B: torch.Tensor
     stages: Sequence[Stage]
     activation: Activation
     scaling: float
-    block_rows: Optional[int] = None
+    block_rows: Optional[int] = None  # an explicit height (LoranConfig.block_rows) overrides the plan's
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.B.shape[0], _last_width(self.A, self.stages)
+        return self.B.shape[0], last_width(self.A, self.stages)
+
+    # ------------------------------------------------------------------------------------------ the tensors
+    def tensors(self) -> list[Optional[torch.Tensor]]:
+        """``[A, B, P_1, b_1, ...]`` (None where a stage has no P or b): what autograd differentiates."""
+        return [self.A, self.B, *(t for stage in self.stages for t in stage)]
+
+    def with_tensors(self, flat: Sequence[Optional[torch.Tensor]]) -> "LowRankUpdate":
+        """The same update on other tensors, in :meth:`tensors`' order."""
+        stages = [(flat[i], flat[i + 1]) for i in range(2, len(flat), 2)]
+        return dataclasses.replace(self, A=flat[0], B=flat[1], stages=stages)
 
     def detached(self) -> "LowRankUpdate":
-        return self._with(lambda t: t.detach())
+        return self.with_tensors([None if t is None else t.detach() for t in self.tensors()])
 
     def in_float64(self) -> "LowRankUpdate":
         """Detached float64 factors (for statistics that resolve Sinter's 2.5e-9 share at the paper's setting)."""
-        return self._with(lambda t: t.detach().double())
+        return self.with_tensors([None if t is None else t.detach().double() for t in self.tensors()])
 
-    def _with(self, fn) -> "LowRankUpdate":
-        stages = [(None if P is None else fn(P), None if b is None else fn(b)) for P, b in self.stages]
-        return dataclasses.replace(self, A=fn(self.A), B=fn(self.B), stages=stages)
+    @functools.cached_property
+    def _factors32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return at_least_float32(self.B), at_least_float32(self.A)
 
-    def blocks(self, base: Optional[torch.Tensor] = None) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """``(start, stop, base[start:stop] + D[start:stop])`` per row block (``base`` None: ``D``'s rows alone)."""
+    def factors_at_least_float32(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, A)`` in float32 (float64 stays), converted once per update object."""
+        return self._factors32
+
+    # ------------------------------------------------------------------------------------------------- plan
+    def plan(self, device: Optional[torch.device] = None, autograd: Optional[bool] = None,
+             budget: Optional[int] = None, target: Optional[str] = None) -> BlockPlan:
+        """How to compute this update in one call: rows per block and the kernel, from the device (default the
+        factors'), the shape, whether autograd must see the operations (default: gradients are enabled and a factor
+        requires them, outside the fused Function), a transient budget in elements per block (default:
+        ``PEFT_LORAN_BLOCK_ELEMENTS``, else the target's) and the target (default :func:`plan_target`). Nothing
+        else: no clock, no history of calls (except that an activation whose kernels failed to compile in this
+        process runs eagerly).
+
+        * CPU plan: blocks of :data:`CPU_BLOCK_ELEMENTS` (cache-sized), with a row floor on wide layers; the
+          compiled kernel for updates of at least ``kernels.AUTO_COMPILE_MIN_ELEMENTS``.
+        * Accelerator plan: as few blocks as :data:`ACCELERATOR_BLOCK_ELEMENTS` allows, each one compiled pass."""
+        device = device or self.A.device
+        if autograd is None:
+            autograd = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in self.tensors())
+        target = target or plan_target(device)
         rows, cols = self.shape
-        compiled = uses_compiled_kernels(self.activation, self.stages, rows, cols, self.A.device)
-        for i0, i1 in row_blocks(rows, cols, self.block_rows, self.A.device, compiled):
-            with torch.autocast(self.A.device.type, enabled=False):
-                block = block_update(None if base is None else base[i0:i1], self.B[i0:i1], self.A, self.stages,
-                                     self.activation, self.scaling, compiled=compiled)[0]
-            yield i0, i1, block
+        kernel = kernels.compiled_kernel_for(self.activation, is_plain(self.stages), rows, cols, device, target,
+                                             autograd) or EAGER
+        budget = budget or env_block_elements()
+        if self.block_rows:
+            height = self.block_rows
+        elif target == "cpu":
+            height = cpu_block_rows(cols, kernel is not EAGER, budget)
+        else:
+            height = accelerator_block_rows(rows, cols, budget)
+        return BlockPlan(height, kernel, target)
 
-    def dense(self, add_to: Optional[torch.Tensor] = None, sign: float = 1.0) -> torch.Tensor:
+    # --------------------------------------------------------------------------------------- the block loop
+    def blocks(self, plan: Optional[BlockPlan] = None, base: Optional[torch.Tensor] = None,
+               grad_h: Optional[Callable[[int, int], torch.Tensor]] = None, need_value: bool = True,
+               out_dtype: Optional[torch.dtype] = None) -> Iterator[Block]:
+        """The one row-block loop: per block of ``plan`` (default :meth:`plan`), ``base[i0:i1] + D[i0:i1]``
+        (``base``, in the update's orientation, None: ``D``'s rows alone) in ``out_dtype`` (default float32) and,
+        given ``grad_h(i0, i1)`` (the unscaled gradient of those rows of ``D / scaling``), the block's gradients.
+        A kernel that fails to compile falls back to the eager kernel here, for this block and the rest."""
+        plan = plan or self.plan()
+        kernel = plan.kernel
+        rows = self.shape[0]
+        for i0, i1 in plan.ranges(rows):
+            base_rows = None if base is None else base[i0:i1]
+            upstream = None if grad_h is None else grad_h(i0, i1)
+            with torch.autocast(self.A.device.type, enabled=False):
+                try:
+                    yield Block(i0, i1, *self._block(kernel, i0, i1, base_rows, upstream, need_value, out_dtype))
+                    continue
+                except CompileFailed:
+                    kernel = EAGER
+                yield Block(i0, i1, *self._block(kernel, i0, i1, base_rows, upstream, need_value, out_dtype))
+
+    def _block(self, kernel, i0, i1, base_rows, upstream, need_value, out_dtype):
+        if upstream is None:
+            return (kernel.value(self, i0, i1, base_rows, out_dtype) if need_value else None), None
+        return kernel.value_and_grads(self, i0, i1, base_rows, upstream, need_value, out_dtype)
+
+    # ------------------------------------------------------------------------------------ what callers need
+    def dense(self, add_to: Optional[torch.Tensor] = None, sign: float = 1.0,
+              plan: Optional[BlockPlan] = None) -> torch.Tensor:
         """``D`` in float32 (float64 for float64 factors), in page-aligned memory; or, given ``add_to`` (``(out,
         in)``, a transposed view works too), ``add_to += sign * D`` in place: one block of transient memory instead
         of a second dense matrix."""
@@ -328,8 +405,8 @@ class LowRankUpdate:
         else:
             result = add_to
         update = self if sign == 1.0 else dataclasses.replace(self, scaling=sign * self.scaling)
-        for i0, i1, block in update.blocks(add_to):
-            result[i0:i1] = block
+        for block in update.blocks(plan, base=add_to):
+            result[block.i0:block.i1] = block.value
         return result
 
     @torch.no_grad()
@@ -338,7 +415,7 @@ class LowRankUpdate:
         (float64 for the export's SVD)."""
         rows, cols = self.shape
         out = X.new_zeros((cols if transpose else rows, X.shape[1]))
-        for i0, i1, block in self.blocks():
+        for i0, i1, block, _ in self.blocks():
             if transpose:
                 out += block.to(X.dtype).T @ X[i0:i1]
             else:
@@ -348,13 +425,13 @@ class LowRankUpdate:
     @torch.no_grad()
     def sq_norm(self) -> float:
         """``||D||_F^2``, accumulated in float64."""
-        return float(sum(block.double().pow(2).sum() for *_, block in self.blocks()))
+        return float(sum(block.double().pow(2).sum() for _, _, block, _ in self.blocks()))
 
     @torch.no_grad()
     def distance(self, left: torch.Tensor, right: torch.Tensor) -> float:
         """``||D - left @ right||_F^2`` (``left``: ``(rows, k)``, ``right``: ``(k, cols)``) in float64."""
         return float(sum((block.double() - left[i0:i1].double() @ right.double()).pow(2).sum()
-                         for i0, i1, block in self.blocks()))
+                         for i0, i1, block, _ in self.blocks()))
 
     @torch.no_grad()
     def nonlinear_share(self, write_dense_to: Optional[torch.Tensor] = None) -> Optional[dict]:
@@ -373,7 +450,7 @@ class LowRankUpdate:
         update = self.in_float64()
         A64, B64, scaling = update.A, update.B, self.scaling
         total = inner = distance = 0.0
-        for i0, i1, block in update.blocks():
+        for i0, i1, block, _ in update.blocks():
             if write_dense_to is not None:
                 write_dense_to[i0:i1] = block
             linear = B64[i0:i1] @ A64
@@ -407,7 +484,7 @@ def effective_rank(singular_values: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _last_width(A: torch.Tensor, stages: Sequence[Stage]) -> int:
+def last_width(A: torch.Tensor, stages: Sequence[Stage]) -> int:
     for P, b in reversed(stages):
         if P is not None:
             return P.shape[1]
@@ -416,117 +493,78 @@ def _last_width(A: torch.Tensor, stages: Sequence[Stage]) -> int:
     return A.shape[1]
 
 
-def flatten_stages(stages: Sequence[Stage]) -> list[Optional[torch.Tensor]]:
-    return [t for stage in stages for t in stage]
+# ---------------------------------------------------------------------------------------- the fused matmul
+def _base_in_update_layout(weight: Optional[torch.Tensor], weight_in_out: bool) -> Optional[torch.Tensor]:
+    """The base weight as an ``(out, in)`` view (GPT-2's ``Conv1D`` stores ``(in, out)``)."""
+    return None if weight is None else (weight.T if weight_in_out else weight)
 
 
-def unflatten_stages(flat: Sequence[Optional[torch.Tensor]]) -> list[Stage]:
-    return [(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)]
-
-
-def fused_forward(x, weight, bias, weight_in_out, scaling, activation, block_rows, A, B, stages) -> torch.Tensor:
-    """The forward of :class:`FusedLoranMatmul` (see there) without autograd: what no-grad calls run, eager or
-    compiled (``torch.compile`` traces it as plain tensor code)."""
+def fused_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], weight_in_out: bool,
+                  update: LowRankUpdate, plan: BlockPlan) -> torch.Tensor:
+    """The forward of :class:`FusedLoranMatmul` (see there) without autograd: what no-grad calls run."""
     chunks = []
-    compiled = uses_compiled_kernels(activation, stages, B.shape[0], x.shape[-1], x.device)
-    for i0, i1 in row_blocks(B.shape[0], x.shape[-1], block_rows, x.device, compiled):
-        bias_block = bias[i0:i1] if bias is not None else None
+    for i0, i1, block, _ in update.blocks(plan, base=_base_in_update_layout(weight, weight_in_out), out_dtype=x.dtype):
+        bias_rows = bias[i0:i1] if bias is not None else None
         if weight is None:
-            update = block_update(None, B[i0:i1], A, stages, activation, scaling, compiled=compiled)[0]
-            chunks.append(x @ update.to(x.dtype).T)
-        elif weight_in_out:
-            folded = block_update(weight[:, i0:i1].T, B[i0:i1], A, stages, activation, scaling, compiled=compiled)[0]
-            folded = folded.T.to(x.dtype).contiguous()
-            chunks.append(x @ folded if bias_block is None else torch.addmm(bias_block, x, folded))
+            chunks.append(x @ block.T)
+        elif weight_in_out:  # Conv1D's own operation (addmm on an (in, out) matrix): a zero update is the base
+            folded = block.T.contiguous()
+            chunks.append(x @ folded if bias_rows is None else torch.addmm(bias_rows, x, folded))
         else:
-            folded = block_update(weight[i0:i1], B[i0:i1], A, stages, activation, scaling, compiled=compiled)[0]
-            chunks.append(torch.nn.functional.linear(x, folded.to(x.dtype), bias_block))
+            chunks.append(torch.nn.functional.linear(x, block, bias_rows))
     return chunks[0] if len(chunks) == 1 else torch.cat(chunks, dim=-1)
 
 
 class FusedLoranMatmul(torch.autograd.Function):
-    """``x @ (W + scaling * H)^T + bias`` (``weight`` given, "folded") or ``x @ (scaling * H)^T`` (no weight).
+    """``x @ (W + D)^T + bias`` (``weight`` given, "folded") or ``x @ D^T`` (no weight), ``D`` the update.
 
     ``x`` is 2-D ``(N, in)`` in the compute dtype. ``weight`` is the frozen base weight in its own layout:
     ``(out, in)``, or ``(in, out)`` when ``weight_in_out`` (GPT-2's ``Conv1D``); each block is computed with the
     same operation the base layer uses (``F.linear`` / ``addmm``), so a zero update reproduces the base output
-    bit for bit. Saves only ``x``, ``weight``/``bias`` (references) and the factors; rebuilds ``H`` block by block
-    in backward: ``dH = scaling * G^T x`` per block, chained back analytically to ``A``, ``B``, ``P``, ``b``;
-    ``dx = G (W + scaling H)``.
+    bit for bit. ``update`` (a :class:`LowRankUpdate`) and ``plan`` (its :class:`BlockPlan`) say what and how;
+    ``tensors`` are the update's own (``update.tensors()``), passed so that autograd sees them. Saves only ``x``,
+    ``weight`` (a reference) and the factors, and rebuilds ``D`` block by block in backward with the same plan:
+    ``dH = G^T x`` per block, chained back to ``A``, ``B``, ``P``, ``b`` by the plan's kernel; ``dx = G (W + D)``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_in_out, scaling, activation, block_rows, A, B, *flat_stages):
-        out = fused_forward(x, weight, bias, weight_in_out, scaling, activation, block_rows, A, B,
-                            unflatten_stages(flat_stages))
-        ctx.save_for_backward(x, weight, A, B, *flat_stages)
-        ctx.weight_in_out, ctx.has_bias = weight_in_out, bias is not None
-        ctx.scaling, ctx.activation, ctx.block_rows = scaling, activation, block_rows
+    def forward(ctx, x, weight, bias, weight_in_out, update, plan, *tensors):
+        out = fused_forward(x, weight, bias, weight_in_out, update, plan)
+        ctx.save_for_backward(x, weight, *tensors)
+        ctx.weight_in_out, ctx.has_bias, ctx.plan = weight_in_out, bias is not None, plan
+        ctx.update = update.with_tensors([None] * len(tensors))  # the settings; the tensors are saved above
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, A, B, *flat_stages = ctx.saved_tensors
-        stages = unflatten_stages(flat_stages)
-        scaling, activation = ctx.scaling, ctx.activation
+        x, weight, *flat = ctx.saved_tensors
+        update = ctx.update.with_tensors(flat)
         need_x, need_bias = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
-        need_factors = any(ctx.needs_input_grad[7:])
-        grad_out = grad_out.to(x.dtype)
+        need_factors = any(ctx.needs_input_grad[6:])
+        g = grad_out.to(x.dtype)
         acc_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        base = _base_in_update_layout(weight, ctx.weight_in_out) if need_x else None
+        upstream = (lambda i0, i1: at_least_float32(g[:, i0:i1].T @ x)) if need_factors else None
         grad_x = None
-        grad_B = torch.zeros_like(at_least_float32(B)) if need_factors else None
-        grad_A = torch.zeros_like(at_least_float32(A)) if need_factors else None
-        grad_flat = [torch.zeros_like(at_least_float32(t)) if t is not None else None
-                     for t in flat_stages] if need_factors else [None] * len(flat_stages)
-
-        compiled = uses_compiled_kernels(activation, stages, B.shape[0], x.shape[-1], x.device)
-        for i0, i1 in row_blocks(B.shape[0], x.shape[-1], ctx.block_rows, x.device, compiled):
-            g = grad_out[:, i0:i1]
-            # W + s f(BA) is only needed for dx; the factor gradients need only f'
-            base_rows = None
-            if need_x and weight is not None:
-                base_rows = weight[:, i0:i1].T if ctx.weight_in_out else weight[i0:i1]
-            grad_h = at_least_float32((g * scaling).T @ x) if need_factors else None
-            update, block_grads = block_update_and_grads(
-                base_rows, B[i0:i1], A, stages, activation, scaling, grad_h, need_update=need_x, compiled=compiled
-            )
-            del grad_h
+        grads = [None if t is None else torch.zeros_like(at_least_float32(t)) for t in flat] if need_factors else []
+        for i0, i1, value, block_grads in update.blocks(ctx.plan, base=base, grad_h=upstream, need_value=need_x,
+                                                        out_dtype=x.dtype):
             if need_x:
-                update = update.to(x.dtype)
-                if grad_x is None:
-                    grad_x = (g @ update).to(acc_dtype)
-                elif acc_dtype == x.dtype:
-                    grad_x.addmm_(g, update)
-                else:  # half precision: accumulate the blocks in float32
-                    grad_x += (g @ update).to(acc_dtype)
-            del update
+                part = g[:, i0:i1] @ value
+                grad_x = part.to(acc_dtype) if grad_x is None else grad_x.add_(part)
+            del value
             if need_factors:
                 dB, dA, dP, db = block_grads
-                del block_grads
-                grad_B[i0:i1] = dB
-                grad_A += dA
+                grads[1][i0:i1] = dB
+                grads[0] += dA
                 for k, (gp, gb) in enumerate(zip(dP, db)):
                     if gp is not None:
-                        grad_flat[2 * k] += gp
+                        grads[2 + 2 * k] += gp
                     if gb is not None:
-                        grad_flat[2 * k + 1] += gb
-
-        def cast(g, like):
-            return None if g is None else g.to(like.dtype)
-
+                        grads[3 + 2 * k] += gb
         grad_bias = grad_out.sum(0) if (need_bias and ctx.has_bias) else None
-        return (
-            cast(grad_x, x),
-            None,
-            grad_bias,
-            None,
-            None,
-            None,
-            None,
-            cast(grad_A, A),
-            cast(grad_B, B),
-            *[cast(g, t) if t is not None else None for g, t in zip(grad_flat, flat_stages)],
-        )
+        factor_grads = [None if g_ is None else g_.to(t.dtype) for g_, t in zip(grads, flat)] or [None] * len(flat)
+        return (None if grad_x is None else grad_x.to(x.dtype), None, grad_bias, None, None, None, *factor_grads)
 
 
 def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
@@ -537,24 +575,12 @@ def compute_dtype_for(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def loran_matmul(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    stages: Sequence[Stage],
-    activation: Activation,
-    scaling: float,
-    weight: Optional[torch.Tensor] = None,
-    bias: Optional[torch.Tensor] = None,
-    weight_in_out: bool = False,
-    block_rows: Optional[int] = None,
-) -> torch.Tensor:
-    """``x @ (W + scaling * chain(BA))^T + bias`` for ``x`` of shape ``(..., in)`` through the fused Function.
-
-    Without ``weight`` only the adapter's contribution ``scaling * x @ chain(BA)^T`` is returned. Runs in the
-    autocast dtype when autocast is active, with autocast itself switched off inside so the float32
-    non-linearity is not downcast.
-    """
+def loran_matmul(x: torch.Tensor, update: LowRankUpdate, weight: Optional[torch.Tensor] = None,
+                 bias: Optional[torch.Tensor] = None, weight_in_out: bool = False) -> torch.Tensor:
+    """``x @ (W + D)^T + bias`` for ``x`` of shape ``(..., in)`` and the update ``D`` (a :class:`LowRankUpdate`),
+    through the fused Function, with the update's one plan for this call. Without ``weight`` only the adapter's
+    contribution ``x @ D^T`` is returned. Runs in the autocast dtype when autocast is active, with autocast itself
+    switched off inside so the float32 non-linearity is not downcast."""
     dtype = compute_dtype_for(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -562,9 +588,9 @@ def loran_matmul(
     b = bias.to(dtype) if (bias is not None and weight is not None) else None
     with torch.autocast(x.device.type, enabled=False):
         if torch.is_grad_enabled():
-            y = FusedLoranMatmul.apply(
-                x2, w, b, weight_in_out, scaling, activation, block_rows, A, B, *flatten_stages(stages)
-            )
+            # the Function's forward and backward run without grad: the plan may use the compiled kernel
+            plan = update.plan(x.device, autograd=False)
+            y = FusedLoranMatmul.apply(x2, w, b, weight_in_out, update, plan, *update.tensors())
         else:
-            y = fused_forward(x2, w, b, weight_in_out, scaling, activation, block_rows, A, B, stages)
+            y = fused_forward(x2, w, b, weight_in_out, update, update.plan(x.device, autograd=False))
     return y.reshape(*lead, y.shape[-1])

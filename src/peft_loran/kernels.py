@@ -1,29 +1,28 @@
-"""Compiled element-wise kernels for the plain LoRAN update ``f(B A)`` of one block of rows.
+"""Block kernels: what computes one block of rows of an update, behind one interface.
 
-Why this exists: per block, the fused path's dense work is the rank-r product ``u = B A``, ``f(u)``, ``f'(u)``
-and a few element-wise combinations with the base weight and the gradient. In eager PyTorch each of those is a
-separate pass over the block (and ``B A`` with a tiny inner dimension is a GEMM that BLAS does badly).
-``torch.compile`` (inductor) turns the whole sequence into one loop (docs/benchmarks.md measures what it saves).
+A :class:`BlockKernel` has two operations on the rows ``[i0, i1)`` of an update ``D = s chain(B A)``:
 
-The kernels trace each activation's one definition (``ActivationDefinition.function``, the same function the
-eager path runs): every float constant (Sinter's ``a`` and ``w``, the scaling, the zero-centring offset) is an
-argument, so one compiled kernel per function serves every setting and layer, and nothing global is patched per
-call. Registered activations compile like the built-ins; chains with ``P``/``b`` stay on the eager path (``P``
-mixes columns). By default the kernels
-serve wide layers on CPUs with a C++ compiler (:func:`compiles`; on GPUs only with ``PEFT_LORAN_COMPILE=1``: on an
-H200 they were slower than the eager path, docs/benchmarks.md), and never while an outer ``torch.compile`` is tracing
-(it fuses the eager code itself).
+* ``value(update, i0, i1, base_rows, out_dtype)`` -> ``base_rows + D[i0:i1]`` (``base_rows`` None: ``D[i0:i1]``);
+* ``value_and_grads(update, i0, i1, base_rows, grad_h, need_value, out_dtype)`` -> the same value (or None when not
+  needed) and the gradients ``(dB[i0:i1], dA, [dP_k], [db_k])`` of the block, given ``grad_h``, the unscaled
+  gradient of the block's rows of ``D / s`` (``G[:, i0:i1]^T x``: the scaling is applied inside the kernel).
 
-If compiling fails (no working compiler, an inductor error), a warning gives the whole reason and that function
-runs on the eager kernels, which compute the same thing; other functions and other processes are unaffected
-(:func:`compile_failures` lists what failed). Any other error (out of memory, a bug) is raised as it is.
+Two implementations compute the same function. :class:`EagerKernel` (in :mod:`peft_loran.functional`, with the
+rest of the eager math) runs plain torch operations, for every chain. :class:`CompiledKernel` (here) serves the
+plain update ``f(B A)``: ``torch.compile`` turns ``B A``, ``f``, ``f'``, the scaling, the base and the output cast of
+a block into one fused pass (C++ on CPUs, Triton on GPUs), and the factor gradients into two more GEMMs inside the
+same graph. It traces the activation's one definition (``ActivationDefinition.function``) with every constant as an
+argument, so one compiled kernel per function serves every setting and layer, compiled once with dynamic shapes
+(no recompilation per block, layer or step).
+
+Which kernel computes an update is decided by the update's block plan (:meth:`peft_loran.functional.LowRankUpdate.
+plan`), from the mode below, the device, the shape, and whether autograd must see the operations; see
+:func:`compiled_kernel_for`. If compiling fails (no working compiler, an inductor error), a warning gives the reason
+and that activation runs on the eager kernel for the rest of the process (:func:`compile_failures`); any other
+error (out of memory, a bug) is raised as it is.
 
 Switch: ``set_kernel_compilation("auto" | "0" | "1")`` for this process, else the environment variable
-``PEFT_LORAN_COMPILE`` (read on each use) = ``auto`` (default: compile for layers whose update has at least
-:data:`AUTO_COMPILE_MIN_ELEMENTS` elements, on CPUs with a C++ compiler) / ``0`` (never) / ``1`` (every plain layer,
-any size, any device). Which kernels run is decided by that mode, the activation, the device and the layer's shape,
-never by a clock or by how long the process has run: the same configuration always runs the same kernels, so a
-seeded run reproduces bit for bit.
+``PEFT_LORAN_COMPILE`` (read on each use) = ``auto`` (default) / ``0`` (never) / ``1`` (every plain update).
 """
 
 from __future__ import annotations
@@ -31,29 +30,41 @@ from __future__ import annotations
 import os
 import shutil
 import warnings
-from typing import Callable, Optional
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from .activations import Activation
 
-#: ``auto`` compiles the kernels for layers whose update (out x in) has at least this many elements (2048 x 2048).
+if TYPE_CHECKING:
+    from .functional import LowRankUpdate
+
+#: The gradients of one block: ``(dB rows, dA, [dP_k or None], [db_k or None])``, float32 (float64 stays).
+BlockGrads = tuple[torch.Tensor, torch.Tensor, list, list]
+
+#: ``auto`` compiles the CPU plan's kernels for updates (out x in) of at least this many elements (2048 x 2048).
 #: Compiling costs about 15 s once per process on an empty inductor cache (docs/benchmarks.md, one-time costs); at
-#: 4096-wide layers the kernels save about a third of a second per adapted layer and training step, at 1024-wide
-#: ones a few milliseconds, so wide layers pay it back within a few steps and narrow ones would not.
+#: 4096-wide layers the kernels save about a third of a second per adapted layer and training step on two cores, at
+#: 1024-wide ones a few milliseconds, so wide layers pay it back within a few steps and narrow ones would not.
 AUTO_COMPILE_MIN_ELEMENTS = 2**22
 
 _MODES = ("auto", "0", "1")
 _mode: Optional[str] = None  # set_kernel_compilation's choice; None: the environment decides
 _failures: dict[str, str] = {}  # activation name -> why compiling its kernels failed
-_kernels: dict[Callable, dict[str, Callable]] = {}
-_device_ok: dict[str, bool] = {}
+_compiled: dict[Callable, dict[str, Callable]] = {}  # activation function -> its compiled kernels
+_can_compile: dict[str, bool] = {}  # device type -> a compiler backend is there
 #: What a failed compilation raises: the backend compiler or inductor failing (no compiler, unsupported code).
 COMPILE_ERRORS: tuple[type[BaseException], ...] = (
     torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError, torch._inductor.exc.CppCompileError,
 )
 
 
+class CompileFailed(RuntimeError):
+    """Compiling an activation's kernels failed in this process (recorded; its updates run eagerly)."""
+
+
+# ------------------------------------------------------------------------------------------------------ mode
 def set_kernel_compilation(mode: "str | bool | None") -> None:
     """``"auto"``/``True`` (compile where it pays), ``"1"`` (always), ``"0"``/``False`` (never: eager only), ``None``
     (back to the environment variable ``PEFT_LORAN_COMPILE``). Also forgets earlier compile failures."""
@@ -83,34 +94,69 @@ def compile_failures() -> dict[str, str]:
     return dict(_failures)
 
 
-def _auto_device(device: torch.device) -> bool:
-    if device.type not in _device_ok:
+def can_compile(device: torch.device) -> bool:
+    """Whether ``torch.compile`` has a backend for ``device`` here: a C++ compiler for CPUs, Triton for GPUs."""
+    if device.type not in _can_compile:
         if device.type == "cpu":
             compiler = os.environ.get("CXX", "g++")
             ok = any(shutil.which(c) for c in (compiler, "g++", "c++", "clang++"))
-        else:  # GPUs: the Triton kernels ran slower than the eager path on an H200 (docs/benchmarks.md): on request
+        elif device.type == "cuda":
+            try:
+                import triton  # noqa: F401
+            except ImportError:
+                ok = False
+            else:
+                ok = True
+        else:
             ok = False
-        _device_ok[device.type] = ok
-    return _device_ok[device.type]
+        _can_compile[device.type] = ok
+    return _can_compile[device.type]
 
 
-def compiles(activation: Activation, rows: int, cols: int, device: torch.device) -> bool:
-    """Whether the compiled kernels serve a plain update ``f(B A)`` of shape ``(rows, cols)`` on ``device``: decided
-    by the mode, the activation, the device and the shape alone (the block budget depends on it too)."""
+def compiled_kernel_for(activation: Activation, plain: bool, rows: int, cols: int, device: torch.device,
+                        target: str, autograd: bool) -> Optional["CompiledKernel"]:
+    """The compiled kernel for a plain update ``f(B A)`` of shape ``(rows, cols)``, or None (use the eager kernel).
+
+    Decided by the mode, the activation, the device, the shape, the plan's target and whether autograd must see the
+    operations (``autograd``: called with gradients enabled outside the fused Function, or under an outer
+    ``torch.compile``, which fuses the eager code itself), never by a clock: ``0`` never; ``1`` every plain update;
+    ``auto`` on the accelerator plan wherever the device can compile (one pass per block instead of several launches)
+    and on the CPU plan for updates of at least :data:`AUTO_COMPILE_MIN_ELEMENTS`. An activation whose kernels
+    failed to compile in this process, or that has no known derivative, runs eagerly."""
+    if not plain or autograd or torch.compiler.is_compiling() or not activation.has_derivative:
+        return None
     if activation.name in _failures:
-        return False
+        return None
     mode = kernel_compilation()
     if mode == "0":
-        return False
-    return mode == "1" or (_auto_device(device) and rows * cols >= AUTO_COMPILE_MIN_ELEMENTS)
+        return None
+    if mode == "auto":
+        if not can_compile(device):
+            return None
+        if target == "cpu" and rows * cols < AUTO_COMPILE_MIN_ELEMENTS:
+            return None
+    return CompiledKernel(activation)
 
 
-def _usable(activation: Activation, need_derivative: bool) -> bool:
-    # Only in no-grad code (the fused Function's forward/backward, merges, the eval cache): with grad enabled the
-    # caller wants autograd through the eager ops; under an outer torch.compile the eager code is traced instead.
-    if torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return False
-    return not (need_derivative and not activation.has_derivative) and activation.name not in _failures
+# -------------------------------------------------------------------------------------------- the interface
+class BlockKernel(ABC):
+    """One block of an update: see the module docstring."""
+
+    name: str = ""
+
+    @abstractmethod
+    def value(self, update: "LowRankUpdate", i0: int, i1: int, base_rows: Optional[torch.Tensor],
+              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``base_rows + D[i0:i1]`` in ``out_dtype`` (default: float32, float64 for float64 factors)."""
+
+    @abstractmethod
+    def value_and_grads(self, update: "LowRankUpdate", i0: int, i1: int, base_rows: Optional[torch.Tensor],
+                        grad_h: torch.Tensor, need_value: bool,
+                        out_dtype: Optional[torch.dtype] = None) -> tuple[Optional[torch.Tensor], BlockGrads]:
+        """``(value or None, gradients)`` of the block; may overwrite ``grad_h`` (a temporary of the caller)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}()"
 
 
 #: Up to this rank the kernels form ``B A`` inside their loop (r multiply-adds per element) instead of calling a
@@ -126,74 +172,72 @@ def _low_rank_product(B_rows: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 def _build(activation: Activation) -> dict[str, Callable]:
+    """The compiled kernels of the activation's function (one set per function: every setting is an argument)."""
     f = activation.definition.function
 
-    def update_from(base, y, scaling, offset):
+    def update_from(base, y, scaling, offset, out_dtype):
         y = y - offset
-        return y * scaling if base is None else base + scaling * y
+        y = y * scaling if base is None else base + scaling * y
+        return y if out_dtype is None else y.to(out_dtype)
 
-    def value(base, B_rows, A, scaling, offset, *params):
-        return update_from(base, f(_low_rank_product(B_rows, A), *params)[0], scaling, offset)
+    def value(base, B_rows, A, scaling, offset, out_dtype, *params):
+        return update_from(base, f(_low_rank_product(B_rows, A), *params)[0], scaling, offset, out_dtype)
 
-    def value_and_grad(base, B_rows, A, scaling, offset, grad_h, *params):
+    def value_and_grads(base, B_rows, A, scaling, offset, out_dtype, grad_h, *params):
         y, d = f(_low_rank_product(B_rows, A), *params, derivative=True)
-        return update_from(base, y, scaling, offset), grad_h * d
+        grad_z = grad_h * d * scaling
+        return update_from(base, y, scaling, offset, out_dtype), grad_z @ A.T, B_rows.T @ grad_z
 
-    def grad_only(B_rows, A, grad_h, *params):
-        return grad_h * f(_low_rank_product(B_rows, A), *params, derivative=True)[1]
+    def grads_only(B_rows, A, scaling, grad_h, *params):
+        grad_z = grad_h * f(_low_rank_product(B_rows, A), *params, derivative=True)[1] * scaling
+        return grad_z @ A.T, B_rows.T @ grad_z
 
-    kernels = {"value": value}
-    if activation.has_derivative:
-        kernels.update(value_and_grad=value_and_grad, grad_only=grad_only)
+    kernels = {"value": value, "value_and_grads": value_and_grads, "grads_only": grads_only}
     return {name: torch.compile(k, dynamic=True) for name, k in kernels.items()}
 
 
-def _run(activation: Activation, name: str, *args):
-    """Run kernel ``name`` of the activation's function; None (use the eager path) if compiling it failed."""
-    args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)  # no-grad kernels
-    key = activation.definition.function
-    try:
-        if key not in _kernels:
-            _kernels[key] = _build(activation)
-        return _kernels[key][name](*args, *activation.values)
-    except COMPILE_ERRORS as exc:
-        _failures[activation.name] = f"{type(exc).__name__}: {exc}"
-        warnings.warn(
-            f"peft-loran: compiling the fused LoRAN kernel for {activation.name!r} failed, so it runs on the eager "
-            f"kernels in this process (same results, slower). Set PEFT_LORAN_COMPILE=0 to skip the attempt. "
-            f"Reason: {type(exc).__name__}: {exc}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+class CompiledKernel(BlockKernel):
+    """The plain update's block as one compiled pass (see the module docstring). Raises :class:`CompileFailed`
+    (after recording and warning) when its kernels cannot be compiled; the caller then computes eagerly."""
 
+    name = "compiled"
 
-def value(
-    activation: Activation, base: Optional[torch.Tensor], B_rows: torch.Tensor, A: torch.Tensor, scaling: float
-) -> Optional[torch.Tensor]:
-    """``base + scaling * f(B_rows A)`` (``base`` None: 0) in one compiled pass, or None: use the eager path. The
-    caller has decided with :func:`compiles` that this layer uses the kernels.
+    def __init__(self, activation: Activation) -> None:
+        self.activation = activation
 
-    ``B_rows`` and ``A`` are float32 (or float64); so is the result."""
-    if not _usable(activation, need_derivative=False):
-        return None
-    return _run(activation, "value", base, B_rows, A, scaling, activation.offset)
+    def _run(self, kernel: str, *args):
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)  # no-grad kernels
+        key = self.activation.definition.function
+        try:
+            if key not in _compiled:
+                _compiled[key] = _build(self.activation)
+            return _compiled[key][kernel](*args, *self.activation.values)
+        except COMPILE_ERRORS as exc:
+            _failures[self.activation.name] = f"{type(exc).__name__}: {exc}"
+            warnings.warn(
+                f"peft-loran: compiling the fused LoRAN kernel for {self.activation.name!r} failed, so it runs on the "
+                f"eager kernels in this process (same results, slower). Set PEFT_LORAN_COMPILE=0 to skip the attempt. "
+                f"Reason: {type(exc).__name__}: {exc}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            raise CompileFailed(self.activation.name) from None
 
+    def value(self, update, i0, i1, base_rows, out_dtype=None):
+        B, A = update.factors_at_least_float32()
+        return self._run("value", base_rows, B[i0:i1], A, update.scaling, self.activation.offset, out_dtype)
 
-def value_and_grad(
-    activation: Activation,
-    base: Optional[torch.Tensor],
-    B_rows: torch.Tensor,
-    A: torch.Tensor,
-    scaling: float,
-    grad_h: torch.Tensor,
-    need_value: bool,
-) -> Optional[tuple[Optional[torch.Tensor], torch.Tensor]]:
-    """``(base + scaling * f(B_rows A) or None, grad_h * f'(B_rows A))`` in one compiled pass, or None: use the
-    eager path. The value is skipped (None) when ``need_value`` is False."""
-    if not _usable(activation, need_derivative=True):
-        return None
-    if need_value:
-        return _run(activation, "value_and_grad", base, B_rows, A, scaling, activation.offset, grad_h)
-    grad = _run(activation, "grad_only", B_rows, A, grad_h)
-    return None if grad is None else (None, grad)
+    def value_and_grads(self, update, i0, i1, base_rows, grad_h, need_value, out_dtype=None):
+        B, A = update.factors_at_least_float32()
+        if need_value:
+            value, grad_B, grad_A = self._run("value_and_grads", base_rows, B[i0:i1], A, update.scaling,
+                                              self.activation.offset, out_dtype, grad_h)
+        else:
+            value, (grad_B, grad_A) = None, self._run("grads_only", B[i0:i1], A, update.scaling, grad_h)
+        return value, (grad_B, grad_A, [None], [None])
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CompiledKernel) and other.activation == self.activation
+
+    def __hash__(self) -> int:
+        return hash(("compiled", self.activation))

@@ -273,13 +273,7 @@ class LoranLayer(WeightMerging, EvalCacheHost, BaseTunerLayer):
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
-            result = self.base_layer(x, *args, **kwargs)
-            for adapter_name in sorted(set(adapter_names)):
-                if adapter_name == BASE_ADAPTER_NAME or adapter_name not in self.loran_A:
-                    continue
-                rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
-                result[rows] += self._adapter_output(x[rows], adapter_name).to(result.dtype)
-            return result
+            return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         adapters = self._active_here()
         if self.merged or not adapters:
             return self.base_layer(x, *args, **kwargs)
@@ -288,6 +282,23 @@ class LoranLayer(WeightMerging, EvalCacheHost, BaseTunerLayer):
             # the cached updates stale anyway, so free them now instead of carrying them through training
             self._loran_cache.clear()
         return self._adapted_forward(x, adapters, *args, **kwargs)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``adapter_names=[...]``: each adapter's rows of the batch computed exactly as that adapter alone computes
+        them (the same path and plan: the fused fold where it applies), ``"__base__"`` rows by the base layer."""
+        parts = []
+        for adapter_name in sorted(set(adapter_names)):
+            rows = [i for i, name in enumerate(adapter_names) if name == adapter_name]
+            if adapter_name == BASE_ADAPTER_NAME or adapter_name not in self.loran_A:
+                out = self.base_layer(x[rows], *args, **kwargs)
+            else:
+                out = self._adapted_forward(x[rows], [adapter_name], *args, **kwargs)
+            parts.append((rows, out))
+        first = parts[0][1]
+        result = first.new_empty((len(x), *first.shape[1:]))
+        for rows, out in parts:
+            result[rows] = out.to(result.dtype)
+        return result
 
     def _adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus each active adapter's contribution (layers override this with something cheaper)."""
@@ -349,11 +360,7 @@ class Linear(nn.Module, LoranLayer):
             )
             if update is not None:
                 return F.linear(self.loran_dropout[adapter_name](x).to(dtype), update)
-        return functional.loran_matmul(
-            self.loran_dropout[adapter_name](x), self.loran_A[adapter_name], self.loran_B[adapter_name],
-            self.stages(adapter_name), self.loran_activation[adapter_name], self.loran_scaling[adapter_name],
-            block_rows=self.loran_block_rows[adapter_name],
-        )
+        return functional.loran_matmul(self.loran_dropout[adapter_name](x), self.low_rank_update(adapter_name))
 
     def _dense_update_as(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
         update = self.dense_update(adapter_name)  # already page-aligned
@@ -396,11 +403,8 @@ class Linear(nn.Module, LoranLayer):
                 rest = [a for a in adapters if a not in foldable]
             else:
                 first = foldable[0]
-                result = functional.loran_matmul(
-                    x, self.loran_A[first], self.loran_B[first], self.stages(first), self.loran_activation[first],
-                    self.loran_scaling[first], weight=weight, bias=bias,
-                    weight_in_out=self.fan_in_fan_out, block_rows=self.loran_block_rows[first],
-                )
+                result = functional.loran_matmul(x, self.low_rank_update(first), weight=weight, bias=bias,
+                                                 weight_in_out=self.fan_in_fan_out)
                 rest = [a for a in adapters if a != first]
         else:
             result = self.base_layer(x, *args, **kwargs)
