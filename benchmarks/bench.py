@@ -115,7 +115,7 @@ def _adapt(model, case: Case):
     if case.method == "lora":
         config = LoraConfig(r=case.rank, lora_alpha=alpha, target_modules=TARGETS[case.targets],
                             lora_dropout=case.dropout)
-    else:
+    else:  # loran, loran_compiled, loran_eager: the same adapter, another kernel mode (see METHODS)
         from peft_loran import LoranConfig
 
         config = LoranConfig(r=case.rank, loran_alpha=alpha, target_modules=TARGETS[case.targets],
@@ -191,7 +191,7 @@ def run_child(case: Case) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    if case.method == "loran":
+    if case.method.startswith("loran"):
         # The compiled kernels' one-time cost (compiling, importing inductor) is paid on a forward and backward of
         # 8 tokens (the kernels' shapes depend on the layers, not the tokens); it is reported, not in the figures.
         _sync(case.device)
@@ -221,16 +221,17 @@ def run_child(case: Case) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- orchestrator
-#: ``loran`` is ours with the compiled kernels on every layer (PEFT_LORAN_COMPILE=1; the default ``auto`` compiles
-#: for layers of at least 2048 x 2048 on CPUs, see kernels.compiles); ``loran_eager`` is ours with them switched off
-#: (PEFT_LORAN_COMPILE=0): what they buy.
-METHODS = ("lora", "naive", "loran", "loran_eager")
+#: ``loran`` is ours as a user gets it (the default plan and kernel choice: on CPUs the compiled kernel for layers of
+#: at least 2048 x 2048, on GPUs the accelerator plan with the compiled kernel; kernels.compiled_kernel_for);
+#: ``loran_compiled`` forces the compiled kernel on every layer (PEFT_LORAN_COMPILE=1), ``loran_eager`` switches it
+#: off (PEFT_LORAN_COMPILE=0). Set PEFT_LORAN_PLAN=accelerator in the environment to run the GPU's plan on a CPU.
+METHODS = ("lora", "naive", "loran", "loran_compiled", "loran_eager")
 
 
 def measure(case: Case) -> dict:
     """Run one case in a fresh interpreter and return its measurements."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(asdict(case))]
-    modes = {"loran": "1", "loran_eager": "0"}
+    modes = {"loran_compiled": "1", "loran_eager": "0"}
     env = {**os.environ, "PEFT_LORAN_COMPILE": modes[case.method]} if case.method in modes else None
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:

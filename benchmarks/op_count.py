@@ -5,8 +5,10 @@ the sizes where LoRAN's extra arithmetic is microseconds.
     python benchmarks/op_count.py --json results/benchmarks/op-count.json
 
 One adapted ``width x width`` linear layer (r = 64, 512 tokens, bias), one forward and backward of ``mean(y^2)``,
-counted on the CPU with the profiler: every operator called from Python (``aten::`` ops outside other ``aten::`` ops)
-plus every compiled kernel (``cpp_fused_*`` / ``triton_*``). Methods: PEFT LoRA, the naive dense LoRAN (``f(BA)``
+counted on the CPU with the profiler, two ways: *operators*, every operator called from Python (``aten::`` ops
+outside other ``aten::`` ops, what a ``TorchDispatchMode`` sees) plus every compiled kernel (``cpp_fused_*`` /
+``triton_*``); and *kernels*, the innermost ``aten::`` ops that compute something (not views, transposes,
+allocations or no-op conversions) plus the compiled kernels: the closer proxy for launches on a GPU. Methods: PEFT LoRA, the naive dense LoRAN (``f(BA)``
 through plain autograd), ours on the CPU plan (cache-sized blocks) and on the accelerator plan (the GPU's default:
 as few blocks as the budget allows, ``PEFT_LORAN_PLAN=accelerator``), each with the eager kernel and with the
 compiled one (``PEFT_LORAN_COMPILE=0`` / ``1``). Each row runs in a fresh process. Counts do not depend on timing.
@@ -76,21 +78,33 @@ def count(method: str, width: int, dropout: float, rank: int, tokens: int) -> di
     step()  # warm-up: compiles where the compiled kernel is used
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    events = prof.events()
-    ops = kernels = 0
-    for event in events:
+    ops = leaves = compiled = 0
+    for event in prof.events():
         name = event.name
         if "cpp_fused" in name or name.startswith("triton_"):
-            kernels += 1
+            compiled += 1
         elif name.startswith("aten::"):
-            parent, nested = event.cpu_parent, False
-            while parent is not None:
-                if parent.name.startswith("aten::"):
-                    nested = True
-                    break
-                parent = parent.cpu_parent
-            ops += not nested
-    return {"operators": ops + kernels, "compiled_kernels": kernels}
+            ops += not _inside_aten(event)
+            computes = name not in NO_KERNEL and not any(c.name.startswith("aten::") for c in event.cpu_children)
+            leaves += computes
+    return {"operators": ops + compiled, "kernels": leaves + compiled, "compiled_kernels": compiled}
+
+
+#: Operators that launch no kernel of their own: views, layout, allocation, no-op conversions.
+NO_KERNEL = {f"aten::{n}" for n in (
+    "view", "t", "transpose", "as_strided", "slice", "select", "expand", "detach", "alias", "_unsafe_view", "unsqueeze",
+    "squeeze", "permute", "reshape", "_reshape_alias", "empty", "empty_strided", "empty_like", "resolve_conj",
+    "resolve_neg", "lift_fresh", "numpy_T", "split", "chunk", "narrow", "unbind", "result_type", "conj", "to",
+    "contiguous", "flatten", "view_as", "expand_as", "matrix_H", "mT")}
+
+
+def _inside_aten(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def main() -> None:
@@ -119,13 +133,16 @@ def main() -> None:
                 row[width] = json.loads(out.stdout.strip().splitlines()[-1])
             rows.append(row)
             print(json.dumps(row), file=sys.stderr, flush=True)
-    naive = {(r["dropout"], w): r[w]["operators"] for r in rows if r["method"] == "naive dense LoRAN" for w in widths}
-    head = "| method | dropout | " + " | ".join(f"operators at {w} (compiled kernels) | vs naive at {w}"
+    naive = {(r["dropout"], w): r[w] for r in rows if r["method"] == "naive dense LoRAN" for w in widths}
+    head = "| method | dropout | " + " | ".join(f"operators at {w} (vs naive) | kernels at {w} (compiled; vs naive)"
                                               for w in widths) + " |"
     lines = [head, "|" + "---|" * (2 + 2 * len(widths))]
     for r in rows:
-        cells = [f"{r[w]['operators']} ({r[w]['compiled_kernels']}) | {r[w]['operators'] / naive[(r['dropout'], w)]:.2f}x"
-                 for w in widths]
+        cells = []
+        for w in widths:
+            ref = naive[(r["dropout"], w)]
+            cells.append(f"{r[w]['operators']} ({r[w]['operators'] / ref['operators']:.2f}x) | {r[w]['kernels']} "
+                         f"({r[w]['compiled_kernels']}; {r[w]['kernels'] / ref['kernels']:.2f}x)")
         lines.append(f"| {r['method']} | {r['dropout']} | " + " | ".join(cells) + " |")
     print(f"Command: `python benchmarks/op_count.py --widths {args.widths} --rank {args.rank} --tokens {args.tokens}`\n")
     print("\n".join(lines))

@@ -255,7 +255,8 @@ def test_max_length_beyond_the_model_is_capped_once(tiny_encoder, cls_file, tmp_
     assert err.count("--max-length 100000 is more than the model's 128 positions; using 128") == 1
 
 
-@pytest.mark.parametrize("case", ["latin1", "bad_json", "null_text", "ragged_csv"])
+@pytest.mark.parametrize("case", ["latin1", "bad_json", "null_text", "ragged_csv", "short_csv_row",
+                                  "duplicate_csv_column", "duplicate_json_key", "missing_column"])
 def test_malformed_user_files_end_in_one_clear_line(tiny_encoder, tmp_path, capsys, case):
     if case == "latin1":
         path = tmp_path / "data.csv"
@@ -269,10 +270,26 @@ def test_malformed_user_files_end_in_one_clear_line(tiny_encoder, tmp_path, caps
         path = tmp_path / "data.jsonl"
         path.write_text('{"text": "ok", "label": "a"}\n{"text": null, "label": "b"}\n')
         expected = "row 2: field(s) text empty or null"
-    else:
+    elif case == "ragged_csv":
         path = tmp_path / "data.csv"
         path.write_text("text,label\nhello,a\nhello, world,b\n")
         expected = "line 3: 3 cells where the header has 2; quote cells that contain commas"
+    elif case == "short_csv_row":
+        path = tmp_path / "data.csv"
+        path.write_text("text,label,source\nhello,a,x\nbye,b\n")
+        expected = "line 3: 2 cells where the header has 3"
+    elif case == "duplicate_csv_column":
+        path = tmp_path / "data.csv"
+        path.write_text("text,label,label\nhello,a,b\nbye,b,a\n")
+        expected = "line 1: column(s) 'label' appear more than once in the header"
+    elif case == "duplicate_json_key":
+        path = tmp_path / "data.jsonl"
+        path.write_text('{"text": "ok", "label": "a"}\n{"text": "x", "label": "a", "label": "b"}\n')
+        expected = "line 2: field(s) 'label' given more than once in one object"
+    else:
+        path = tmp_path / "data.csv"
+        path.write_text("body,label\nhello,a\nbye,b\n")
+        expected = "row 1: no field(s) text (fields present: body, label)"
     assert run(["train", "--model", tiny_encoder, "--train-file", str(path), "--output-dir", str(tmp_path / "o")]) == 2
     line = error_line(capsys)
     assert line.startswith("error: ") and expected in line, line

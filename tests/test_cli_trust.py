@@ -338,3 +338,20 @@ def test_inspect_lists_modules_in_model_order_and_its_first_line_on_its_own(tiny
 
     assert in_model_order(object(), ["m.layers.10.q", "m.layers.2.q", "m.layers.2.k"]) == [
         "m.layers.2.k", "m.layers.2.q", "m.layers.10.q"]
+
+
+def test_the_majority_baseline_comes_from_the_training_split_not_the_evaluated_file(tiny_encoder, tmp_path, capsys):
+    data = tmp_path / "skewed.csv"
+    rows = ["body,topic"] + [f"{' '.join(WORDS[t].split()[:3])} item {i},{t}"
+                             for i in range(12) for t in ("sailing", "sailing", "cooking", "astronomy")]
+    data.write_text("\n".join(rows) + "\n")
+    adapter = train(tiny_encoder, data, tmp_path / "run")
+    other = tmp_path / "other.csv"
+    other.write_text("body,topic\n" + "".join(f"simmer garlic {i},cooking\n" for i in range(7))
+                     + "keel tide 1,sailing\nkeel tide 2,sailing\norbit comet,astronomy\n")
+    capsys.readouterr()
+    assert run(["evaluate", str(adapter), "--eval-file", str(other), "--quiet"]) == 0
+    metrics = evaluated(capsys)
+    # sailing is the training split's most frequent class (half of it); cooking would be the file's own (an oracle)
+    assert (metrics["majority_label"], metrics["majority_from"]) == ("sailing", "training split")
+    assert metrics["majority_rate"] == pytest.approx(2 / 10) and "majority_tie" not in metrics

@@ -90,8 +90,9 @@ def dense_updates(model):
     return out
 
 
-def test_strong_setting_reports_the_measured_error_and_it_falls_with_rank(tmp_path):
-    model = loran_model(sinter_amplitude=0.5, sinter_frequency=3.0)
+@pytest.mark.parametrize("block_rows", [None, 5])  # one block per module, and several (the SVD's products add up)
+def test_strong_setting_reports_the_measured_error_and_it_falls_with_rank(tmp_path, block_rows):
+    model = loran_model(sinter_amplitude=0.5, sinter_frequency=3.0, block_rows=block_rows)
     dense = dense_updates(model)
     errors = []
     for rank in (1, 2, 4, 8, 16):

@@ -278,6 +278,7 @@ CHANGES = {
     "load_state_dict": lambda m: m.load_state_dict(
         {k: v * 2 if "loran_B" in k else v for k, v in m.state_dict().items()}),
     "scaling": lambda m: q_proj(m).loran_scaling.__setitem__("default", 3.0),
+    "base_weight_in_place": lambda m: q_proj(m).get_base_layer().weight.mul_(1.5),
     "activation": lambda m: q_proj(m).loran_activation.__setitem__(
         "default", LoranConfig(activation="tanh").build_activation()),
 }

@@ -218,6 +218,44 @@ def test_merge_equals_unmerged_and_unmerge_restores(target, safe):
     torch.testing.assert_close(layer.get_base_layer().weight, before_weight, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("target", ["lin", "conv"])
+def test_merging_a_half_precision_base_adds_in_float32_and_rounds_once(dtype, target):
+    model = make([target], dtype=dtype, activation="tanh")
+    layer = getattr(model, target)
+    for p in layer.parameters():  # the adapter in float32 (PEFT's autocast_adapter_dtype), the base in half
+        if p is not layer.get_base_layer().weight and p is not layer.get_base_layer().bias:
+            p.data = p.data.float()
+    W = layer.get_base_layer().weight.detach().clone()
+    A, B, Ps, bs, s = layer_factors(layer)
+    update = naive_update(A, B, Ps, bs, activation("tanh"), s)
+    expected = (W.double() + (update.T if target == "conv" else update)).to(dtype)
+    with torch.no_grad():
+        layer.merge(safe_merge=True)
+    merged = layer.get_base_layer().weight
+    assert merged.dtype == dtype
+    ulp = (expected.double().abs() * torch.finfo(dtype).eps).clamp_min(torch.finfo(dtype).tiny)
+    assert ((merged.double() - expected.double()).abs() <= ulp).all()  # one rounding of the exact sum
+    assert (merged == expected).float().mean() > 0.95
+    with torch.no_grad():
+        layer.unmerge()
+    assert layer.get_base_layer().weight.dtype == dtype
+
+
+def test_safe_merge_refuses_a_float16_weight_that_would_overflow():
+    model = make(["lin"], dtype=torch.float16, activation="identity", loran_alpha=8, r=8)
+    layer = model.lin
+    for p in (layer.loran_A["default"], layer.loran_B["default"]):
+        p.data = p.data.float()
+    with torch.no_grad():
+        layer.loran_B["default"].fill_(300.0)  # |B A| reaches ~1e5 > 65504, float16's largest value
+        layer.loran_A["default"].fill_(100.0)
+    before = layer.get_base_layer().weight.detach().clone()
+    with pytest.raises(ValueError, match="NaNs or infs detected"):
+        layer.merge(safe_merge=True)
+    assert torch.equal(layer.get_base_layer().weight, before) and not layer.merged
+
+
 def test_get_delta_weight_is_the_reference_update_in_the_base_weights_layout():
     model = make(["lin", "conv", "emb"], chain_dims=[6], use_P=True, use_b=True)
     for name in ("lin", "conv", "emb"):

@@ -84,11 +84,14 @@ class WeightMerging:
         weight = self.get_base_weight()
         shifted = functional.page_aligned_copy(weight, torch.promote_types(weight.dtype, torch.float32))
         self._add_delta_(shifted, adapter_name, sign)
+        if shifted.dtype != weight.dtype:  # rounded once, to the base's own dtype
+            shifted = functional.page_aligned_copy(shifted, weight.dtype)
+        # checked after that rounding: a float16 weight overflows to inf there (above 65504), not in float32
         if check_finite and not torch.isfinite(shifted).all():
             raise ValueError(
                 f"NaNs or infs detected in the merged weights. The adapter {adapter_name} seems to be broken."
             )
-        self.set_base_weight(shifted if shifted.dtype == weight.dtype else functional.page_aligned_copy(shifted, weight.dtype))
+        self.set_base_weight(shifted)
 
     def _add_delta_(self, target: torch.Tensor, adapter_name: str, sign: float = 1.0) -> None:
         """``target += sign * s f(BA)`` in place for ``target`` in the base weight's layout, block by block."""

@@ -181,6 +181,14 @@ def _decoded_lines(p: Path, path: str) -> str:
         ) from None
 
 
+def _object_without_repeated_keys(pairs: list) -> dict:
+    keys = [k for k, _ in pairs]
+    twice = sorted({k for k in keys if keys.count(k) > 1})
+    if twice:
+        raise ValueError(f"field(s) {', '.join(map(repr, twice))} given more than once in one object")
+    return dict(pairs)
+
+
 def read_rows(path: str) -> list[dict]:
     """Rows of a JSONL or CSV file as dicts (by extension: .jsonl/.json or .csv)."""
     p = Path(path)
@@ -193,8 +201,11 @@ def read_rows(path: str) -> list[dict]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, object_pairs_hook=_object_without_repeated_keys)
             except json.JSONDecodeError as exc:  # str(exc) has the whole reason with its column
+                bad.append(f"line {number}: {exc}")
+                continue
+            except ValueError as exc:  # a key given twice: json would keep only the last, silently
                 bad.append(f"line {number}: {exc}")
                 continue
             if not isinstance(row, dict):
@@ -210,6 +221,10 @@ def read_rows(path: str) -> list[dict]:
         # and the file is already in memory, so the whole file is the natural bound
         csv.field_size_limit(max(csv.field_size_limit(), len(text) + 1))
         reader = csv.DictReader(io.StringIO(text, newline=""))
+        twice = sorted({name for name in (reader.fieldnames or []) if (reader.fieldnames or []).count(name) > 1})
+        if twice:  # DictReader would keep only the last of them, silently
+            raise UserError(f"{path}, line 1: column(s) {', '.join(map(repr, twice))} appear more than once in the "
+                            "header; rename or drop the copies")
         rows = []
         for row in reader:
             if None in row or any(v is None for v in row.values()):  # a row with more or fewer cells than the header
