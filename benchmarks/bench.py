@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
+from typing import Optional
 
 TARGETS = {"qv": ["q_proj", "v_proj"],
            "all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
@@ -50,6 +51,7 @@ class Case:
     vocab: int = 4096
     alpha: float = 0.0  # 0: 2 x rank
     evaluate: bool = True  # also measure the eval forward and generation
+    quant: str = ""  # "nf4": the decoder's linear layers as bitsandbytes NF4 (double quantization, bf16 compute)
 
 
 # ------------------------------------------------------------------------------------------------ child process
@@ -89,6 +91,8 @@ class NaiveLoran:
 
 
 def _build(case: Case):
+    """The Llama-shaped model, built directly on the device in the case's dtype (random weights); with ``quant``
+    "nf4" its decoder layers' linear layers quantized in memory to bitsandbytes NF4 (as QLoRA loads them)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -101,7 +105,39 @@ def _build(case: Case):
         max_position_embeddings=max(512, case.tokens + 64), tie_word_embeddings=False,
     )
     dtype = getattr(torch, case.dtype)
-    return LlamaForCausalLM(config).to(device=case.device, dtype=dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(case.device):  # a 7B-shaped model initialised on a CPU first would take most of a minute
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    if case.quant == "nf4":
+        _quantize_nf4(model)
+    return model
+
+
+def _quantize_nf4(model) -> None:
+    """Replace every linear layer of the decoder by a bitsandbytes ``Linear4bit`` (NF4, double quantization, bf16
+    compute) holding the quantized weight: what ``from_pretrained(quantization_config=...)`` gives, without writing
+    the model to disk first."""
+    import bitsandbytes as bnb
+    import torch
+    from torch import nn
+
+    for name, module in list(model.model.layers.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear:
+                device = child.weight.device
+                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
+                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
+                                      device="meta")
+                q.weight = bnb.nn.Params4bit(child.weight.data.to("cpu", torch.float32), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4").to(device)
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data, requires_grad=False)
+                setattr(module, child_name, q)
+    model.is_loaded_in_4bit = True
 
 
 def _adapt(model, case: Case):
@@ -215,9 +251,36 @@ def run_child(case: Case) -> dict:
             times.append(time.perf_counter() - t0)
     result["train_step_s"] = statistics.median(times)
     result["train_mem_mb"] = peak_memory(case.device)[0] - before
+    if case.device == "cuda":
+        result["train_peak_alloc_mb"] = torch.cuda.max_memory_allocated() / 2**20  # absolute, the model included
     if case.evaluate:
         result["eval_s"], result["gen_tok_s"] = _eval_and_generate(model, ids, case)
+        if case.method.startswith("loran"):  # the same with the eval cache on (one weight-sized matrix per layer)
+            import peft_loran
+
+            peft_loran.set_eval_cache(model, True)
+            result["eval_cached_s"], result["gen_cached_tok_s"] = _eval_and_generate(model, ids, case)
+            peft_loran.set_eval_cache(model, False)
     return result
+
+
+def run_child_group(cases: list[Case]) -> None:
+    """Several cases of one method in this one process, one after the other (the model and optimizer freed and the
+    peak statistics reset between them); one JSON line per case as it finishes, so a run cut short keeps what it
+    measured. The first case's ``warmup_s`` is the process's one-time compile cost."""
+    import gc
+
+    import torch
+
+    for case in cases:
+        try:
+            line = {"case": asdict(case), "results": run_child(case)}
+        except Exception as exc:  # noqa: BLE001 (one failed case must not lose the others; the message says why)
+            line = {"case": asdict(case), "error": f"{type(exc).__name__}: {str(exc)[:500]}"}
+        print(json.dumps(line), flush=True)
+        gc.collect()
+        if case.device == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ------------------------------------------------------------------------------------------------- orchestrator
@@ -228,11 +291,30 @@ def run_child(case: Case) -> dict:
 METHODS = ("lora", "naive", "loran", "loran_compiled", "loran_eager")
 
 
+#: The kernel mode each method runs with (the others: the environment's, i.e. the default).
+MODES = {"loran_compiled": "1", "loran_eager": "0"}
+
+
+def _child_env(method: str) -> Optional[dict]:
+    return {**os.environ, "PEFT_LORAN_COMPILE": MODES[method]} if method in MODES else None
+
+
+def measure_group(cases: list[Case], on_result) -> None:
+    """Run ``cases`` (one method) in one fresh interpreter; ``on_result(case, results_or_error)`` as each finishes."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child-group", json.dumps([asdict(c) for c in cases])]
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=_child_env(cases[0].method)) as child:
+        for line in child.stdout:
+            if line.startswith("{"):
+                entry = json.loads(line)
+                on_result(Case(**entry["case"]), entry.get("results") or {"error": entry["error"]})
+    if child.returncode != 0:
+        raise RuntimeError(f"benchmark child for {cases[0].method} ended with exit code {child.returncode}")
+
+
 def measure(case: Case) -> dict:
     """Run one case in a fresh interpreter and return its measurements."""
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(asdict(case))]
-    modes = {"loran_compiled": "1", "loran_eager": "0"}
-    env = {**os.environ, "PEFT_LORAN_COMPILE": modes[case.method]} if case.method in modes else None
+    env = _child_env(case.method)
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"benchmark child failed for {case}:\n{out.stderr[-3000:]}")
@@ -416,7 +498,11 @@ PRESET_METHODS = {"paper": ("lora", "loran", "naive"), "paper-scan": ("lora", "l
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="headline",
-                        choices=["headline", "targets", "grid", "layers", "generation", "paper", "paper-scan", "all"])
+                        choices=["headline", "targets", "grid", "layers", "generation", "paper", "paper-scan", "all",
+                                 "realistic"])
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --preset realistic: the same cases at toy sizes (a dry run of the code on a CPU)")
+    parser.add_argument("--quants", default="none,nf4", help="with --preset realistic: bases to run (none, nf4)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", help="write the markdown tables here (atomically)")
@@ -428,14 +514,23 @@ def main() -> None:
                         "step takes milliseconds, so use more there)")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: the preset's)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--child-group", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(run_child(Case(**json.loads(args.child)))))
+        return
+    if args.child_group:
+        run_child_group([Case(**c) for c in json.loads(args.child_group)])
+        return
+    if args.preset == "realistic":
+        run_realistic(args)
         return
     if args.from_json:
         with open(args.from_json) as fh:
             raw = json.load(fh)
         for name, entries in raw.items():
+            if name == "meta":
+                continue
             results = [(Case(**e["case"]), e["results"]) for e in entries]
             print(f"### {name}\n\n{render(name, results)}\n")
         return
@@ -474,9 +569,116 @@ def main() -> None:
             fh.write(report)
         os.replace(tmp, args.out)
     if args.json:
-        with open(args.json + ".tmp", "w") as fh:
-            json.dump(raw, fh, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+        _write_json(args.json, {**raw, "meta": run_meta(args.device)})
+
+
+def _write_json(path: str, data) -> None:
+    with open(path + ".tmp", "w") as fh:
+        json.dump(data, fh, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def run_meta(device: str) -> dict:
+    """Where and with what a run was measured: machine, GPU, torch and CUDA versions, the library versions, the
+    commit."""
+    import torch
+    import transformers
+    import peft
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False,
+                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, check=False, cwd=os.path.dirname(os.path.abspath(__file__))).stdout)
+    except OSError:
+        commit, dirty = "", False
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{platform.machine()}, {os.cpu_count()} CPU threads",
+            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "peft": peft.__version__, "commit": commit + ("+uncommitted changes" if dirty else ""),
+            "command": "python benchmarks/bench.py " + " ".join(sys.argv[1:])}
+    if device == "cuda":
+        meta["gpu"] = torch.cuda.get_device_name()
+    return meta
+
+
+# ------------------------------------------------------------------------------------------------ realistic
+#: The realistic preset: 8 Llama-2-7B-shaped decoder layers, 4 x 1024 tokens, bfloat16; (a) the paper's recipe, (b)
+#: all seven projections at r = 16 with a common QLoRA dropout; each on a bf16 and an NF4 base.
+REALISTIC_RECIPES = {
+    "paper (q/v, r 64, dropout 0.2)": dict(targets="qv", rank=64, alpha=16.0, dropout=0.2),
+    "all seven (r 16, dropout 0.05)": dict(targets="all", rank=16, alpha=32.0, dropout=0.05),
+}
+REALISTIC_METHODS = ("lora", "loran", "naive")
+
+
+def realistic_cases(device: str, dtype: str, tiny: bool, quants: list[str]) -> list[Case]:
+    shape = (dict(hidden=256, intermediate=768, heads=4, layers=2, vocab=512, batch=2, tokens=64, steps=2,
+                  gen_tokens=4, gen_repeats=1) if tiny else
+             dict(hidden=4096, intermediate=11008, heads=32, layers=8, vocab=32000, batch=4, tokens=1024, steps=5,
+                  gen_tokens=32, gen_repeats=2))
+    return [Case(method="", device=device, dtype=dtype, quant="" if q == "none" else q, **shape, **recipe)
+            for q in quants for recipe in REALISTIC_RECIPES.values()]
+
+
+def run_realistic(args) -> None:
+    """Each method in one fresh process that runs every case; the JSON (and the table) rewritten after each case."""
+    cases = realistic_cases(args.device, args.dtype, args.tiny, [q.strip() for q in args.quants.split(",")])
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else REALISTIC_METHODS
+    key = lambda c: json.dumps({k: v for k, v in asdict(c).items() if k != "method"}, sort_keys=True)  # noqa: E731
+    rows: dict[str, dict] = {key(c): {"case": asdict(c), "results": {}} for c in cases}
+    meta = run_meta(args.device)
+    started = time.time()
+
+    def record(case: Case, result: dict) -> None:
+        rows[key(case)]["results"][case.method] = result
+        print(f"  {case.method:6s} {case.targets} {case.quant or 'bf16'}: {json.dumps(result)}", file=sys.stderr,
+              flush=True)
+        meta["wall_s"] = round(time.time() - started)
+        if args.json:
+            _write_json(args.json, {"realistic": list(rows.values()), "meta": meta})
+        if args.out:
+            with open(args.out + ".tmp", "w") as fh:
+                fh.write(realistic_table(list(rows.values()), meta))
+            os.replace(args.out + ".tmp", args.out)
+
+    for method in methods:
+        measure_group([replace(c, method=method) for c in cases], record)
+    print(realistic_table(list(rows.values()), meta))
+    failed = [f"{m} {r['case']['targets']} {r['case']['quant'] or 'bf16'}" for r in rows.values()
+              for m, result in r["results"].items() if "error" in result]
+    if failed:
+        sys.exit(f"{len(failed)} case(s) failed: {', '.join(failed)}")
+
+
+def realistic_table(rows: list[dict], meta: dict) -> str:
+    lines = [f"Command: `{meta['command']}`  ", f"Measured: {meta['date']}, {meta.get('gpu') or meta['machine']}, "
+             f"torch {meta['torch']} (CUDA {meta['cuda']}), commit {meta['commit'][:12] or 'unknown'}", "",
+             "| targets | base | step LoRA (s) | ours / LoRA | naive / LoRA | peak alloc LoRA (MB) | ours / LoRA | "
+             "naive / LoRA | eval ours / LoRA | gen tok/s LoRA | ours / LoRA (cache off) | ours / LoRA (cache on) | "
+             "compile, first step (s) |", "|" + "---|" * 13]
+
+    def ratio(result, other, key):
+        if not result or not other or key not in result or key not in other or not other[key]:
+            return "n/a"
+        return f"{result[key] / other[key]:.2f}x"
+
+    for row in rows:
+        case, res = row["case"], row["results"]
+        lora, ours, naive = res.get("lora", {}), res.get("loran", {}), res.get("naive", {})
+        mem = "train_peak_alloc_mb" if "train_peak_alloc_mb" in lora else "train_mem_mb"
+        gen = ours.get("gen_cached_tok_s")  # with the eval cache on, against LoRA's
+        lines.append(
+            f"| {case['targets']} r {case['rank']} | {case['quant'] or case['dtype']} | "
+            f"{lora.get('train_step_s', float('nan')):.3f} | {ratio(ours, lora, 'train_step_s')} | "
+            f"{ratio(naive, lora, 'train_step_s')} | {lora.get(mem, float('nan')):.0f} | {ratio(ours, lora, mem)} | "
+            f"{ratio(naive, lora, mem)} | {ratio(ours, lora, 'eval_s')} | {lora.get('gen_tok_s', float('nan')):.1f} | "
+            f"{ratio(ours, lora, 'gen_tok_s')} | "
+            f"{ratio({'gen_tok_s': gen}, lora, 'gen_tok_s') if gen else 'n/a'} | "
+            f"{ours.get('warmup_s', float('nan')):.1f} |")
+        errors = [f"{m}: {r['error']}" for m, r in res.items() if "error" in r]
+        if errors:
+            lines.append(f"| (errors) | {'; '.join(errors)[:300]} |" + " |" * 11)
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from peft_loran_cli.data import load_task, user_task
 from peft_loran_cli.encoding import Encoded, collate
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="meta-llama/Llama-2-7b-hf")
     p.add_argument("--task", default="bbc-headline")
@@ -44,7 +44,11 @@ def main() -> None:
     p.add_argument("--no-4bit", dest="four_bit", action="store_false", help="bf16 base instead of 4-bit")
     p.add_argument("--quant-storage", default=None, help="bnb_4bit_quant_storage (bfloat16 for FSDP + QLoRA)")
     p.add_argument("--cpu", action="store_true", help="smoke-test on CPU (float32, no quantization)")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    args = parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     if tokenizer.pad_token is None:
@@ -80,6 +84,8 @@ def main() -> None:
     )
     trainer = Trainer(model=model, args=training_args, train_dataset=train_set, data_collator=collate(tokenizer))
     trainer.train()
+    if trainer.is_world_process_zero():
+        print(f"trained on {trainer.args.world_size} process(es), {trainer.accelerator.distributed_type}", flush=True)
     trainer.save_model(args.output_dir)  # the adapter, in PEFT format (rank 0 only under accelerate)
 
 
