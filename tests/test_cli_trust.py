@@ -54,6 +54,7 @@ def test_evaluate_scores_exactly_the_run_s_examples_or_refuses(tiny_encoder, tmp
     reported = json.loads((tmp_path / "run" / "metrics.json").read_text())["metrics"]
     record = json.loads((adapter / "peft_loran_task.json").read_text())
     assert len(record["fingerprint"]["examples"]) == reported["n"] > 0
+    assert "predicted" not in reported  # the per-example predictions are not a metric
     capsys.readouterr()
     assert run(["evaluate", str(adapter), "--quiet"]) == 0
     assert evaluated(capsys) == {k: v for k, v in reported.items() if k != "samples"}
@@ -317,6 +318,11 @@ def test_a_resumed_sweep_says_its_times_come_from_several_invocations(tmp_path):
     from peft_loran_cli.files import is_our_plot
 
     assert is_our_plot(tmp_path / "sweep.png") and is_our_plot(tmp_path / "comparison.png")
+    # one rank, but more runs than comparison.png shows: sweep.png per method (it was not written at all before)
+    many = [dict(r, seed=k, method=m) for k in range(3) for m in ("lora", "loran", "sine") for r in results[:1]]
+    (tmp_path / "many").mkdir()
+    assert report.write_sweep_reports(tmp_path / "many", many, "accuracy", {}) == ["metrics.json", "table.md",
+                                                                                  "sweep.png"]
 
 
 def test_inspect_lists_modules_in_model_order_and_its_first_line_on_its_own(tiny_lm, tmp_path):

@@ -42,8 +42,9 @@ def evaluate(model, tokenizer, task: TaskData, settings: Settings, train_label_c
     with eval_cache_on(model):
         if task.kind == "classify":
             metrics = _evaluate_classification(model, tokenizer, examples, settings, progress)
+            predicted = metrics.pop("predicted")
             counts = train_label_counts or label_counts(task.train, task.labels)
-            return {**metrics, **majority_baseline(task.labels, counts, examples, metrics.pop("predicted"))}
+            return {**metrics, **majority_baseline(task.labels, counts, examples, predicted)}
         return _evaluate_generation(model, tokenizer, examples, settings, progress)
 
 

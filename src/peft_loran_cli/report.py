@@ -145,9 +145,10 @@ def invocations_note(results: list[dict]) -> str:
 
 
 def write_sweep_reports(out: Path, results: list[dict], metric: str, header: dict) -> list[str]:
-    """metrics.json (every run), table.md, comparison.png (up to 8 runs: loss curves and bars) and sweep.png (every
-    sweep of more than one cell: the metric and train time over the setting that varies); each written whole under a
-    temporary name, then renamed. Returns the names of the files written."""
+    """metrics.json (every run), table.md, comparison.png (up to 8 runs: loss curves and bars) and sweep.png (when a
+    grid setting varies, or when there are too many runs for comparison.png: the metric and the train time over the
+    setting that varies, else per method); each written whole under a temporary name, then renamed. Returns the
+    names of the files written."""
     from peft_loran._atomic import write_text_atomic
 
     write_text_atomic(out / "metrics.json", json.dumps({**header, "results": results}, indent=2, default=str) + "\n")
@@ -156,7 +157,7 @@ def write_sweep_reports(out: Path, results: list[dict], metric: str, header: dic
     if len(results) <= 8:
         _save_plot(lambda path: plot_comparison(results, metric, path), out / "comparison.png")
         written.append("comparison.png")
-    if len(results) > 1:
+    if sweep_axis(results) is not None or len(results) > 8:  # a setting varies, or too many runs for comparison.png
         _save_plot(lambda path: plot_sweep(results, metric, path), out / "sweep.png")
         written.append("sweep.png")
     return written
@@ -229,6 +230,7 @@ def plot_sweep(results: list[dict], metric: str, path: Path) -> None:
     left.set_ylabel(f"{metric} (mean +- std over {len(seeds)} seed{'s' if len(seeds) > 1 else ''})")
     left.set_title(f"{metric} {against}")
     right.set_ylabel("training time (s)")
+    right.set_ylim(bottom=0)  # a ratio of times reads right only from zero
     invocations = len({r.get("invocation") for r in results})
     right.set_title(f"training time {against}" + (f"\n(from {invocations} invocations of a resumed sweep: machine "
                                                   "load may differ between them)" if invocations > 1 else ""),
