@@ -458,7 +458,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
     work = Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
+    if args.step != "check-server":
+        work.mkdir(parents=True, exist_ok=True)
     try:
         if args.step == "check-server":
             check_server_args(args.model, dict(m.split("=", 1) for m in args.lora_modules), args.max_lora_rank,

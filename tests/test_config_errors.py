@@ -65,3 +65,50 @@ def test_mlora_defaults_are_the_originals():
     assert (chain.use_P, chain.use_b, chain.loran_dropout, chain.init_weights) == (True, True, 0.0, True)
     assert (config.use_P, config.use_b) == (False, False)
     assert config.zero_centered  # new adapters start at exactly zero, unlike the original's Sigmoid default
+
+
+def test_the_dead_start_warning_is_shown_once_per_process_however_often_the_config_is_built():
+    import subprocess
+    import sys
+
+    script = """
+import peft_loran
+from peft_loran import MLoraConfig
+from peft import get_peft_model
+import torch
+from torch import nn
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q = nn.Linear(4, 4)
+
+config = MLoraConfig(r=2, mlora_af="Relu", target_modules=["q"])
+for _ in range(3):
+    get_peft_model(M(), MLoraConfig(r=2, mlora_af="Relu", target_modules=["q"]))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stderr.count("f'(0) = 0") == 1, out.stderr
+
+
+def test_bitsandbytes_hub_kernel_notice_is_dropped_and_nothing_else():
+    import logging
+
+    import peft_loran  # noqa: F401  (installs the filter)
+
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        logger.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please ...", "No module")
+        logger.warning("another notice")
+    finally:
+        logger.removeHandler(handler)
+    assert records == ["another notice"]

@@ -31,14 +31,23 @@ import os
 import shutil
 import warnings
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 
 from .activations import Activation
 
-if TYPE_CHECKING:
-    from .functional import LowRankUpdate
+
+class Update(Protocol):
+    """What a kernel reads of an update (``functional.LowRankUpdate`` is the one implementation)."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    stages: Sequence
+    activation: Activation
+    scaling: float
+
+    def factors_at_least_float32(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 #: The gradients of one block: ``(dB rows, dA, [dP_k or None], [db_k or None])``, float32 (float64 stays).
 BlockGrads = tuple[torch.Tensor, torch.Tensor, list, list]
@@ -146,12 +155,12 @@ class BlockKernel(ABC):
     name: str = ""
 
     @abstractmethod
-    def value(self, update: "LowRankUpdate", i0: int, i1: int, base_rows: Optional[torch.Tensor],
+    def value(self, update: Update, i0: int, i1: int, base_rows: Optional[torch.Tensor],
               out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``base_rows + D[i0:i1]`` in ``out_dtype`` (default: float32, float64 for float64 factors)."""
 
     @abstractmethod
-    def value_and_grads(self, update: "LowRankUpdate", i0: int, i1: int, base_rows: Optional[torch.Tensor],
+    def value_and_grads(self, update: Update, i0: int, i1: int, base_rows: Optional[torch.Tensor],
                         grad_h: torch.Tensor, need_value: bool,
                         out_dtype: Optional[torch.dtype] = None) -> tuple[Optional[torch.Tensor], BlockGrads]:
         """``(value or None, gradients)`` of the block; may overwrite ``grad_h`` (a temporary of the caller)."""
