@@ -57,21 +57,16 @@ if [[ $parts == *tests* ]]; then
   rc=$?; tail -n 15 "$out/tests.log"; part_done tests $rc; [[ $rc == 0 ]] || status=1
 fi
 
-if [[ $parts == *short* ]]; then
-  echo "== short preset on $device"
-  timeout "${SHORT_TIMEOUT:-100}" "$py" benchmarks/bench.py --device "$device" "${short[@]}" \
-    --json "$out/short-$device.json" --out "$out/short-$device.md" > /dev/null 2>> "$out/bench.log"
-  rc=$?; cat "$out/short-$device.md" 2>/dev/null; tail -n 3 "$out/bench.log"; part_done short $rc
+bench_part() {  # name, timeout, bench.py arguments: the JSON and the table are rewritten as cases finish
+  local name=$1 limit=$2; shift 2
+  echo "== $name preset on $device"
+  timeout "$limit" "$py" benchmarks/bench.py --device "$device" "$@" \
+    --json "$out/$name-$device.json" --out "$out/$name-$device.md" > /dev/null 2>> "$out/bench.log"
+  local rc=$?; cat "$out/$name-$device.md" 2>/dev/null; tail -n 3 "$out/bench.log"; part_done "$name" $rc
   [[ $rc == 0 ]] || status=1
-fi
-
-if [[ $parts == *realistic* ]]; then
-  echo "== realistic preset on $device"
-  timeout "${REALISTIC_TIMEOUT:-250}" "$py" benchmarks/bench.py --device "$device" "${realistic[@]}" \
-    --json "$out/realistic-$device.json" --out "$out/realistic-$device.md" > /dev/null 2>> "$out/bench.log"
-  rc=$?; cat "$out/realistic-$device.md" 2>/dev/null; tail -n 3 "$out/bench.log"; part_done realistic $rc
-  [[ $rc == 0 ]] || status=1
-fi
+}
+if [[ $parts == *short* ]]; then bench_part short "${SHORT_TIMEOUT:-100}" "${short[@]}"; fi
+if [[ $parts == *realistic* ]]; then bench_part realistic "${REALISTIC_TIMEOUT:-250}" "${realistic[@]}"; fi
 
 if [[ $parts == *eval* ]]; then
   echo "== evaluation memory on $device"
