@@ -391,11 +391,11 @@ class LowRankUpdate:
             upstream = None if grad_h is None else grad_h(i0, i1)
             with torch.autocast(self.A.device.type, enabled=False):
                 try:
-                    yield Block(i0, i1, *self._block(kernel, i0, i1, base_rows, upstream, need_value, out_dtype))
-                    continue
+                    parts = self._block(kernel, i0, i1, base_rows, upstream, need_value, out_dtype)
                 except CompileFailed:
                     kernel = EAGER
-                yield Block(i0, i1, *self._block(kernel, i0, i1, base_rows, upstream, need_value, out_dtype))
+                    parts = self._block(kernel, i0, i1, base_rows, upstream, need_value, out_dtype)
+            yield Block(i0, i1, *parts)
 
     def _block(self, kernel, i0, i1, base_rows, upstream, need_value, out_dtype):
         if upstream is None:
