@@ -50,16 +50,19 @@ def main() -> None:
 
         cells = []
         for e in EXPONENTS:
-            rows = LF.default_block_rows(in_f, x.device, elements=2**e)
-
-            def fused():
-                y = LF.loran_matmul(x, A, B, [(None, None)], act, 2.0, weight=W, block_rows=rows)
-                y.backward(torch.ones_like(y))
-
             times = []
-            for mode in ("auto", "0"):
+            for mode in ("1", "0"):
                 set_kernel_compilation(mode)
+                # the CPU plan's height for this budget and kernel, given as the update's explicit block height
+                rows = LF.cpu_block_rows(in_f, compiled=mode == "1", budget=2**e)
+                update = LF.LowRankUpdate(A, B, [(None, None)], act, 2.0, block_rows=rows)
+
+                def fused():
+                    y = LF.loran_matmul(x, update, weight=W)
+                    y.backward(torch.ones_like(y))
+
                 times.append(timed(fused))
+            set_kernel_compilation(None)
             cells.append(" / ".join(f"{t:.1f}" for t in times))
         print(f"| {out_f} x {in_f} | {timed(base):.1f} | " + " | ".join(cells) + " |")
 

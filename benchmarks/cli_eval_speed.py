@@ -52,18 +52,7 @@ def main() -> None:
     def run(name: str, cache: bool) -> float:
         model, tokenizer, task, settings = models[name]
         started = time.perf_counter()
-        if cache:
-            evaluate(model, tokenizer, task, settings)  # the command line's evaluation: cache on while it runs
-        else:
-            from contextlib import nullcontext
-            import peft_loran_cli.evaluation as evaluation
-
-            original = evaluation.eval_cache_on
-            evaluation.eval_cache_on = lambda model: nullcontext()
-            try:
-                evaluate(model, tokenizer, task, settings)
-            finally:
-                evaluation.eval_cache_on = original
+        evaluate(model, tokenizer, task, settings, eval_cache=cache)  # cache: what the command line's evaluate does
         return time.perf_counter() - started
 
     cells = [("lora", True), ("loran", True), ("loran", False)]

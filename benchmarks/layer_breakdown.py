@@ -30,10 +30,11 @@ def main(tokens: int = 256, rank: int = 8) -> None:
         B = (torch.randn(out_f, rank) * 0.02).requires_grad_()
         x = torch.randn(tokens, in_f, requires_grad=True)
         g = torch.randn(tokens, out_f)
-        rows = LF.default_block_rows(in_f, x.device)
+        update = LF.LowRankUpdate(A, B, [(None, None)], activation, 2.0)
+        rows = update.plan(x.device, needs_grad=True, autograd=False).block_rows  # what the fused path uses
 
         def fused():
-            LF.loran_matmul(x, A, B, [(None, None)], activation, 2.0, weight=W).backward(g)
+            LF.loran_matmul(x, update, weight=W).backward(g)
 
         def lora():
             (x @ W.T + 2.0 * (x @ A.T) @ B.T).backward(g)

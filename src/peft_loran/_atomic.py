@@ -52,7 +52,7 @@ def _listed(manifest: Optional[dict]) -> tuple[set[str], list[str]]:
     return set(map(str, manifest.get("files", []))), [str(d).rstrip("/") for d in manifest.get("staging", [])]
 
 
-def _relative_files(directory: Path) -> list[str]:
+def relative_files(directory: Path) -> list[str]:
     """Every file (and symlink) below ``directory``, relative to it, sorted."""
     found = []
     for root, dirs, files in os.walk(directory):
@@ -67,7 +67,7 @@ def foreign_files(directory: Union[str, Path]) -> list[str]:
     file when there is no manifest. Files inside a staging directory the manifest names count as written."""
     directory = Path(directory)
     files, staging = _listed(read_manifest(directory))
-    return [f for f in _relative_files(directory) if f != MANIFEST and f not in files
+    return [f for f in relative_files(directory) if f != MANIFEST and f not in files
             and not any(f.startswith(s + "/") for s in staging)]
 
 
@@ -145,7 +145,7 @@ def remove_owned(directory: Union[str, Path], below: str = "") -> list[str]:
                 path.rmdir()
             except OSError:
                 pass
-    left = [f for f in _relative_files(root) if f != MANIFEST] if root.is_dir() else []
+    left = [f for f in relative_files(root) if f != MANIFEST] if root.is_dir() else []
     left = [f"{below.rstrip('/')}/{f}" if below else f for f in left]
     if below:
         if root.is_dir() and not left:
@@ -233,7 +233,7 @@ def atomic_directory(destination: Union[str, Path], overwrite: bool = False,
         os.chmod(tmp, 0o777 & ~_current_umask())
         try:
             yield tmp
-            write_manifest(tmp, _relative_files(tmp))
+            write_manifest(tmp, relative_files(tmp))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -1,8 +1,8 @@
 """Deploying a LoRAN adapter where only LoRA or plain models are understood.
 
 * :func:`export_lora` writes a standard PEFT LoRA adapter whose update per module is the best rank-``k``
-  approximation of LoRAN's dense ``s f(BA)`` (truncated SVD). Serving stacks (vLLM and llama.cpp, checked by scripts/serve_check.sh; PEFT's own
-  multi-adapter serving) take it like any LoRA adapter. At the paper's Sinter setting the update is LoRA to within
+  approximation of LoRAN's dense ``s f(BA)`` (truncated SVD). Serving stacks (vLLM and llama.cpp, checked by
+  ``scripts/serve_check.sh``; PEFT's own multi-adapter serving) take it like any LoRA adapter. At the paper's Sinter setting the update is LoRA to within
   ``a = 5e-5`` relative (``|a x sin(w x)| <= a |x|``), so a rank-``r`` export reproduces it to that precision; at
   stronger settings the error is measured and reported per module.
 * :func:`export_merged` writes a complete transformers model with the update added to the weights: no PEFT

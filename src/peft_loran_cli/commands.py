@@ -125,7 +125,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     in the folder's manifest, so ``--overwrite`` removes only those."""
     import time
 
-    from peft_loran._atomic import DirectoryInUseError, add_to_manifest, directory_lock, write_text_atomic
+    from peft_loran._atomic import (DirectoryInUseError, add_to_manifest, directory_lock, relative_files,
+                                    write_text_atomic)
 
     from . import report
     from .evaluation import main_metric
@@ -171,7 +172,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     result, interrupted = stop.result.as_dict(), stop
                 _remove_owned_below(out, f"adapters/{name}")  # a leftover of an interrupted run
                 os.replace(out / staging, out / "adapters" / name)
-                add_to_manifest(out, files=_files_below(out, f"adapters/{name}"), drop_staging=[staging])
+                add_to_manifest(out, files=[f"adapters/{name}/{f}" for f in relative_files(out / "adapters" / name)],
+                                drop_staging=[staging])
                 result.update(cell, cell=name, adapter=f"adapters/{name}", eval_split=settings.eval_split,
                               invocation=invocation)
                 write_text_atomic(out / "cells" / f"{name}.json", json.dumps(result, indent=2, default=str) + "\n")
@@ -192,10 +194,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     plots = [name for name in written if name.endswith(".png")]
     print(f"\nwrote {args.output_dir}/metrics.json, table.md, {', '.join(plots) or 'no plot'} and adapters/")
     return 0
-
-
-def _files_below(out: Path, below: str) -> list[str]:
-    return [p.relative_to(out).as_posix() for p in sorted((out / below).rglob("*")) if p.is_file()]
 
 
 def _remove_owned_below(out: Path, below: str) -> None:

@@ -360,10 +360,9 @@ def find_recorded_examples(task: TaskData, fingerprint: dict) -> list[Example]:
     """The examples a run scored, found again by content in the rebuilt ``task`` (in the recorded order), or one
     ``error:`` line saying that the data changed: a score on other examples would be a wrong answer."""
     pool: dict[str, list[Example]] = {}
-    for part in (task.train, task.validation, task.test):
-        for e in part:
-            if not any(e is other for other in pool.get(e.digest(task.labels), [])):
-                pool.setdefault(e.digest(task.labels), []).append(e)
+    unique = {id(e): e for part in (task.train, task.validation, task.test) for e in part}  # an eval file is two parts
+    for e in unique.values():
+        pool.setdefault(e.digest(task.labels), []).append(e)
     wanted = fingerprint["examples"]
     found, missing = [], 0
     used: dict[str, int] = {}

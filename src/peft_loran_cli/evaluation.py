@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
 import torch
@@ -30,16 +30,17 @@ def split_name(task: TaskData, settings: Settings) -> str:
     return task.scored_split or settings.eval_split
 
 
-def evaluate(model, tokenizer, task: TaskData, settings: Settings, train_label_counts: Optional[dict] = None) -> dict:
+def evaluate(model, tokenizer, task: TaskData, settings: Settings, train_label_counts: Optional[dict] = None,
+             eval_cache: bool = True) -> dict:
     """Metrics on :func:`scored_examples`. A LoRAN model is evaluated with its eval cache on (its dense updates are
-    built once, not again for every batch and generated token; freed afterwards): the same numbers, at about the
-    base model's speed. ``train_label_counts`` (label name -> count in the adapter's training split, from its task
+    built once, not again for every batch and generated token; freed afterwards; ``eval_cache=False`` leaves the
+    model's own setting): the same numbers, at about the base model's speed. ``train_label_counts`` (label name -> count in the adapter's training split, from its task
     record) sets the majority baseline where ``task`` has no training split."""
     examples = scored_examples(task, settings)
     if not examples:
         raise UserError(f"task '{task.name}' has an empty {split_name(task, settings)} split")
     progress = _progress(len(examples), "evaluating", settings.quiet)
-    with eval_cache_on(model):
+    with eval_cache_on(model) if eval_cache else nullcontext():
         if task.kind == "classify":
             metrics = _evaluate_classification(model, tokenizer, examples, settings, progress)
             predicted = metrics.pop("predicted")
