@@ -44,9 +44,9 @@ Stage = tuple[Optional[torch.Tensor], Optional[torch.Tensor]]
 #: at 2**18 (1 MiB); the compiled kernel makes one pass and its per-block GEMMs are wider at 2**19.
 CPU_BLOCK_ELEMENTS = {False: 2**18, True: 2**19}
 #: ... and where no backward follows (evaluation, merging, export): the compiled kernel streams through a block once
-#: and each block costs a compiled call (guards, about 50 us) and a GEMM launch, so blocks of 2**21 (8 MiB) ran an
-#: all-seven evaluation forward of a hidden-1024 model at 1.36x the base model's time against 1.55x at 2**19;
-#: the eager kernel's passes want the cache-sized blocks either way (2**20 and more were slower: 2.1-2.3x).
+#: and each block costs a compiled call and a GEMM launch, so blocks of 2**21 (8 MiB) ran an all-seven evaluation
+#: forward of a hidden-1024 model at 1.21x the base model's time against 1.28x at 2**19 (benchmarks/block_budget.py);
+#: for the eager kernel the budget made no clear difference there (1.49-1.59x from 2**18 to 2**21, 1.76x at 2**22).
 CPU_NO_GRAD_BLOCK_ELEMENTS = {False: 2**18, True: 2**21}
 #: ... but on layers at least :data:`MIN_BLOCK_ROWS_FROM_COLS` wide, at least this many rows per block (compiled,
 #: eager), up to :data:`MAX_BLOCK_ELEMENTS`: every block costs a pass over the whole ``(tokens, in)`` input gradient
