@@ -15,13 +15,18 @@
 # Environment: PARTS (default "tests short realistic"), TEST_TIMEOUT / SHORT_TIMEOUT / REALISTIC_TIMEOUT /
 # EVAL_TIMEOUT (seconds), BENCH_STEPS (timed steps in the short part, default 20), PYTHON (default python3).
 # The packages' sources are taken from src/ (no install of peft-loran needed); the NF4 cases need bitsandbytes.
-# Files written (at most 8, as a device run returns): run.log (versions, commit, time per part), tests.log,
+# Files written (at most 8, as a device run returns): .gpu-check (its marker: OUTDIR must be new, empty or its own),
+# run.log (versions, commit, time per part), tests.log,
 # bench.log (the benchmarks' progress), short-DEVICE.{json,md}, realistic-DEVICE.{json,md}.
 set -uo pipefail
 device=cuda
 if [[ ${1:-} == --device ]]; then device=$2; shift 2; fi
 out=${1:-gpu-check}
-mkdir -p "$out"
+# write only into an empty folder or one this script made (its marker file): never over someone's files
+if [[ -d "$out" && -n "$(ls -A "$out")" && ! -f "$out/.gpu-check" ]]; then
+  echo "error: $out holds files this script did not write; choose an empty or new folder" >&2; exit 2
+fi
+mkdir -p "$out" && touch "$out/.gpu-check"
 py=${PYTHON:-python3}
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 # compile from an empty cache, as a new user does: the first LoRAN process's first step shows the one-time cost

@@ -39,7 +39,11 @@ if [ ! -f "$src/vendor/llama.cpp/convert_lora_to_gguf.py" ]; then
   mkdir -p "$src" && tar -xzf "$src.download"/llama_cpp_python-0.3.36.tar.gz -C "$src" --strip-components=1
 fi
 gguf_base=$(.venv/bin/python -c "from peft_loran_cli.models import _bundled_file; print(_bundled_file('smollm2'))")
-mkdir -p "$work"
+# write only into an empty folder or one this script made (its marker file): never over someone's files
+if [[ -d "$work" && -n "$(ls -A "$work")" && ! -f "$work/.serve-check" ]]; then
+  echo "error: $work holds files this script did not write; choose an empty or new folder" >&2; exit 2
+fi
+mkdir -p "$work" && touch "$work/.serve-check"
 echo "== training, exporting and the PEFT references (project environment)"
 .venv/bin/python scripts/serve_check.py prepare --work "$work"
 echo "== vLLM: offline engine, then the server on 127.0.0.1"
