@@ -30,10 +30,8 @@ def main() -> None:
     quiet_library_notices()
     import torch
 
-    from peft_loran_cli.commands import attach_adapter
-    from peft_loran_cli.data import read_task_record
     from peft_loran_cli.evaluation import evaluate
-    from peft_loran_cli.loading import load_base
+    from peft_loran_cli.loading import load_adapter_model
     from peft_loran_cli.options import build_parser, prepare_data
     from peft_loran_cli.settings import Settings
 
@@ -42,12 +40,11 @@ def main() -> None:
     for name, folder in (("lora", args.lora), ("loran", args.loran)):
         cli_args = build_parser().parse_args(["evaluate", folder, "--quiet"])
         prepare_data(cli_args)
-        record = read_task_record(folder)
+        loaded = load_adapter_model(folder, quiet=True)
         task = cli_args.task_data
         task.test = task.test[: args.limit]
-        settings = Settings(max_length=record["max_length"], quiet=True)
-        base, tokenizer = load_base(record["base_model"], task, settings)
-        models[name] = (attach_adapter(base, folder), tokenizer, task, settings)
+        settings = Settings(max_length=loaded.record["max_length"], quiet=True)
+        models[name] = (loaded.model, loaded.tokenizer, task, settings)
 
     def run(name: str, cache: bool) -> float:
         model, tokenizer, task, settings = models[name]

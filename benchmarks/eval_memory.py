@@ -174,7 +174,7 @@ def main() -> None:
                 print(f"  {base:7s} {method:13s} {json.dumps(results['runs'][base][method])}", file=sys.stderr,
                       flush=True)
     if args.json:
-        from peft_loran._atomic import write_text_atomic
+        from peft_loran.atomic import write_text_atomic
 
         write_text_atomic(args.json, json.dumps(results, indent=1))
     print(render(results))

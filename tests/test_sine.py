@@ -11,7 +11,7 @@ from peft import get_peft_model, inject_adapter_in_model, LoraConfig, PeftModel
 
 from peft_loran import LoranConfig
 from peft_loran import functional as LF
-from peft_loran.diagnostics import update_statistics
+from peft_loran.diagnostics import effective_rank, update_statistics
 
 from .reference import activation, layer_factors, naive_linear_output, naive_update
 from .test_layers import Toy, weight_out_in
@@ -150,8 +150,8 @@ def test_nonlinear_share_against_dense_and_its_bound():
 
 
 def test_effective_rank_and_lora_rows():
-    assert LF.effective_rank(torch.tensor([2.0, 2.0, 2.0, 0.0])) == pytest.approx(3.0)
-    assert LF.effective_rank(torch.tensor([1.0, 0.0])) == pytest.approx(1.0)
+    assert effective_rank(torch.tensor([2.0, 2.0, 2.0, 0.0])) == pytest.approx(3.0)
+    assert effective_rank(torch.tensor([1.0, 0.0])) == pytest.approx(1.0)
     torch.manual_seed(0)
     lora = get_peft_model(Toy(), LoraConfig(target_modules=["lin"], r=2, init_lora_weights=False))
     (row,) = update_statistics(lora)

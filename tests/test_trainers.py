@@ -94,18 +94,60 @@ def test_trl_sft_trainer_save_reload_generate(tiny_lm, tmp_path):  # noqa: F811
     assert torch.equal(out, trained.generate(input_ids=prompt, max_new_tokens=4, do_sample=False))
 
 
-def test_cli_qlora_load_in_4bit(tokenizer_dir, tmp_path):  # noqa: F811
+def tiny_bert(tokenizer_dir, path, hidden: int = 64) -> str:
+    """A tiny BERT whose widths bitsandbytes' 4-bit kernels accept (multiples of 64), saved with its tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tok.vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=2 * hidden, max_position_embeddings=128)
+    BertModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def printed_number(capsys, metric: str) -> tuple[float, str]:
+    """``evaluate``'s number (from its JSON line) and its result line."""
+    lines = capsys.readouterr().out.splitlines()
+    return json.loads(lines[0])[metric], next(line for line in lines if line.startswith(f"{metric}: "))
+
+
+@pytest.mark.parametrize("kind", ["generate", "classify"])
+def test_a_4bit_run_is_evaluated_inspected_and_exported_on_its_4bit_base(kind, tokenizer_dir, tmp_path, capsys):
+    """QLoRA through the command line: a generator and a classifier (its head stays a float nn.Linear, trained and
+    saved) train on an NF4 base; ``evaluate`` with no options loads the base as the run did (the task record says
+    so) and reports the run's own number; inspect and export load it the same way."""
     pytest.importorskip("bitsandbytes")
-    # every width a multiple of 64: bitsandbytes' 4-bit kernels work in blocks of 64
-    model_dir = make_tiny_lm(tokenizer_dir, tmp_path / "lm128", hidden=128, intermediate=256)
-    path = tmp_path / "pairs.jsonl"
-    path.write_text("\n".join(json.dumps({"source": f"article {i} about things", "target": f"title {i}"})
-                              for i in range(12)))
+    if kind == "generate":  # every width a multiple of 64: bitsandbytes' 4-bit kernels work in blocks of 64
+        model_dir = make_tiny_lm(tokenizer_dir, tmp_path / "lm128", hidden=128, intermediate=256)
+        rows = [json.dumps({"source": f"article {i} about things", "target": f"title {i}"}) for i in range(12)]
+        options, metric = ["--task-type", "generate"], "rougeL"
+    else:
+        model_dir = tiny_bert(tokenizer_dir, tmp_path / "bert64")
+        rows = [json.dumps({"text": f"{w} item {i}", "label": w}) for i in range(8) for w in ("oven", "tide", "orbit")]
+        options, metric = ["--task-type", "classify", "--targets", "query,value"], "accuracy"
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(rows))
     out = tmp_path / "q"
-    assert run(["train", "--model", model_dir, "--train-file", str(path), "--task-type", "generate", "--steps", "2",
-                "--batch-size", "2", "--max-length", "32", "--load-in-4bit", "--output-dir", str(out),
-                "--quiet"]) == 0
-    assert "rougeL" in json.loads((out / "metrics.json").read_text())["metrics"]
+    assert run(["train", "--model", model_dir, "--train-file", str(path), *options, "--steps", "2", "--batch-size",
+                "2", "--max-length", "32", "--load-in-4bit", "--output-dir", str(out), "--quiet"]) == 0
+    trained = json.loads((out / "metrics.json").read_text())["metrics"][metric]
+    record = json.loads((out / "adapter" / "peft_loran_task.json").read_text())
+    assert record["base_loading"]["quantization"] == "nf4"
+    if kind == "classify":  # the head was trained in float and saved with the adapter
+        from safetensors import safe_open
+
+        with safe_open(str(out / "adapter" / "adapter_model.safetensors"), "pt") as fh:
+            head = [k for k in fh.keys() if "classifier" in k and k.endswith("weight")]
+            assert head and fh.get_tensor(head[0]).dtype == torch.float32
+    capsys.readouterr()
+    assert run(["evaluate", str(out / "adapter"), "--quiet"]) == 0
+    value, line = printed_number(capsys, metric)
+    assert "base model loaded in 4-bit NF4" in line and value == pytest.approx(trained, abs=1e-6)
+    assert run(["inspect", str(out / "adapter"), "--output", str(tmp_path / "s.png"), "--quiet"]) == 0
+    assert run(["export", str(out / "adapter"), "--merge", "--output-dir", str(tmp_path / "merged"), "--quiet"]) == 0
+    assert "4-bit base dequantized" in capsys.readouterr().out
 
 
 def test_loran_model_under_trainer_trains_only_adapter(tmp_path):

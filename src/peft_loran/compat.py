@@ -130,7 +130,7 @@ def convert_original_checkpoint(source: str, destination: str, overwrite: bool =
     """
     from safetensors.torch import save_file
 
-    from ._atomic import atomic_directory
+    from .atomic import atomic_directory
 
     with open(os.path.join(source, "adapter_config.json")) as fh:
         raw = json.load(fh)

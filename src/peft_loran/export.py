@@ -172,7 +172,7 @@ def export_lora(
     """
     from safetensors.torch import save_file
 
-    from ._atomic import atomic_directory
+    from .atomic import atomic_directory
 
     state, config, reports = lora_state_and_config(model, rank, adapter)
     report = {
@@ -262,7 +262,7 @@ def export_merged(model: nn.Module, output_dir: str, tokenizer=None, overwrite: 
     Float bases keep their dtype. Quantized (bitsandbytes) bases are dequantized, the update added in float32 and
     the weights saved in bfloat16 (as PEFT does for LoRA), since a merged update cannot be stored in the 4/8-bit
     codes without losing it. Consumes ``model`` (its layers are replaced). Returns what it did."""
-    from ._atomic import atomic_directory
+    from .atomic import atomic_directory
 
     quantized = _dequantize_merge(model)
     merged = model.merge_and_unload() if not quantized else model.get_base_model()

@@ -318,6 +318,10 @@ class LowRankUpdate:
     def shape(self) -> tuple[int, int]:
         return self.B.shape[0], last_width(self.A, self.stages)
 
+    @property
+    def is_plain(self) -> bool:
+        return is_plain(self.stages)
+
     # ------------------------------------------------------------------------------------------ the tensors
     def tensors(self) -> list[Optional[torch.Tensor]]:
         """``[A, B, P_1, b_1, ...]`` (None where a stage has no P or b): what autograd differentiates."""
@@ -442,56 +446,6 @@ class LowRankUpdate:
         """``||D - left @ right||_F^2`` (``left``: ``(rows, k)``, ``right``: ``(k, cols)``) in float64."""
         return float(sum((block.double() - left[i0:i1].double() @ right.double()).pow(2).sum()
                          for i0, i1, block, _ in self.blocks()))
-
-    @torch.no_grad()
-    def nonlinear_share(self, write_dense_to: Optional[torch.Tensor] = None) -> Optional[dict]:
-        """How much of ``D = s f(BA)`` the non-linearity makes, in float64:
-
-        * ``share``: ``||D - s BA||^2 / ||D||^2`` (0 for LoRA; for Sinter with amplitude ``a < 1`` at most
-          ``a^2 / (1 - a)^2``; it counts a mere change of scale as non-linear: Sine-LoRA's ``sin(w x) / g ~ (w / g)
-          x`` gives about ``(1 - g / w)^2`` even where it is linear);
-        * ``beyond_scale``: ``min_c ||D - c BA||^2 / ||D||^2 = 1 - <D, BA>^2 / (||D||^2 ||BA||^2)``: what no multiple
-          of ``BA`` explains, the part of the update a rescaled LoRA could not give.
-
-        None for chains with ``P``/``b`` (no linear counterpart) and for an all-zero update. ``write_dense_to`` (a
-        float64 ``(out, in)`` tensor) also receives ``D``, from the same pass (see :meth:`dense_and_share`)."""
-        if not is_plain(self.stages):
-            return None
-        update = self.in_float64()
-        A64, B64, scaling = update.A, update.B, self.scaling
-        total = inner = distance = 0.0
-        for i0, i1, block, _ in update.blocks():
-            if write_dense_to is not None:
-                write_dense_to[i0:i1] = block
-            linear = B64[i0:i1] @ A64
-            total += float(block.pow(2).sum())
-            inner += float((block * linear).sum())
-            distance += float((block - scaling * linear).pow(2).sum())
-        if total == 0.0:
-            return None
-        linear_sq = float(((B64.T @ B64) * (A64 @ A64.T)).sum())  # ||BA||^2 = trace(B^T B A A^T)
-        beyond = 1.0 - inner * inner / (total * linear_sq) if linear_sq > 0 else 1.0
-        return {"share": distance / total, "beyond_scale": max(0.0, beyond)}
-
-    @torch.no_grad()
-    def dense_and_share(self) -> tuple[torch.Tensor, Optional[dict]]:
-        """``D`` in float64 and :meth:`nonlinear_share`, from one pass over the blocks (what the diagnostics need:
-        their SVD runs in float64 anyway)."""
-        if not is_plain(self.stages):
-            return self.in_float64().dense(), None
-        dense = empty_page_aligned(self.shape, torch.float64, self.A.device)
-        return dense, self.nonlinear_share(write_dense_to=dense)
-
-
-def effective_rank(singular_values: torch.Tensor) -> float:
-    """Roy & Vetterli's effective rank ``exp(entropy(sigma / sum(sigma)))``: between 1 and the number of non-zero
-    singular values, equal to k for k equal ones; it counts directions with real weight, not rounding noise."""
-    sv = singular_values.double().clamp_min(0)
-    if float(sv.sum()) == 0.0:
-        return 0.0
-    p = sv / sv.sum()
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
 
 
 def last_width(A: torch.Tensor, stages: Sequence[Stage]) -> int:

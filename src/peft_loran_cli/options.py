@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("target", "generation")):
         ev.add_argument(f"--{name}-field", help=f"with --eval-file: the file's {name} field ({kind} adapters; "
                                                  "default: the name the adapter was trained with)")
+    ev.add_argument("--load-in-4bit", action="store_true",
+                    help="load the base in 4-bit NF4 (default: as the run loaded it, which its task record says)")
     ev.add_argument("--eval-limit", type=int)
     ev.add_argument("--max-length", type=int, help="default: the one the adapter was trained with (else 128)")
     ev.add_argument("--quiet", action="store_true")
@@ -116,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--merge", action="store_true", help="write a complete transformers model with the update merged")
     exp.add_argument("--model", help="base model (default: the one recorded in the adapter)")
     exp.add_argument("--load-in-4bit", action="store_true",
-                     help="with --merge: load the base in 4 bits as in QLoRA training, then dequantize, merge in float32 "
-                          "and save bf16 (--to-lora does not need it)")
+                     help="load the base in 4-bit NF4 (default: as the run loaded it, which its task record says); "
+                          "--merge then dequantizes, merges in float32 and saves bf16")
     exp.add_argument("--output-dir", required=True)
     exp.add_argument("--overwrite", action="store_true", help="replace an existing output directory (when complete)")
     exp.add_argument("--quiet", action="store_true")
@@ -125,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("adapter")
     ins.add_argument("--output", help="PNG path (default: <adapter>-spectrum.png beside the adapter folder); an "
                                       "existing file is replaced only if it is a plot peft-loran wrote")
+    ins.add_argument("--model", help="base model (default: the one recorded in the adapter)")
+    ins.add_argument("--load-in-4bit", action="store_true",
+                     help="load the base in 4-bit NF4 (default: as the run loaded it)")
     ins.add_argument("--quiet", action="store_true")
     return parser
 
@@ -163,6 +168,16 @@ def option_values(args: argparse.Namespace, name: str) -> Optional[list]:
         raise ValueError(f"{args.command} runs one {name.replace('_', ' ')}, got {flag} {given}; use compare for "
                          "several")
     return values
+
+
+def checked_values(args: argparse.Namespace, name: str) -> Optional[list]:
+    """:func:`option_values`, its problem as one ``error:`` line."""
+    from .errors import UserError
+
+    try:
+        return option_values(args, name)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 #: What each number must be: (test, what it must be). One definition for the early checks and ``Settings.check``.
@@ -235,14 +250,13 @@ def combination_problem(args: argparse.Namespace) -> Optional[str]:
             library_module("rank_spec").parse_rank(args.to_lora)
         except ValueError as exc:
             return f"--to-lora: {exc}"
-        if args.load_in_4bit:
-            return "--load-in-4bit applies to --merge (--to-lora reads only the adapter's factors)"
     return None
 
 
 def files_problem(args: argparse.Namespace) -> Optional[str]:
     """A damaged adapter or base model file (truncated weights, a broken header), named in one line."""
     from .files import adapter_problem, model_problem
+    from .files import recorded_base
 
     adapter = getattr(args, "adapter", None)
     if adapter:
@@ -252,26 +266,12 @@ def files_problem(args: argparse.Namespace) -> Optional[str]:
     return model_problem(getattr(args, "model", None) or (recorded_base(adapter) if adapter else None))
 
 
-def recorded_base(adapter: str) -> Optional[str]:
-    """The base model an adapter names (its task record, else its config), read as JSON."""
-    import json
-
-    for name, key in (("peft_loran_task.json", "base_model"), ("adapter_config.json", "base_model_name_or_path")):
-        try:
-            value = json.loads((Path(adapter) / name).read_text()).get(key)
-        except (OSError, ValueError, AttributeError):
-            continue
-        if value:
-            return value
-    return None
-
-
 def output_problem(args: argparse.Namespace) -> Optional[str]:
     """An ``--output-dir`` (or inspect's ``--output``) that may not be written: it exists without ``--overwrite``,
     or replacing it would remove something peft-loran did not write (a folder of the user's, the working folder or
     an ancestor of it or of an input). Checked with the same rules the writing itself enforces."""
     from .files import input_paths, is_our_plot
-    from .light import library_module
+    from .outputs import OutputFolder
 
     if args.command == "inspect":
         output = Path(args.output) if args.output else None
@@ -280,19 +280,10 @@ def output_problem(args: argparse.Namespace) -> Optional[str]:
                     "(nothing was replaced)")
         return None
     output = getattr(args, "output_dir", None)
-    if not output or not Path(output).exists():
+    if not output:
         return None
-    if not Path(output).is_dir():
-        return f"--output-dir {output} is a file, not a directory; choose another --output-dir (nothing was removed)"
     resumable = args.command == "compare" and (Path(output) / SWEEP_STATE).exists()
-    if not getattr(args, "overwrite", False):
-        return None if resumable else f"output directory {output} exists; pass --overwrite to replace it"
-    atomic = library_module("_atomic")
-    try:
-        atomic.check_replaceable(output, input_paths(args))
-    except atomic.UnsafeOverwriteError as exc:
-        return str(exc)
-    return None
+    return OutputFolder(output, input_paths(args)).problem(getattr(args, "overwrite", False), resumable)
 
 
 def prepare_data(args: argparse.Namespace) -> None:
@@ -300,14 +291,18 @@ def prepare_data(args: argparse.Namespace) -> None:
     before any model is loaded: ``args.task_data`` (and ``args.task_record`` for ``evaluate``); print what the user
     should know about it (``warning:`` / ``note:`` lines, also with --quiet). Pure Python, so a bad file is reported
     in a fraction of a second. Raises UserError."""
-    from .data import evaluation_task_from, read_task_record, task_from
+    from .data import evaluation_task_from, task_from
+    from .files import read_task_record
     from .models import check_model_spec, generation_model_problem
 
     if args.command in ("compare", "train"):
         model = args.model or PROFILES[args.profile]["model"]
+        from .bundles import require
+
+        require(model, *([] if args.train_file else [args.task or PROFILES[args.profile]["task"]]))
         check_model_spec(model)
         args.task_data = task_from(args, PROFILES[args.profile]["task"])
-        problem = generation_model_problem(model, args.task_data)
+        problem = generation_model_problem(model, args.task_data.kind, args.task_data.name)
         if problem:
             from .errors import UserError
 
@@ -315,7 +310,7 @@ def prepare_data(args: argparse.Namespace) -> None:
     elif args.command == "evaluate":
         args.task_record = read_task_record(args.adapter)
         args.task_data = evaluation_task_from(args, args.task_record)
-    if args.command in ("evaluate", "export") and args.model:
+    if args.command in ("evaluate", "export", "inspect") and args.model:
         check_model_spec(args.model)
     task = getattr(args, "task_data", None)
     for line in (task.warnings if task else []):

@@ -6,24 +6,24 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .data import TASK_RECORD, TaskData, data_fingerprint
+from .data import TaskData, data_fingerprint
+from .files import TASK_RECORD
 from .methods import parse_method
-
 from .settings import Settings
 
-
-def write_task_record(adapter_dir: Path, task: TaskData, settings: Settings, model_path: str) -> None:
+def write_task_record(adapter_dir: Path, task: TaskData, settings: Settings, model_path: str, base_loading: dict) -> None:
     """What ``evaluate`` needs to evaluate the adapter again: task kind and source, field names, label names in
     the order of the model's outputs (``id2label``/``label2id`` as in a transformers config), max length, base; the
     fingerprint of the examples the run scored (so ``evaluate`` scores exactly those, or refuses), and the training
-    split's label counts (the majority baseline on other data)."""
+    split's label counts (the majority baseline on other data); how the base was loaded (``base_loading``: 4-bit or
+    float), so that ``evaluate``, ``inspect`` and ``export`` load it the same way."""
     from .evaluation import label_counts, scored_examples, split_name
 
     record = {
         "task": task.name, "kind": task.kind, "source": task.source, "labels": task.labels,
         "id2label": {str(i): label for i, label in enumerate(task.labels)},
         "label2id": {label: i for i, label in enumerate(task.labels)},
-        "max_length": settings.max_length, "base_model": model_path,
+        "max_length": settings.max_length, "base_model": model_path, "base_loading": base_loading,
         # the examples the run's reported metric was computed on, so `evaluate` reproduces it by default
         "eval_split": settings.eval_split, "eval_limit": settings.eval_limit,
         "fingerprint": data_fingerprint(task, split_name(task, settings), scored_examples(task, settings)),
@@ -47,8 +47,6 @@ def write_model_card(adapter_dir: Path, method: str, config, task: TaskData, set
                      metrics: dict) -> None:
     """Replace PEFT's empty template card with what this adapter is: base, method and f, rank, data, metrics and
     the command that made it."""
-    from .report import activation_formula
-
     kind, _ = parse_method(method)
     if kind == "hira":
         how = f"HiRA (PEFT), r = {config.r}, dropout = {config.hira_dropout}; update W0 * (B A)"
@@ -57,7 +55,7 @@ def write_model_card(adapter_dir: Path, method: str, config, task: TaskData, set
                f"alpha = {config.lora_alpha}, dropout = {config.lora_dropout}")
     else:
         how = (f"LoRAN (peft-loran), r = {config.r}, alpha = {config.loran_alpha}, dropout = {config.loran_dropout}; "
-               f"update s f(BA) with f = `{config.activation}`: {activation_formula(config)}")
+               f"update s f(BA) with f = `{config.activation}`: {config.describe_activation()}")
     source = task.source.get("task") or task.source.get("train_file")
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items() if k != "samples"}
     card = f"""---

@@ -76,47 +76,87 @@ def paired_to_lora(runs: list[dict], results: list[dict], metric: str) -> list[f
 
 
 def comparison_table(results: list[dict], metric: str) -> str:
-    """One row per cell (seeds pooled): mean +- std of the metric, the paired difference to LoRA with its sign-flip
-    p-value, time, memory, parameters, non-linear share and effective rank of the update."""
+    """One row per cell (seeds pooled): mean +- std of the metric (for classification also macro-F1 and the classes
+    the model predicted), the paired difference to LoRA with its sign-flip p-value, time, memory, parameters,
+    non-linear share and effective rank of the update; then what the reader must know to read it."""
     varying = _varying(results)
-    baseline = all("majority_rate" in r["metrics"] for r in results)  # classification: n and the constant guess
-    head = (f"| method | seeds | {metric} (mean +- std) | vs LoRA, paired (p) | trainable params | train time (s) | "
-            "peak memory (MB) | non-linear share (beyond scale) | effective rank |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
-    if baseline:
-        lines = [head + " examples | majority class |", lines[1] + "---|---|"]
-    for runs in groups(results).values():
-        first = runs[0]
-        mean, std = _mean_std([r["metrics"][metric] for r in runs])
-        single = sum(r["metrics"].get("predicted_classes") == 1 for r in runs)
-        diffs = paired_to_lora(runs, results, metric) if first["method"] != "lora" else []
-        paired = paired_text(diffs)
-        shares = [r.get("nonlinear_share") for r in runs if r.get("nonlinear_share") is not None]
-        beyond = [r.get("nonlinear_beyond_scale") for r in runs if r.get("nonlinear_beyond_scale") is not None]
-        ranks = [r.get("effective_rank") for r in runs if r.get("effective_rank") is not None]
-        share_text = (format(max(shares), ".2e") + (f" ({max(beyond):.1e})" if beyond else "")) if shares else ""
-        warning = (f" (single class{'' if len(runs) == 1 else f' in {single} of {len(runs)} runs'})"
-                   if single else "")
-        row = (f"| {group_label(first, varying)} | {len(runs)} | {mean:.4f}" + (f" +- {std:.4f}" if len(runs) > 1 else "")
-               + f"{warning} | {paired} | {first['trainable_params']:,} | "
-               f"{_mean_std([r['train_seconds'] for r in runs])[0]:.1f} | "
-               f"{_mean_std([r['peak_memory_mb'] for r in runs])[0]:.0f} | "
-               f"{share_text} | {format(_mean_std(ranks)[0], '.1f') if ranks else ''} |")
-        if baseline:
-            m = first["metrics"]
-            row += f" {m['n']} | {m['majority_rate']:.4f} ({m['majority_label']}) |"
-        lines.append(row)
-    if baseline and any(r["metrics"].get("predicted_classes") == 1 for r in results):
-        lines.append("\nsingle class: the model predicted the same class for every example; its accuracy is the share "
+    classify = all("majority_rate" in r["metrics"] for r in results)  # classification: F1, n, the constant guess
+    extra = [" macro-F1 (mean +- std)", " classes predicted"] if classify else []
+    columns = ["method", "seeds", f"{metric} (mean +- std)", *extra, "vs LoRA, paired (p)", "trainable params",
+               "train time (s)", "peak memory (MB)", "non-linear share (beyond scale)", "effective rank"]
+    if classify:
+        columns += ["examples", "majority class"]
+    lines = ["| " + " | ".join(c.strip() for c in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(table_row(runs, results, metric, varying, classify)) + " |"
+              for runs in groups(results).values()]
+    return "\n".join(lines + table_notes(results, classify, metric))
+
+
+def table_row(runs: list[dict], results: list[dict], metric: str, varying: list[str], classify: bool) -> list[str]:
+    """The cells of one row of :func:`comparison_table`."""
+    first = runs[0]
+    single = sum(r["metrics"].get("predicted_classes") == 1 for r in runs)
+    warning = f" (single class{'' if len(runs) == 1 else f' in {single} of {len(runs)} runs'})" if single else ""
+    diffs = paired_to_lora(runs, results, metric) if first["method"] != "lora" else []
+    shares = [r.get("nonlinear_share") for r in runs if r.get("nonlinear_share") is not None]
+    beyond = [r.get("nonlinear_beyond_scale") for r in runs if r.get("nonlinear_beyond_scale") is not None]
+    ranks = [r.get("effective_rank") for r in runs if r.get("effective_rank") is not None]
+    cells = [group_label(first, varying), str(len(runs)), _spread([r["metrics"][metric] for r in runs]) + warning]
+    if classify:
+        f1 = [r["metrics"]["macro_f1"] for r in runs if "macro_f1" in r["metrics"]]
+        predicted = sorted({r["metrics"].get("predicted_classes") for r in runs} - {None})
+        classes = first["metrics"].get("classes")
+        shown = "-".join(str(p) for p in (predicted[0], predicted[-1]) if p is not None) if predicted else ""
+        if len(predicted) == 1:
+            shown = str(predicted[0])
+        cells += [_spread(f1) if f1 else "", f"{shown}" + (f" of {classes}" if classes and shown else "")]
+    cells += [paired_text(diffs), f"{first['trainable_params']:,}",
+              f"{_mean_std([r['train_seconds'] for r in runs])[0]:.1f}",
+              f"{_mean_std([r['peak_memory_mb'] for r in runs])[0]:.0f}",
+              (format(max(shares), ".2e") + (f" ({max(beyond):.1e})" if beyond else "")) if shares else "",
+              format(_mean_std(ranks)[0], ".1f") if ranks else ""]
+    if classify:
+        m = first["metrics"]
+        cells += [str(m["n"]), f"{m['majority_rate']:.4f} ({m['majority_label']})"]
+    return cells
+
+
+def _spread(values: list[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.4f}" + (f" +- {std:.4f}" if len(values) > 1 else "")
+
+
+def smallest_p(seeds: int) -> float:
+    """The smallest two-sided p-value the exact sign-flip test can give with ``seeds`` pairs: all of one sign."""
+    return 2.0 / 2**seeds
+
+
+def table_notes(results: list[dict], classify: bool, metric: str) -> list[str]:
+    """The notes under the table: single-class models, ties for the majority class, the test's floor for this
+    number of seeds, cells trained by several invocations."""
+    notes = []
+    if classify and any(r["metrics"].get("predicted_classes") == 1 for r in results):
+        notes.append("single class: the model predicted the same class for every example; its accuracy is the share "
                      "of that class, not learned (compare with the majority-class column).")
-    if baseline and any(r["metrics"].get("majority_tie") for r in results):
+    if classify and any(r["metrics"].get("majority_tie") for r in results):
         tie = next(r["metrics"]["majority_tie"] for r in results if r["metrics"].get("majority_tie"))
-        lines.append(f"\nmajority class: {', '.join(tie)} are equally frequent in the training split; the column "
-                     "shows the first of them.")
+        notes.append(f"majority class: {', '.join(tie)} are equally frequent in the training split; the column shows "
+                     "the first of them.")
+    if classify:
+        notes.append("macro-F1 averages the F1 of every class, so a model that ignores the rare classes scores low "
+                     "there even where its accuracy is high; classes predicted: how many classes the model predicted "
+                     "at least once (lowest-highest over seeds).")
+    paired = [len(paired_to_lora(runs, results, metric)) for runs in groups(results).values()
+              if runs[0]["method"] != "lora"]
+    if paired and 1 < max(paired) and smallest_p(max(paired)) > 0.05:
+        n = max(paired)
+        notes.append(f"p: with {n} seeds the exact sign-flip test cannot go below p = {smallest_p(n):.3g} (every "
+                     f"seed's difference of one sign), so no difference here can be significant at 0.05; that needs "
+                     "at least 6 seeds (p >= 0.031).")
     note = invocations_note(results)
     if note:
-        lines.append("\n" + note)
-    return "\n".join(lines)
+        notes.append(note)
+    return ["\n" + n for n in notes]
 
 
 def paired_text(diffs: list[float]) -> str:
@@ -149,7 +189,9 @@ def write_sweep_reports(out: Path, results: list[dict], metric: str, header: dic
     grid setting varies, or when there are too many runs for comparison.png: the metric and the train time over the
     setting that varies, else per method); each written whole under a temporary name, then renamed. Returns the
     names of the files written."""
-    from peft_loran._atomic import write_text_atomic
+    from .light import library_module
+
+    write_text_atomic = library_module("atomic").write_text_atomic
 
     write_text_atomic(out / "metrics.json", json.dumps({**header, "results": results}, indent=2, default=str) + "\n")
     write_text_atomic(out / "table.md", comparison_table(results, metric) + "\n")
@@ -290,9 +332,9 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     first = results[0]["metrics"]
     title = f"{results[0].get('eval_split', 'test')} {metric}"
     if "majority_rate" in first:  # classification: how many examples, and what a constant guess scores
-        right.axhline(first["majority_rate"], color="0.4", linestyle="--", linewidth=1)
-        right.text(len(values) - 0.5, first["majority_rate"], f"majority class ({first['majority_label']})",
-                   ha="right", va="bottom", fontsize=8, color="0.3")
+        right.axhline(first["majority_rate"], color="0.4", linestyle="--", linewidth=1,
+                      label=f"majority class ({first['majority_label']}): {first['majority_rate']:.3f}")
+        right.legend(loc="lower right", fontsize=8, framealpha=0.9)  # a legend: text on the line would cross it
         title += f" (n = {first['n']})"
         singles = [r["method"] for r in results if r["metrics"].get("predicted_classes") == 1]
         if singles:
@@ -304,161 +346,3 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110, metadata={"Software": PLOT_SOFTWARE})
     plt.close(fig)
-
-
-# ------------------------------------------------------------------------------------------------------ inspect
-def load_adapter(path: str):
-    """(peft_type as written, config object, tensors) of an adapter directory: ours, PEFT LoRA, or the original's
-    MLORA format (its config becomes a LoRAN config, its pickle is read as plain tensors only)."""
-    from peft import PeftConfig
-    from safetensors.torch import load_file
-
-    import peft_loran  # noqa: F401  (registers LORAN and MLORA with PEFT)
-    from peft_loran.compat import convert_original_state_dict, load_tensors_safely
-
-    root = Path(path)
-    config_path = root / "adapter_config.json"
-    if not config_path.exists():
-        raise UserError(f"{path} is not an adapter directory (no adapter_config.json)")
-    written_type = json.loads(config_path.read_text()).get("peft_type")
-    try:
-        config = PeftConfig.from_pretrained(str(root))
-        if (root / "adapter_model.safetensors").exists():
-            tensors = load_file(root / "adapter_model.safetensors")
-        elif (root / "adapter_model.bin").exists():
-            tensors = load_tensors_safely(str(root / "adapter_model.bin"))
-        else:
-            raise UserError(f"{path} has no adapter_model.safetensors or adapter_model.bin")
-    except (ValueError, KeyError) as exc:
-        raise UserError(f"{path}: {str(exc).splitlines()[0]}") from None
-    return written_type, config, convert_original_state_dict(tensors)
-
-
-def adapted_layers(config, tensors: dict[str, torch.Tensor]) -> list[str]:
-    """The names of the adapted layers in an adapter's tensors (LoRAN / original MLORA, or PEFT LoRA)."""
-    from peft_loran.config import LoranConfig
-
-    if isinstance(config, LoranConfig):
-        suffix = ".loran_A"
-    elif getattr(config, "peft_type", None) == "LORA":
-        suffix = ".lora_A.weight"
-    else:
-        raise UserError(f"cannot inspect adapters of type {config.peft_type}; LoRAN, MLORA and LoRA are supported")
-    return in_model_order(config, [k[: -len(suffix)] for k in tensors if k.endswith(suffix)])
-
-
-def in_model_order(config, names: list[str]) -> list[str]:
-    """``names`` (PEFT state-dict module names) in the order the base model runs them: read from the base model's
-    config (the model built on the meta device, no weights) when the adapter's base is a local folder; else numbers
-    compared as numbers (``layers.2`` before ``layers.10``)."""
-    import re
-
-    def natural(name: str) -> list:
-        return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-    order: dict[str, int] = {}
-    base = getattr(config, "base_model_name_or_path", None)
-    if base and (Path(base) / "config.json").exists():
-        from transformers import AutoConfig
-
-        from .targets import meta_model
-
-        try:
-            task = str(getattr(config.task_type, "value", config.task_type) or "")
-            model = meta_model(AutoConfig.from_pretrained(base), "classify" if task == "SEQ_CLS" else "generate")
-            order = {name: i for i, (name, _) in enumerate(model.named_modules())}
-        except (OSError, ValueError, KeyError):
-            order = {}
-
-    def position(name: str):
-        plain = name.removeprefix("base_model.model.")
-        return (order.get(plain, len(order)), natural(name))
-
-    return sorted(names, key=position)
-
-
-def layer_updates(config, tensors: dict[str, torch.Tensor], layers: list[str]):
-    """Yield (layer name, rank r, dense update s*f(BA) or s*BA, non-linear share) for each of ``layers``."""
-    from peft_loran import functional as LF
-    from peft_loran.config import LoranConfig
-
-    if isinstance(config, LoranConfig):
-        for layer in layers:
-            A, B = tensors[layer + ".loran_A"].float(), tensors[layer + ".loran_B"].float()
-            act = config.build_activation(in_features=A.shape[1])
-            stages = [(tensors.get(f"{layer}.loran_P.{k}"), tensors.get(f"{layer}.loran_bias.{k}"))
-                      for k in range(len(config.chain_dims or [A.shape[1]]))]
-            dense, share = LF.LowRankUpdate(A, B, stages, act, config.scaling).dense_and_share()
-            yield layer, config.r, dense, share
-    else:
-        scaling = config.lora_alpha / (config.r ** 0.5 if getattr(config, "use_rslora", False) else config.r)
-        for layer in layers:
-            yield (layer, config.r,
-                   scaling * tensors[layer + ".lora_B.weight"].float() @ tensors[layer + ".lora_A.weight"].float(),
-                   {"share": 0.0, "beyond_scale": 0.0})
-
-
-def inspect_adapter(path: str, output: Path, quiet: bool = False) -> dict:
-    """Print config and sizes; plot each layer's singular values against the rank-r line a LoRA update can't pass."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from tqdm.auto import tqdm
-
-    from peft_loran.config import LoranConfig
-    from peft_loran.diagnostics import spectrum_statistics
-
-    written_type, config, tensors = load_adapter(path)
-    names = adapted_layers(config, tensors)
-    # the bar keeps its line (leave=True): a cleared bar leaves the cursor on it, and the first printed line lands there
-    layers = list(tqdm(layer_updates(config, tensors, names), desc="spectra", total=len(names), unit="module",
-                       disable=quiet, leave=True))
-    if not layers:
-        raise UserError(f"{path}: no adapter layers found in the weights")
-    summary = {"peft_type": written_type, "parameters": sum(t.numel() for t in tensors.values()), "layers": []}
-    has_activation = isinstance(config, LoranConfig)
-    fig, axes = plt.subplots(1, 2 if has_activation else 1, figsize=(12 if has_activation else 7, 4.5))
-    spec_ax = axes[0] if has_activation else axes
-    kinds = sorted({layer[0].split(".")[-1] for layer in layers})
-    color_of = {kind: f"C{i}" for i, kind in enumerate(kinds)}
-    count_of = {kind: sum(layer[0].split(".")[-1] == kind for layer in layers) for kind in kinds}
-    for name, r, delta, share in layers:
-        sv = torch.linalg.svdvals(delta.double())
-        stats = spectrum_statistics(sv, r)
-        summary["layers"].append({"layer": name, "shape": list(delta.shape), "r": r,
-                                  "numerical_rank": stats["numerical_rank"], "effective_rank": stats["effective_rank"],
-                                  "energy_beyond_r": stats["energy_beyond_r"],
-                                  "nonlinear_share": share["share"] if share else None,
-                                  "nonlinear_beyond_scale": share["beyond_scale"] if share else None,
-                                  "top_singular_value": stats["top_singular_value"]})
-        kind = name.split(".")[-1]  # one colour and one legend entry per kind of module
-        spec_ax.semilogy(range(1, len(sv) + 1), (sv / sv[0]).clamp_min(1e-12), alpha=0.6, color=color_of[kind],
-                         label=f"{kind} ({count_of[kind]} module{'s' if count_of[kind] > 1 else ''})")
-    r = layers[0][1]
-    spec_ax.axvline(r, color="k", linestyle="--", label=f"rank r = {r} (LoRA's limit)")
-    spec_ax.set_xlabel("singular value index")
-    spec_ax.set_ylabel("singular value / largest")
-    spec_ax.set_title(f"spectrum of each adapted module's update ({len(layers)} modules)")
-    handles, labels = spec_ax.get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    spec_ax.legend(unique.values(), unique.keys(), fontsize=8)
-    if has_activation:
-        A_keys = [k for k in tensors if k.endswith("loran_A")]
-        act = config.build_activation(in_features=tensors[A_keys[0]].shape[1])
-        B0 = tensors[A_keys[0][: -len("A")] + "B"].float()
-        span = float((B0 @ tensors[A_keys[0]].float()).abs().max()) or 1.0
-        x = torch.linspace(-span, span, 2001)
-        axes[1].plot(x, act(x) - x, label="f(x) - x")
-        axes[1].set_title(f"{act.name}: f(x) - x over the range of BA")
-        axes[1].set_xlabel("x")
-        axes[1].grid(alpha=0.3)
-        axes[1].legend()
-    fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, metadata={"Software": PLOT_SOFTWARE})
-    plt.close(fig)
-    os.replace(tmp, output)
-    summary["plot"] = str(output)
-    return summary

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import argparse
+from dataclasses import asdict, dataclass, field, fields
 from typing import Optional
 
 from .errors import UserError
@@ -64,3 +65,24 @@ class RunResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def settings_from(args: argparse.Namespace):
+    """The run's Settings: the profile's defaults, then what was given (the first value of a list option)."""
+    from .options import LIST_OPTIONS, PROFILES, checked_values
+
+    values = dict(PROFILES[args.profile])
+    values.pop("task", None)
+    for f in fields(Settings):
+        given = getattr(args, f.name, None)
+        if f.name in LIST_OPTIONS:
+            given = (checked_values(args, f.name) or [None])[0]
+        if given is not None and given is not False:
+            values[f.name] = given
+    if isinstance(values.get("targets"), str):
+        values["targets"] = [t.strip() for t in values["targets"].split(",") if t.strip()]
+    settings = Settings(**{k: v for k, v in values.items() if k in {f.name for f in fields(Settings)}})
+    settings.quiet = bool(args.quiet)
+    settings.command = getattr(args, "command_line", "peft-loran")
+    settings.check()
+    return settings

@@ -20,18 +20,20 @@ from .data import TaskData
 from .encoding import Encoded, collate
 from .errors import UserError
 from .evaluation import evaluate
-from .loading import cap_max_length, load_base
+from .loading import BaseLoading, cap_max_length, load_base, needs_tokenizer
 from .memory import peak_memory, reset_peak_memory
 from .methods import peft_config
 from .records import write_model_card, write_task_record
 from .settings import RunResult, Settings
 
 
-#: In a training process started by :func:`train_isolated`: set once training is done (evaluating and saving left).
-_TRAINED = None
+#: In a training process started by :func:`train_isolated`: a file it creates once training is done (evaluating and
+#: saving left). A file, not a multiprocessing Event: an Event's semaphore outlives a Ctrl-C'd command and makes
+#: Python's resource tracker warn about a leaked semaphore at exit.
+_TRAINED: Optional[str] = None
 
 
-def quiet_child(quiet: bool, trained=None, parent_pid: Optional[int] = None) -> None:
+def quiet_child(quiet: bool, trained: Optional[str] = None, parent_pid: Optional[int] = None) -> None:
     """Initializer of the processes that train one run each (before they import peft_loran, PEFT or bitsandbytes):
     the same quiet as the command; Ctrl-C is the command's to handle (the process would print a traceback of its
     own); and the process ends when the command that started it is killed (otherwise it would train on, orphaned).
@@ -83,7 +85,9 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
     from transformers import Trainer, TrainingArguments, set_seed
 
     set_seed(settings.seed)
-    model, tokenizer = load_base(model_path, task, settings)
+    loading = BaseLoading("nf4" if settings.load_in_4bit else None)
+    model, tokenizer = load_base(model_path, task.kind, task.labels, loading, settings.gradient_checkpointing)
+    needs_tokenizer(tokenizer, model_path)
     cap_max_length(settings, model)
     config = peft_config(method, settings, task.kind, model.config.model_type)
     try:
@@ -116,7 +120,7 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
         seconds = time.perf_counter() - started
         peak, kind = peak_memory()
     if _TRAINED is not None:  # tell the command (train_isolated) that only evaluating and saving are left
-        _TRAINED.set()
+        Path(_TRAINED).touch()
     curve = [(e["step"], e["loss"]) for e in trainer.state.log_history if "loss" in e]
     model.eval()
     metrics = evaluate(model, tokenizer, task, settings)
@@ -127,7 +131,7 @@ def train(method: str, task: TaskData, settings: Settings, model_path: str, save
     if save_to is not None:
         model.save_pretrained(save_to)
         tokenizer.save_pretrained(save_to)
-        write_task_record(save_to, task, settings, model_path)
+        write_task_record(save_to, task, settings, model_path, loading.as_record())
         write_model_card(save_to, method, config, task, settings, model_path, metrics)
     return RunResult(method, metrics, trainable, seconds, peak - before, kind, curve, stats,
                      summary["nonlinear_share"], summary["nonlinear_beyond_scale"], summary["effective_rank_mean"])
@@ -181,15 +185,16 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
     from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
-    trained = context.Event()
+    flags = tempfile.TemporaryDirectory(prefix="peft-loran-run-")
+    trained = Path(flags.name) / "trained"
     pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=quiet_child,
-                               initargs=(settings.quiet, trained, os.getpid()))
+                               initargs=(settings.quiet, str(trained), os.getpid()))
     future = pool.submit(train, method, task, settings, model_path, save_to)
     try:
         try:
             return future.result()
         except KeyboardInterrupt:
-            if not trained.is_set():
+            if not trained.exists():
                 raise
             print("\ninterrupted: the run in progress has finished training; evaluating and saving it (Ctrl-C again "
                   "to stop now)", file=sys.stderr, flush=True)
@@ -201,6 +206,7 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        flags.cleanup()
 
 
 def _keep_progress_bar_only(trainer, quiet: bool) -> None:
