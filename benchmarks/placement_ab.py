@@ -5,7 +5,7 @@
 The same base model three times, interleaved in one process: its own weights (allocated when the model is built:
 glibc mmaps them, page offset 64), every Linear weight replaced by a plain ``clone()`` (a later allocation, as the
 eval cache or a merge makes; after large frees glibc serves these from its heap at arbitrary page offsets), and
-every Linear weight replaced by ``peft_loran.functional.page_aligned_copy`` (what the eval cache and merges use).
+every Linear weight replaced by ``peft_loran.update.page_aligned_copy`` (what the eval cache and merges use).
 No adapter code runs: any difference is placement. Prints tokens/s and the page offsets seen.
 """
 
@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import Case, _build  # noqa: E402
 from interleaved import generation_runs, interleave  # noqa: E402
 
-from peft_loran.functional import PAGE_BYTES, page_aligned_copy  # noqa: E402
+from peft_loran.update import PAGE_BYTES, page_aligned_copy  # noqa: E402
 
 
 def with_linear_weights(model: torch.nn.Module, copy_fn) -> torch.nn.Module:

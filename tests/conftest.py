@@ -20,17 +20,44 @@ if not FIXTURES.exists():  # the repository ships a copy for machines without ..
     FIXTURES = REPO / "tests" / "fixtures" / "reference_mlora"
 
 
+PLAN_VARIABLES = ("PEFT_LORAN_COMPILE", "PEFT_LORAN_PLAN", "PEFT_LORAN_BLOCK_ELEMENTS")
+
+
+def read_environment_again() -> None:
+    """The library reads its environment variables once per process; a test that sets them asks for a new read."""
+    from peft_loran import kernels, plan
+
+    plan.environment.cache_clear()
+    kernels._environment_mode.cache_clear()
+
+
+@pytest.fixture
+def plan_env(monkeypatch):
+    """``plan_env(PEFT_LORAN_PLAN="accelerator", ...)`` sets these variables for the test (None unsets one) and has
+    the library read them again; they are restored afterwards."""
+    def set_variables(**values):
+        for name, value in values.items():
+            assert name in PLAN_VARIABLES, name
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, str(value))
+        read_environment_again()
+
+    return set_variables
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_kernel_settings():
     """Every test leaves the kernel mode and the plan settings as it found them (the environment's): a test that
     set them for itself and forgot to undo it would change what every later test runs, and fails here instead."""
     from peft_loran import kernels
 
-    before = {name: os.environ.get(name) for name in ("PEFT_LORAN_COMPILE", "PEFT_LORAN_PLAN",
-                                                      "PEFT_LORAN_BLOCK_ELEMENTS")}
+    before = {name: os.environ.get(name) for name in PLAN_VARIABLES}
     yield
     leaked = kernels._mode
     kernels.set_kernel_compilation(None)
+    read_environment_again()
     after = {name: os.environ.get(name) for name in before}
     assert leaked is None, f"the test left the kernel mode at {leaked!r}"
     assert after == before, f"the test changed {before} to {after}"

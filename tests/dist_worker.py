@@ -120,7 +120,7 @@ def main() -> None:
 
 def count_folded_calls() -> list[int]:
     """Count forward calls of the fused Function that folded the update into the base weight."""
-    from peft_loran import functional
+    from peft_loran import update as functional
 
     counter = [0]
     original = functional.FusedLoranMatmul.apply

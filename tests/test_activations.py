@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import peft_loran
-from peft_loran import functional as LF
+from peft_loran import update as LF
 from peft_loran import get_activation, register_activation, unregister_activation
 
 from .reference import activation as reference_activation
@@ -71,14 +71,14 @@ def test_fused_function_gradcheck_float64(name):
             b1.mul_(1e-4)
 
     def fused(x, A, B, P1, b1, P2, bias):
-        update = LF.LowRankUpdate(A, B, [(P1, b1), (P2, None)], act, 0.7, block_rows=4)
-        return LF.loran_matmul(x, update, weight=W, bias=bias)
+        update = LF.LowRankUpdate.of(A, B, [(P1, b1), (P2, None)], act, 0.7, block_rows=4)
+        return update.fused_matmul(x, x.dtype, weight=W, bias=bias)
 
     eps = 1e-9 if name == "cos" else 1e-6
     assert torch.autograd.gradcheck(fused, (x, A, B, P1, b1, P2, bias), eps=eps, atol=1e-5)
 
     def unfolded(x, A, B):
-        return LF.loran_matmul(x, LF.LowRankUpdate(A, B, [(None, None)], act, 0.7, block_rows=5))
+        return LF.LowRankUpdate.of(A, B, [(None, None)], act, 0.7, block_rows=5).fused_matmul(x, x.dtype)
 
     A5 = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     if name == "cos":

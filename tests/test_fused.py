@@ -11,10 +11,10 @@ from peft import get_peft_model, inject_adapter_in_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peft_loran import LoranConfig, get_activation, set_eval_cache
-from peft_loran import functional as LF
+from peft_loran import LoranConfig, get_activation, kernels, set_eval_cache
+from peft_loran import update as LF
 
-from .conftest import tiny_llama
+from .conftest import tiny_llama, read_environment_again
 from .reference import activation, layer_factors, naive_update, well_conditioned
 
 ACTS = ["sinter", "cosinter", "sigmoid", "tanh", "relu", "silu", "swish", "identity", "cos", "gaussian"]
@@ -95,14 +95,14 @@ def test_no_dense_tensor_is_saved_for_backward(dropout, chain):
 def test_weight_sized_transients_are_bounded_by_block_rows(monkeypatch):
     """Every dense tensor the fused forward and backward build is one block: watch the blocks actually built."""
     built = []
-    original = LF.block_update
+    original = kernels.block_update
 
     def watched(base_rows, B_rows, *args, **kwargs):
         out = original(base_rows, B_rows, *args, **kwargs)
         built.append(tuple(out[0].shape))
         return out
 
-    monkeypatch.setattr(LF, "block_update", watched)
+    monkeypatch.setattr(kernels, "block_update", watched)
     torch.manual_seed(0)
     layer = inject_adapter_in_model(LoranConfig(target_modules=["layer"], r=4, loran_alpha=6, init_weights=False,
                                                 sinter_amplitude=0.5, sinter_frequency=3.0, block_rows=7),
@@ -483,22 +483,25 @@ def test_delta_weight_added_in_place_matches_reference(transposed, chain):
     from peft_loran import get_activation
 
     target = W.clone()
-    LF.LowRankUpdate(A, B, stages, get_activation("tanh"), 0.7, block_rows=7).dense(
-        add_to=target.T if transposed else target)
+    LF.LowRankUpdate.of(A, B, stages, get_activation("tanh"), 0.7, block_rows=7).add_to_(
+        target.T if transposed else target)
     torch.testing.assert_close((target.T if transposed else target).double(), expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="`add_to` has shape"):
-        LF.LowRankUpdate(A, B, stages, get_activation("tanh"), 0.7).dense(add_to=torch.zeros(20, 11))
+    with pytest.raises(ValueError, match="`target` has shape"):
+        LF.LowRankUpdate.of(A, B, stages, get_activation("tanh"), 0.7).add_to_(torch.zeros(20, 11))
 
 
 def test_cache_and_merged_weights_are_page_aligned():
-    """The decode-speed fix: every weight read on each generated token starts on a page (CPU)."""
+    """The decode-speed fix: every weight read on each generated token starts on a page (CPU), or is the model's own
+    weight where it was (a float merge adds in place: the merged weight is read from the base's own memory)."""
     model = cached_model()
     run(model)
     cached = [entry.value for m in model.modules() for entry in getattr(m, "_loran_cache", {}).values()]
     assert cached and all(t.data_ptr() % LF.PAGE_BYTES == 0 for t in cached)
+    layers = [q_proj(model).get_base_layer(), model.base_model.model.model.layers[1].self_attn.v_proj.get_base_layer()]
+    before = [(layer.weight.data_ptr(), layer.weight.detach().clone()) for layer in layers]
     model.merge_adapter()
-    merged = [q_proj(model).get_base_layer().weight, model.base_model.model.model.layers[1].self_attn.v_proj.weight]
-    assert all(w.data_ptr() % LF.PAGE_BYTES == 0 for w in merged)
+    for layer, (pointer, old) in zip(layers, before):
+        assert layer.weight.data_ptr() == pointer and not torch.equal(layer.weight, old)
     half = cached_model().to(torch.bfloat16)  # not folded: the per-adapter update is cached, in bfloat16
     run(half)
     deltas = [entry.value for m in half.modules() for entry in getattr(m, "_loran_cache", {}).values()]
@@ -541,33 +544,30 @@ def test_layer_with_accelerate_hook_keeps_the_hook():
             torch.testing.assert_close(layer(x).double(), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_default_block_rows_stay_within_budget_and_round_to_gemm_friendly_heights():
-    for cols in [1, 7, 1024, 2816, 4096, 11008, 300_000]:
-        rows = LF.cpu_block_rows(cols, compiled=False, budget=2**18)
-        assert 1 <= rows and (rows * cols <= 2**18 or rows == 1)
-        exact = max(1, 2**18 // cols)
-        assert rows == (exact - exact % 16 if exact >= 64 else exact)
-    assert LF.cpu_block_rows(2816, compiled=False, budget=2**18) == 80  # 93 rounded down
+def test_the_cpu_plan_s_blocks_hold_one_budget_of_elements(monkeypatch):
+    """The CPU plan: ``CPU_BLOCK_ELEMENTS // cols`` rows per block whatever the kernel and whether a backward
+    follows (at least one row, at most the layer); ``PEFT_LORAN_BLOCK_ELEMENTS`` replaces the budget; an explicit
+    height (``LoranConfig.block_rows``) beats both; the blocks cover every row once."""
+    from peft_loran import plan as plans
 
-
-def test_cpu_block_budget_follows_the_kernel_in_use(monkeypatch):
-    """Compiled kernel: 2^19-element CPU blocks, eager: 2^18; layers at least 4096 wide get at least MIN_BLOCK_ROWS
-    rows within MAX_BLOCK_ELEMENTS; the environment variable overrides all of it; an explicit height is kept."""
     monkeypatch.delenv("PEFT_LORAN_BLOCK_ELEMENTS", raising=False)
-    assert LF.CPU_BLOCK_ELEMENTS == {True: 2**19, False: 2**18}
-    for compiled in (True, False):
-        for cols in [64, 1024, 2816, 4096, 11008, 300_000]:
-            rows = LF.cpu_block_rows(cols, compiled)
-            by_budget = LF.CPU_BLOCK_ELEMENTS[compiled] // cols
-            floor_rows = min(LF.MIN_BLOCK_ROWS[compiled], LF.MAX_BLOCK_ELEMENTS // cols) if cols >= 4096 else 0
-            wanted = max(by_budget, floor_rows, 1)
-            assert rows <= wanted and (rows == wanted or wanted - rows < 16 and rows % 16 == 0), (cols, rows)
-    assert LF.cpu_block_rows(4096, compiled=True) == 512  # a 7B layer: 512 rows, not 128
-    assert LF.cpu_block_rows(11008, compiled=False) == 176  # 7B down projection: 2^21 / 11008, not 16
-    assert LF.cpu_block_rows(2816, compiled=False) == 80  # hidden 1024's down projection: the budget's
-    update = LF.LowRankUpdate(torch.zeros(2, 4096), torch.zeros(100, 2), [(None, None)], get_activation("tanh"), 1.0)
+    read_environment_again()
+    for rows, cols in [(64, 64), (1024, 1024), (2816, 1024), (1024, 2816), (4096, 4096), (4096, 11008),
+                       (3, 300_000)]:
+        for name in ("sinter", "tanh"):
+            update = LF.LowRankUpdate.of(torch.zeros(2, cols), torch.zeros(rows, 2), [(None, None)],
+                                         get_activation(name), 1.0)
+            for autograd in (True, False):
+                height = update.plan(target="cpu", autograd=autograd).block_rows
+                assert height == min(rows, max(1, plans.CPU_BLOCK_ELEMENTS // cols)), (rows, cols, height)
+    assert LF.LowRankUpdate.of(torch.zeros(2, 4096), torch.zeros(4096, 2), [(None, None)], get_activation("sinter"),
+                               1.0).plan(target="cpu").block_rows == 512  # a 7B layer: 512 rows
+    update = LF.LowRankUpdate.of(torch.zeros(2, 4096), torch.zeros(100, 2), [(None, None)], get_activation("tanh"), 1.0)
     monkeypatch.setenv("PEFT_LORAN_BLOCK_ELEMENTS", "4096")
+    read_environment_again()
     assert update.plan(target="cpu").block_rows == 1
-    explicit = LF.LowRankUpdate(torch.zeros(2, 2816), torch.zeros(100, 2), [(None, None)], get_activation("tanh"),
-                                1.0, block_rows=7)
-    assert explicit.plan().ranges(100)[1] == (7, 14)
+    explicit = LF.LowRankUpdate.of(torch.zeros(2, 2816), torch.zeros(100, 2), [(None, None)], get_activation("tanh"),
+                                   1.0, block_rows=7)
+    assert explicit.plan().block_rows == 7
+    spans = [(block.i0, block.i1) for block in explicit.blocks()]
+    assert spans[:2] == [(0, 7), (7, 14)] and spans[-1] == (98, 100) and len(spans) == 15

@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from peft import inject_adapter_in_model
 
 from peft_loran import LoranConfig, get_activation, kernels, register_activation, set_kernel_compilation
-from peft_loran import functional as LF
+from peft_loran import update as LF
 from peft_loran import unregister_activation
 
+from .conftest import read_environment_again
 from .reference import activation, layer_factors, naive_linear_output
 from .test_fused import One, check_fused_layer_against_reference
 
@@ -70,16 +71,18 @@ def test_compiled_kernel_equals_the_float64_reference(rank, compile_always, kern
         scale = 0.003 if name == "cos" else 0.03 if w == 1e4 else 0.5
         B, A = torch.randn(rows, rank) * scale, torch.randn(rank, cols) * scale
         base, grad_h = torch.randn(rows, cols), torch.randn(rows, cols)
-        update = LF.LowRankUpdate(A, B, [(None, None)], act, scaling)
+        update = LF.LowRankUpdate.of(A, B, [(None, None)], act, scaling)
         plan = update.plan(autograd=False)
         assert isinstance(plan.kernel, kernels.CompiledKernel), f"{name}: the plan did not choose the compiled kernel"
         f_ref, d_ref = reference_value_and_derivative(name, a, w, B, A, centered)
         dz = grad_h.double() * d_ref * scaling
+        factors = (B, A, update.stages, act, scaling)
         with torch.no_grad():
-            value = plan.kernel.value(update, 0, rows, base)
-            half = plan.kernel.value(update, 0, rows, None, out_dtype=torch.bfloat16)
-            update_rows, (dB, dA, _, _) = plan.kernel.value_and_grads(update, 0, rows, None, grad_h.clone(), True)
-            none, (dB2, dA2, _, _) = plan.kernel.value_and_grads(update, 0, rows, base, grad_h.clone(), False)
+            value = plan.kernel.value(*factors, base, torch.float32)
+            half = plan.kernel.value(*factors, None, torch.bfloat16)
+            update_rows, (dB, dA, _, _) = plan.kernel.value_and_grads(*factors, None, torch.float32, grad_h.clone(),
+                                                                      True)
+            none, (dB2, dA2, _, _) = plan.kernel.value_and_grads(*factors, base, torch.float32, grad_h.clone(), False)
         assert none is None and half.dtype == torch.bfloat16
         assert not kernels.compile_failures(), kernels.compile_failures()
         torch.testing.assert_close(value.double(), base.double() + scaling * f_ref, atol=2e-6, rtol=1e-5)
@@ -98,10 +101,10 @@ def test_compiled_kernel_equals_the_float64_reference(rank, compile_always, kern
 def test_the_eager_kernel_where_autograd_must_see_the_operations_or_layers_are_small(kernel_calls):
     act = get_activation("tanh")
     B, A = torch.randn(4, 2, requires_grad=True), torch.randn(2, 5)
-    update = LF.LowRankUpdate(A, B, [(None, None)], act, 1.0)
+    update = LF.LowRankUpdate.of(A, B, [(None, None)], act, 1.0)
     set_kernel_compilation("1")
     try:
-        assert update.plan().kernel is LF.EAGER  # grad enabled and B requires it: autograd differentiates eager ops
+        assert update.plan().kernel is kernels.EAGER  # grad enabled and B requires it: autograd differentiates eager ops
         assert update.plan(autograd=False).compiled
         set_kernel_compilation("auto")
         layer = inject_adapter_in_model(LoranConfig(target_modules=["layer"], init_weights=False),
@@ -135,6 +138,7 @@ def test_large_layer_uses_the_compiled_kernel_in_auto_mode_and_matches_the_refer
     """A layer above the size threshold (lowered for this test) in the default mode: the training step equals the
     float64 reference, through the compiled kernel (the CPU plan above the threshold; the accelerator plan always)."""
     monkeypatch.delenv("PEFT_LORAN_COMPILE", raising=False)
+    read_environment_again()
     monkeypatch.setattr(kernels, "AUTO_COMPILE_MIN_ELEMENTS", 256 * 192)
     torch.manual_seed(0)
     config = LoranConfig(target_modules=["layer"], r=8, loran_alpha=12, init_weights=False, sinter_amplitude=0.5,
@@ -149,7 +153,7 @@ def test_large_layer_uses_the_compiled_kernel_in_auto_mode_and_matches_the_refer
     A, B, Ps, bs, s = layer_factors(layer)
     params = [x, A, B]
     got = torch.autograd.grad(y, params, grad)
-    if kernels.can_compile(device):
+    if kernels.can_compile(device.type):
         assert {"value", "value_and_grads"} <= set(kernel_calls) and not kernels.compile_failures()
     base = layer.get_base_layer()
     ref = naive_linear_output(x, base.weight, base.bias, A, B, Ps, bs, activation("sinter", 0.5, 3.0), s)
@@ -177,13 +181,13 @@ def test_a_failing_compiler_falls_back_to_the_eager_kernel_for_that_function_onl
     with pytest.warns(RuntimeWarning, match="(?s)'tanh' failed.*no input files.*second line of the reason"):
         y = layer(x)
     assert kernels.kernel_compilation() == "1" and set(kernels.compile_failures()) == {"tanh"}
-    assert layer.low_rank_update("default").plan(autograd=False).kernel is LF.EAGER  # the rest of the process
+    assert layer.low_rank_update("default").plan(autograd=False).kernel is kernels.EAGER  # the rest of the process
     A, B, Ps, bs, s = layer_factors(layer)
     base = layer.get_base_layer()
     ref = naive_linear_output(x, base.weight, base.bias, A, B, Ps, bs, activation("tanh"), s)
     torch.testing.assert_close(y.double(), ref, atol=1e-5, rtol=1e-5)
     # other activations keep their compiled kernels
-    sigmoid = LF.LowRankUpdate(torch.randn(2, 5), torch.randn(4, 2), [(None, None)], get_activation("sigmoid"), 1.0)
+    sigmoid = LF.LowRankUpdate.of(torch.randn(2, 5), torch.randn(4, 2), [(None, None)], get_activation("sigmoid"), 1.0)
     assert sigmoid.plan(autograd=False).compiled
 
 
@@ -193,7 +197,7 @@ def test_errors_that_are_not_compile_failures_are_raised(monkeypatch, compile_al
 
     monkeypatch.setattr(kernels, "_build", build)
     monkeypatch.setattr(kernels, "_compiled", {})
-    update = LF.LowRankUpdate(torch.randn(2, 5), torch.randn(4, 2), [(None, None)], get_activation("tanh"), 1.0)
+    update = LF.LowRankUpdate.of(torch.randn(2, 5), torch.randn(4, 2), [(None, None)], get_activation("tanh"), 1.0)
     with torch.no_grad(), pytest.raises(RuntimeError, match="genuine bug"):
         update.dense()
     assert not kernels.compile_failures()
@@ -201,10 +205,13 @@ def test_errors_that_are_not_compile_failures_are_raised(monkeypatch, compile_al
 
 def test_mode_is_read_when_used_and_set_per_process(monkeypatch):
     monkeypatch.setenv("PEFT_LORAN_COMPILE", "0")
+    read_environment_again()
     assert kernels.kernel_compilation() == "0"
     monkeypatch.setenv("PEFT_LORAN_COMPILE", "1")
+    read_environment_again()
     assert kernels.kernel_compilation() == "1"
     monkeypatch.setenv("PEFT_LORAN_COMPILE", "sometimes")
+    read_environment_again()
     with pytest.raises(ValueError, match="PEFT_LORAN_COMPILE='sometimes'"):
         kernels.kernel_compilation()
     set_kernel_compilation("auto")
@@ -223,10 +230,10 @@ def test_one_kernel_serves_every_setting_without_touching_dynamo_config(compile_
     for a, w in [(0.5, 3.0), (5e-5, 1e4), (0.3, 7.0)]:  # the settings that once shared a mis-cached kernel
         scale = 0.03 if w == 1e4 else 0.5  # |BA| ~ 1e-3 at w = 1e4, as in training (float32 resolves sin(w x))
         B, A = torch.randn(16, 4) * scale, torch.randn(4, 40) * scale
-        update = LF.LowRankUpdate(A, B, [(None, None)], get_activation("sinter", a, w), 1.0)
+        update = LF.LowRankUpdate.of(A, B, [(None, None)], get_activation("sinter", a, w), 1.0)
         with torch.no_grad():
-            _, (grad_B, _, _, _) = update.plan(autograd=False).kernel.value_and_grads(update, 0, 16, None, g.clone(),
-                                                                                     False)
+            _, (grad_B, _, _, _) = update.plan(autograd=False).kernel.value_and_grads(
+                B, A, update.stages, update.activation, 1.0, None, torch.float32, g.clone(), False)
         _, want = reference_value_and_derivative("sinter", a, w, B, A, False)
         torch.testing.assert_close(grad_B.double(), (g.double() * want) @ A.double().T, atol=2e-5, rtol=1e-5)
     assert dict(dynamo_config.get_config_copy()) == before and not kernels.compile_failures()
@@ -243,21 +250,25 @@ def test_the_kernel_is_chosen_by_shape_device_target_and_mode_only(monkeypatch):
     act = get_activation("sinter")
     cpu = torch.device("cpu")
     monkeypatch.delenv("PEFT_LORAN_COMPILE", raising=False)
+    read_environment_again()
     big = kernels.AUTO_COMPILE_MIN_ELEMENTS
-    has_compiler = kernels.can_compile(cpu)
+    has_compiler = kernels.can_compile("cpu")
 
     def chosen(rows, cols, device=cpu, target="cpu", plain=True, autograd=False, activation=act):
-        return kernels.compiled_kernel_for(activation, plain, rows, cols, device, target, autograd) is not None
+        return kernels.choose_kernel(activation, plain, rows * cols, device, target, autograd) is not kernels.EAGER
 
     assert chosen(big // 1024, 1024) == has_compiler and not chosen(big // 1024 - 1, 1024)
     assert chosen(8, 8, target="accelerator") == has_compiler  # the accelerator plan: one pass whatever the size
     assert not chosen(4096, 4096, device=torch.device("meta"))  # no backend
     assert not chosen(4096, 4096, plain=False) and not chosen(4096, 4096, autograd=True)
     monkeypatch.setenv("PEFT_LORAN_COMPILE", "0")
+    read_environment_again()
     assert not chosen(4096, 4096)
     monkeypatch.setenv("PEFT_LORAN_COMPILE", "1")
+    read_environment_again()
     assert chosen(2, 2)
     monkeypatch.setenv("PEFT_LORAN_COMPILE", "auto")
+    read_environment_again()
     register_activation("user_sq", lambda x: x * x, lambda x: 2 * x, overwrite=True)
     try:  # registered activations compile like the built-ins
         assert chosen(4096, 4096, activation=get_activation("user_sq")) == has_compiler

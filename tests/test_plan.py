@@ -11,16 +11,17 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_loran import LoranConfig, get_activation, kernels
-from peft_loran import functional as LF
+from peft_loran import plan as plans
+from peft_loran import update as LF
 
-from .conftest import tiny_gpt2
+from .conftest import tiny_gpt2, read_environment_again
 from .reference import activation, layer_factors, naive_linear_output
 from .test_fused import One
 
 
 def update_of(rows: int, cols: int, rank: int = 4, name: str = "sinter", seed: int = 0) -> LF.LowRankUpdate:
     torch.manual_seed(seed)
-    return LF.LowRankUpdate(torch.randn(rank, cols) * 0.1, torch.randn(rows, rank) * 0.1, [(None, None)],
+    return LF.LowRankUpdate.of(torch.randn(rank, cols) * 0.1, torch.randn(rows, rank) * 0.1, [(None, None)],
                             get_activation(name, 0.5, 3.0), 1.5)
 
 
@@ -39,25 +40,27 @@ def test_the_same_inputs_get_the_same_plan_and_bits_whatever_ran_before(monkeypa
     with torch.enable_grad():
         update_of(96, 64).with_tensors([t.requires_grad_() for t in update_of(96, 64).tensors()[:2]]).dense()
     again = update.plan(autograd=False)
-    assert again == plan and again.compiled == kernels.can_compile(torch.device("cpu"))
+    assert again == plan and again.compiled == kernels.can_compile("cpu")
     with torch.no_grad():
         assert torch.equal(update.dense(plan=again), before)
 
 
 def test_the_accelerator_plan_uses_the_fewest_equal_blocks_its_budget_allows(monkeypatch):
     monkeypatch.setenv("PEFT_LORAN_PLAN", "accelerator")
+    read_environment_again()
     cases = {(4096, 4096): 4096, (11008, 4096): 2752, (4096, 11008): 1024, (14336, 4096): 3584}
     for (rows, cols), height in cases.items():
-        update = LF.LowRankUpdate(torch.zeros(2, cols), torch.zeros(rows, 2), [(None, None)],
+        update = LF.LowRankUpdate.of(torch.zeros(2, cols), torch.zeros(rows, 2), [(None, None)],
                                   get_activation("sinter"), 1.0)
         plan = update.plan(autograd=False)
         assert plan.target == "accelerator" and plan.block_rows == height, (rows, cols, plan)
         ranges = plan.ranges(rows)
         assert len({i1 - i0 for i0, i1 in ranges}) == 1  # one block shape per layer
-        assert height * cols <= LF.ACCELERATOR_BLOCK_ELEMENTS or len(ranges) == 1
-    small = LF.LowRankUpdate(torch.zeros(2, 4096), torch.zeros(4096, 2), [(None, None)], get_activation("sinter"), 1.0)
+        assert height * cols <= plans.ACCELERATOR_BLOCK_ELEMENTS or len(ranges) == 1
+    small = LF.LowRankUpdate.of(torch.zeros(2, 4096), torch.zeros(4096, 2), [(None, None)], get_activation("sinter"), 1.0)
     assert small.plan(budget=2**20).block_rows == 256  # a stated budget: 16 blocks
     monkeypatch.setenv("PEFT_LORAN_PLAN", "sometimes")
+    read_environment_again()
     with pytest.raises(ValueError, match="PEFT_LORAN_PLAN='sometimes'"):
         small.plan()
 
@@ -66,12 +69,13 @@ def test_the_accelerator_plan_uses_the_fewest_equal_blocks_its_budget_allows(mon
 @pytest.mark.parametrize("conv", [False, True])
 def test_a_training_step_on_the_accelerator_plan_equals_the_reference(monkeypatch, dropout, conv):
     monkeypatch.setenv("PEFT_LORAN_PLAN", "accelerator")
+    read_environment_again()
     torch.manual_seed(0)
     config = LoranConfig(target_modules=["layer"], r=6, loran_alpha=9, init_weights=False, sinter_amplitude=0.5,
                          sinter_frequency=3.0, loran_dropout=dropout)
     layer = inject_adapter_in_model(config, One(40, 56, conv=conv)).layer.train()
     plan = layer.low_rank_update("default").plan(autograd=False)
-    assert plan.ranges(56) == [(0, 56)] and plan.compiled == kernels.can_compile(torch.device("cpu"))
+    assert plan.ranges(56) == [(0, 56)] and plan.compiled == kernels.can_compile("cpu")
     x = torch.randn(3, 5, 40, requires_grad=True)
     torch.manual_seed(1)
     y = layer(x)
@@ -128,12 +132,14 @@ def ops_per_step(width: int, method: str, rank: int = 8, tokens: int = 64) -> in
 
 def test_the_accelerator_plan_s_operator_count_does_not_grow_with_the_width(monkeypatch):
     monkeypatch.setenv("PEFT_LORAN_COMPILE", "0")
+    read_environment_again()
     naive = ops_per_step(1024, "naive")
-    cpu = {w: ops_per_step(w, "loran") for w in (256, 1024)}
+    cpu = {w: ops_per_step(w, "loran") for w in (256, 4096)}
     monkeypatch.setenv("PEFT_LORAN_PLAN", "accelerator")
-    accelerator = {w: ops_per_step(w, "loran") for w in (256, 1024)}
-    assert cpu[1024] > cpu[256]  # the CPU plan: cache-sized blocks, more of them on wider layers
-    assert accelerator[1024] == accelerator[256] <= 2 * naive, (accelerator, naive)
+    read_environment_again()
+    accelerator = {w: ops_per_step(w, "loran") for w in (256, 4096)}
+    assert cpu[4096] > cpu[256]  # the CPU plan: 8 MiB blocks, more of them on wider layers
+    assert accelerator[4096] == accelerator[256] <= 2 * naive, (accelerator, naive)
 
 
 # ------------------------------------------------------------------------------------------------ mixed batches

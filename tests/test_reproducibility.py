@@ -13,7 +13,7 @@ from peft import get_peft_model
 
 from peft_loran import LoranConfig, kernels
 
-from .conftest import tiny_llama
+from .conftest import tiny_llama, read_environment_again
 from .test_cli import run
 
 
@@ -41,6 +41,7 @@ def test_seeded_training_is_bit_identical_whatever_the_clock(monkeypatch):
     # this small model's layers count as wide, so `auto` has the compiled kernels to choose from
     monkeypatch.setattr(kernels, "AUTO_COMPILE_MIN_ELEMENTS", 2**15)
     monkeypatch.delenv("PEFT_LORAN_COMPILE", raising=False)
+    read_environment_again()
     runs = [seeded_training()]
     # a slow, loaded machine: every clock reading is 1000 s after the last, so a policy that looked at time would
     # switch kernels (and block sizes) after the first block

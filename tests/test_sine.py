@@ -10,7 +10,7 @@ import torch
 from peft import get_peft_model, inject_adapter_in_model, LoraConfig, PeftModel
 
 from peft_loran import LoranConfig
-from peft_loran import functional as LF
+from peft_loran import update as LF
 from peft_loran.diagnostics import effective_rank, update_statistics
 
 from .reference import activation, layer_factors, naive_linear_output, naive_update

@@ -19,7 +19,6 @@ import threading
 from typing import Callable, Optional, Sequence
 
 import torch
-from torch import nn
 
 
 class CacheBudget:
@@ -119,44 +118,3 @@ class EvalCache(dict):
             value = build()
             self[slot] = CacheEntry(snapshot, settings, weight, value, nbytes if self.budget else 0)
         return value
-
-
-class EvalCacheHost:
-    """The layer's side of the eval cache, mixed into :class:`~peft_loran.layer.LoranLayer`: which calls may use it,
-    the lookup keyed by the adapters' factors and settings, and dropping it whenever the layer's tensors move or the
-    layer is copied. Expects ``_loran_cache`` (an :class:`EvalCache`), ``loran_eval_cache``, ``loran_scaling``,
-    ``loran_activation``, ``_factors`` and ``_grad_needed`` on the layer."""
-
-    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
-        super().set_adapter(adapter_names, inference_mode=inference_mode)
-        self._loran_cache.clear()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        super().delete_adapter(adapter_name)
-        self._loran_cache.clear()
-
-    def _use_cache(self, x: torch.Tensor, adapters: list[str]) -> bool:
-        """The no-grad cache serves eager inference only: while ``torch.compile`` traces, the update is computed in
-        the graph (reading data pointers or building page-aligned copies would break it)."""
-        return (
-            all(self.loran_eval_cache.get(a, False) for a in adapters)
-            and not self._grad_needed(x, adapters)
-            and not torch.compiler.is_compiling()
-        )
-
-    def _cached(self, slot: tuple, adapters: list[str], build, nbytes: int, weight: Optional[torch.Tensor] = None):
-        """The cache's value for ``slot`` (rebuilt whenever the adapters' factors, scaling, activation or the base
-        weight changed); None when it does not fit the budget."""
-        factors = [t for a in adapters for t in self._factors(a)]
-        settings = [(self.loran_scaling[a], self.loran_activation[a]) for a in adapters]
-        return self._loran_cache.get_or_build(slot, factors, settings, build, nbytes, weight)
-
-    def _apply(self, fn, recurse: bool = True):
-        """``.to()``, ``.half()``, ``.cuda()``...: the cached tensors would be left behind, so drop them."""
-        self._loran_cache.clear()
-        return nn.Module._apply(self, fn, recurse)
-
-    def __getstate__(self) -> dict:
-        """``deepcopy`` / pickling copy the layer without its cache (rebuilt on the next no-grad call)."""
-        state = nn.Module.__getstate__(self)
-        return {**state, "_loran_cache": EvalCache()}

@@ -10,7 +10,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-from . import functional
+from .update import LowRankUpdate
 
 
 #: Singular values below this share of the largest count as rounding (above float32 rounding of an update, below
@@ -44,7 +44,7 @@ def spectrum_statistics(sv: torch.Tensor, r: Optional[int]) -> dict:
     }
 
 
-def nonlinear_share(update: functional.LowRankUpdate, write_dense_to: Optional[torch.Tensor] = None) -> Optional[dict]:
+def nonlinear_share(update: LowRankUpdate, write_dense_to: Optional[torch.Tensor] = None) -> Optional[dict]:
     """How much of ``D = s f(BA)`` the non-linearity makes, in float64:
 
     * ``share``: ``||D - s BA||^2 / ||D||^2`` (0 for LoRA; for Sinter with amplitude ``a < 1`` at most ``a^2 / (1 -
@@ -55,7 +55,7 @@ def nonlinear_share(update: functional.LowRankUpdate, write_dense_to: Optional[t
 
     None for chains with ``P``/``b`` (no linear counterpart) and for an all-zero update. ``write_dense_to`` (a float64
     ``(out, in)`` tensor) also receives ``D``, from the same pass over the blocks."""
-    if not update.is_plain:
+    if not update.plain:
         return None
     update = update.in_float64()
     A64, B64, scaling = update.A, update.B, update.scaling
@@ -74,9 +74,9 @@ def nonlinear_share(update: functional.LowRankUpdate, write_dense_to: Optional[t
     return {"share": distance / total, "beyond_scale": max(0.0, beyond)}
 
 
-def dense_and_share(update: functional.LowRankUpdate) -> tuple[torch.Tensor, Optional[dict]]:
+def dense_and_share(update: LowRankUpdate) -> tuple[torch.Tensor, Optional[dict]]:
     """``D`` in float64 and :func:`nonlinear_share`, from one pass over the blocks (the SVD runs in float64 anyway)."""
-    if not update.is_plain:
+    if not update.plain:
         return update.in_float64().dense(), None
     dense = torch.empty(update.shape, dtype=torch.float64, device=update.A.device)
     return dense, nonlinear_share(update, write_dense_to=dense)

@@ -9,7 +9,7 @@
   needed at all. Quantized (bitsandbytes) bases are dequantized, merged in float32 and saved in bf16.
 
 The SVD never holds more than one block of the dense update at a time besides its sketches: products ``D X`` and
-``D^T Y`` are formed block by block (:meth:`peft_loran.functional.LowRankUpdate.matmul`) inside a randomized SVD (Halko,
+``D^T Y`` are formed block by block (:meth:`peft_loran.update.LowRankUpdate.matmul`) inside a randomized SVD (Halko,
 Martinsson and Tropp, 2011) with power iterations, all in float64.
 """
 
@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .update import LowRankUpdate
 from .layer import Embedding, LoranLayer, unpack_bnb_cpu_weight
 from .rank_spec import parse_rank
 
@@ -47,7 +48,7 @@ class ModuleExport:
 
 def _randomized_svd(layer: LoranLayer, adapter: str, sketch: int, generator: torch.Generator):
     """Top ``sketch`` singular triplets of the layer's update ``D`` (rows x cols), float64."""
-    D = layer.low_rank_update(adapter).detached().matmul
+    D = layer.low_rank_update(adapter).matmul
     rows, cols = layer.update_shape
     omega = torch.randn(cols, sketch, dtype=torch.float64, generator=generator).to(layer.loran_A[adapter].device)
     Q = torch.linalg.qr(D(omega)).Q
@@ -59,6 +60,17 @@ def _randomized_svd(layer: LoranLayer, adapter: str, sketch: int, generator: tor
     return Q @ U, S, Vh
 
 
+def _sq_norm(update: LowRankUpdate) -> float:
+    """``||D||_F^2``, accumulated in float64, block by block."""
+    return float(sum(block.value.double().pow(2).sum() for block in update.blocks(update.plan(autograd=False))))
+
+
+def _distance(update: LowRankUpdate, left: torch.Tensor, right: torch.Tensor) -> float:
+    """``||D - left @ right||_F^2`` (``left``: ``(rows, k)``, ``right``: ``(k, cols)``) in float64, block by block."""
+    return float(sum((block.value.double() - left[block.i0:block.i1] @ right).pow(2).sum()
+                     for block in update.blocks(update.plan(autograd=False))))
+
+
 @torch.no_grad()
 def low_rank_factors(
     layer: LoranLayer, adapter: str, rank: Optional[int] = None, tol: Optional[float] = None, seed: int = 0
@@ -68,8 +80,8 @@ def low_rank_factors(
     error is at most ``tol``. float32 factors; the error is measured on them against the float32 update."""
     rows, cols = layer.update_shape
     full = min(rows, cols)
-    update = layer.low_rank_update(adapter).detached()
-    total = update.sq_norm()
+    update = layer.low_rank_update(adapter)
+    total = _sq_norm(update)
     generator = torch.Generator().manual_seed(seed)
     want = min(rank, full) if rank is not None else min(full, max(2 * layer.loran_A[adapter].shape[0], 8))
     while True:
@@ -93,7 +105,7 @@ def low_rank_factors(
     root = S[:k].sqrt()
     lora_B = (U[:, :k] * root).float()
     lora_A = (root[:, None] * Vh[:k]).float()
-    error = update.distance(lora_B.double(), lora_A.double())
+    error = _distance(update, lora_B.double(), lora_A.double())
     relative = math.sqrt(error / total) if total > 0 else 0.0
     return lora_B, lora_A, relative
 
@@ -308,7 +320,7 @@ def _dequantize_merge(model: nn.Module) -> bool:
             weight = weight.clone()
             for adapter in module.active_adapters:
                 if adapter in module.loran_A:
-                    module._add_delta_(weight, adapter)
+                    module.add_update_(weight, adapter)
             _replace(base, name, _plain_linear(layer, weight))
     for name, module in list(base.named_modules()):
         if _is_bnb_linear(module):

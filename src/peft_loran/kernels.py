@@ -1,102 +1,99 @@
-"""Block kernels: what computes one block of rows of an update, behind one interface.
+"""Block kernels: what computes one block of rows of an update ``D = s chain(B A)``, behind one interface.
 
-A :class:`BlockKernel` has two operations on the rows ``[i0, i1)`` of an update ``D = s chain(B A)``:
+A :class:`BlockKernel` has two operations on the rows of a block, given the block's rows of ``B``, the factor ``A``,
+the chain's stages (float32, or float64 for float64 factors: the update promotes them once), the activation and the
+scaling:
 
-* ``value(update, i0, i1, base_rows, out_dtype)`` -> ``base_rows + D[i0:i1]`` (``base_rows`` None: ``D[i0:i1]``);
-* ``value_and_grads(update, i0, i1, base_rows, grad_h, need_value, out_dtype)`` -> the same value (or None when not
-  needed) and the gradients ``(dB[i0:i1], dA, [dP_k], [db_k])`` of the block, given ``grad_h``, the unscaled
-  gradient of the block's rows of ``D / s`` (``G[:, i0:i1]^T x``: the scaling is applied inside the kernel).
+* ``value`` -> ``base_rows + D[rows]`` (``base_rows`` None: ``D[rows]``), cast to ``out_dtype``;
+* ``value_and_grads`` -> the same value (or None) and the block's gradients ``(dB[rows], dA, [dP_k], [db_k])``, given
+  ``grad_h``, the unscaled gradient of the block's rows of ``D / s``.
 
-Two implementations compute the same function. :class:`EagerKernel` (in :mod:`peft_loran.functional`, with the
-rest of the eager math) runs plain torch operations, for every chain. :class:`CompiledKernel` (here) serves the
-plain update ``f(B A)``: ``torch.compile`` turns ``B A``, ``f``, ``f'``, the scaling, the base and the output cast of
-a block into one fused pass (C++ on CPUs, Triton on GPUs), and the factor gradients into two more GEMMs inside the
-same graph. It traces the activation's one definition (``ActivationDefinition.function``) with every constant as an
-argument, so one compiled kernel per function serves every setting and layer, compiled once with dynamic shapes
-(no recompilation per block, layer or step).
+Two implementations compute the same function. :class:`EagerKernel` runs plain torch operations, for every chain
+(and differentiable by autograd, where autograd must see them). :class:`CompiledKernel` serves the plain update
+``f(B A)``: ``torch.compile`` turns ``B A``, ``f``, ``f'``, the scaling, the base and the output cast of a block into
+one fused pass (C++ on CPUs, Triton on GPUs), and the factor gradients into two more GEMMs in the same graph. It
+traces the activation's one definition with every constant as an argument: one compiled kernel per function serves
+every setting and layer, compiled once with dynamic shapes.
 
-Which kernel computes an update is decided by the update's block plan (:meth:`peft_loran.functional.LowRankUpdate.
-plan`), from the mode below, the device, the shape, and whether autograd must see the operations; see
-:func:`compiled_kernel_for`. If compiling fails (no working compiler, an inductor error), a warning gives the reason
-and that activation runs on the eager kernel for the rest of the process (:func:`compile_failures`); any other
-error (out of memory, a bug) is raised as it is.
+``torch.compile`` compiles on a kernel's first call, so a compilation that fails (no working compiler, an inductor
+error) can only show there, inside a call. The compiled kernel then computes that block eagerly (the same numbers),
+warns once with the reason and records the failure, and every later plan chooses the eager kernel for that
+activation. Any other error (out of memory, a bug) is raised as it is.
 
-Switch: ``set_kernel_compilation("auto" | "0" | "1")`` for this process, else the environment variable
-``PEFT_LORAN_COMPILE`` (read on each use) = ``auto`` (default) / ``0`` (never) / ``1`` (every plain update).
+Switch: ``set_kernel_compilation("auto" | "0" | "1")`` for this process, else ``PEFT_LORAN_COMPILE`` (read once)
+= ``auto`` (default) / ``0`` (never) / ``1`` (every plain update).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import warnings
 from abc import ABC, abstractmethod
-from typing import Callable, Optional, Protocol, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 
 from .activations import Activation
 
 
-class Update(Protocol):
-    """What a kernel reads of an update (``functional.LowRankUpdate`` is the one implementation)."""
+class Stage(NamedTuple):
+    """One stage of the original's chain: ``H_k = f(H_{k-1}) @ P + b`` (``P``, ``b`` None where absent)."""
 
-    A: torch.Tensor
-    B: torch.Tensor
-    stages: Sequence
-    activation: Activation
-    scaling: float
+    P: Optional[torch.Tensor]
+    b: Optional[torch.Tensor]
 
-    def factors_at_least_float32(self) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 #: The gradients of one block: ``(dB rows, dA, [dP_k or None], [db_k or None])``, float32 (float64 stays).
 BlockGrads = tuple[torch.Tensor, torch.Tensor, list, list]
 
-#: ``auto`` compiles the CPU plan's kernel for updates (out x in) of at least this many elements (1024 x 1024).
-#: Compiling costs seconds once per process (docs/benchmarks.md, one-time costs). On two cores at hidden 1024 with
-#: all seven projections adapted the kernel took a training step from 2.1x to 1.8x LoRA's and an evaluation forward
-#: from 1.55x to 1.36x the base model's, so it pays back within a few dozen steps there; on narrower layers (the
-#: 384- and 576-wide models the command line ships) the eager kernel is kept, where compiling would not pay.
+#: ``auto`` compiles the CPU plan's kernel for updates (out x in) of at least this many elements (1024 x 1024):
+#: compiling costs seconds once per process, which pays back within a few dozen training steps there; on the
+#: narrower layers of the models the command line ships (384 and 576 wide) it would not pay within a run
+#: (docs/benchmarks.md, "The plan's constants").
 AUTO_COMPILE_MIN_ELEMENTS = 2**20
+#: Up to this rank the compiled kernel forms ``B A`` inside its fused loop (r multiply-adds per element) instead of
+#: a GEMM, which is slow for so thin an inner dimension (docs/benchmarks.md).
+INLINE_PRODUCT_MAX_RANK = 8
 
-_MODES = ("auto", "0", "1")
-_mode: Optional[str] = None  # set_kernel_compilation's choice; None: the environment decides
+MODES = ("auto", "0", "1")
+_mode: Optional[str] = None  # set_kernel_compilation's choice; None: the environment's
 _failures: dict[str, str] = {}  # activation name -> why compiling its kernels failed
 _compiled: dict[Callable, dict[str, Callable]] = {}  # activation function -> its compiled kernels
-_can_compile: dict[str, bool] = {}  # device type -> a compiler backend is there
+_kernels: dict[Activation, "CompiledKernel"] = {}  # one kernel object per activation setting
 #: What a failed compilation raises: the backend compiler or inductor failing (no compiler, unsupported code).
 COMPILE_ERRORS: tuple[type[BaseException], ...] = (
     torch._dynamo.exc.BackendCompilerFailed, torch._inductor.exc.InductorError, torch._inductor.exc.CppCompileError,
 )
 
 
-class CompileFailed(RuntimeError):
-    """Compiling an activation's kernels failed in this process (recorded; its updates run eagerly)."""
-
-
 # ------------------------------------------------------------------------------------------------------ mode
 def set_kernel_compilation(mode: "str | bool | None") -> None:
     """``"auto"``/``True`` (compile where it pays), ``"1"`` (always), ``"0"``/``False`` (never: eager only), ``None``
-    (back to the environment variable ``PEFT_LORAN_COMPILE``). Also forgets earlier compile failures."""
+    (back to ``PEFT_LORAN_COMPILE``). Also forgets earlier compile failures."""
     global _mode
     if mode is None:
         _mode = None
     else:
         value = {True: "auto", False: "0"}[mode] if isinstance(mode, bool) else str(mode).strip().lower()
-        if value not in _MODES:
-            raise ValueError(f"`mode` must be one of {_MODES}, a bool or None, got {mode!r}.")
+        if value not in MODES:
+            raise ValueError(f"`mode` must be one of {MODES}, a bool or None, got {mode!r}.")
         _mode = value
     _failures.clear()
 
 
-def kernel_compilation() -> str:
-    """The mode in force: the one set with :func:`set_kernel_compilation`, else ``PEFT_LORAN_COMPILE``."""
-    if _mode is not None:
-        return _mode
+@functools.cache
+def _environment_mode() -> str:
     value = os.environ.get("PEFT_LORAN_COMPILE", "auto").strip().lower() or "auto"
-    if value not in _MODES:
-        raise ValueError(f"PEFT_LORAN_COMPILE={value!r} is not one of {_MODES}; set it to auto, 0 or 1.")
+    if value not in MODES:
+        raise ValueError(f"PEFT_LORAN_COMPILE={value!r} is not one of {MODES}; set it to auto, 0 or 1.")
     return value
+
+
+def kernel_compilation() -> str:
+    """The mode in force: :func:`set_kernel_compilation`'s, else ``PEFT_LORAN_COMPILE`` as first read."""
+    return _mode if _mode is not None else _environment_mode()
 
 
 def compile_failures() -> dict[str, str]:
@@ -104,48 +101,93 @@ def compile_failures() -> dict[str, str]:
     return dict(_failures)
 
 
-def can_compile(device: torch.device) -> bool:
-    """Whether ``torch.compile`` has a backend for ``device`` here: a C++ compiler for CPUs, Triton for GPUs."""
-    if device.type not in _can_compile:
-        if device.type == "cpu":
-            compiler = os.environ.get("CXX", "g++")
-            ok = any(shutil.which(c) for c in (compiler, "g++", "c++", "clang++"))
-        elif device.type == "cuda":
-            try:
-                import triton  # noqa: F401
-            except ImportError:
-                ok = False
-            else:
-                ok = True
+@functools.cache
+def can_compile(device_type: str) -> bool:
+    """Whether ``torch.compile`` has a backend for the device type here: a C++ compiler for CPUs, Triton for GPUs."""
+    if device_type == "cpu":
+        return any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "c++", "clang++"))
+    if device_type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+    return False
+
+
+def choose_kernel(activation: Activation, plain: bool, elements: int, device: torch.device, target: str,
+                  autograd: bool) -> "BlockKernel":
+    """The kernel for an update of ``elements`` (out x in) on ``device``: the compiled one for the plain update
+    ``f(B A)`` where the mode allows it (``1``: always; ``auto``: where the device can compile, on the CPU plan from
+    :data:`AUTO_COMPILE_MIN_ELEMENTS`), else the eager one. Always eager where autograd must see the operations,
+    under an outer ``torch.compile`` (which fuses the eager code itself), for chains, for activations without a
+    known derivative, and for activations whose kernels failed to compile in this process."""
+    mode = _mode if _mode is not None else _environment_mode()
+    definition = activation.definition
+    if (mode == "0" or not plain or autograd or torch.compiler.is_compiling() or not definition.derivative_known
+            or definition.name in _failures):
+        return EAGER
+    if mode == "auto" and (not can_compile(device.type) or (target == "cpu" and elements < AUTO_COMPILE_MIN_ELEMENTS)):
+        return EAGER
+    kernel = _kernels.get(activation)
+    if kernel is None:
+        kernel = _kernels[activation] = CompiledKernel(activation)
+    return kernel
+
+
+# ----------------------------------------------------------------------------------------------- the eager math
+def chain_rows(B_rows: torch.Tensor, A: torch.Tensor, stages: Sequence[Stage], activation: Activation,
+               keep: bool = False) -> tuple[torch.Tensor, list[tuple]]:
+    """Unscaled update rows ``H_K`` for the given rows of ``B`` (factors already in float32 or float64). With
+    ``keep`` also, per stage, ``(Z_k, U_k, f'(Z_k))`` for :func:`chain_rows_backward`. Plain torch operations."""
+    h = B_rows @ A
+    saved = []
+    for P, b in stages:
+        z = h
+        if keep:
+            u, fprime = activation.value_and_derivative(z)
+            # keep only what the backward needs: Z for activations without an analytic f', U for dP
+            saved.append((z if fprime is None else None, u if P is not None else None, fprime))
         else:
-            ok = False
-        _can_compile[device.type] = ok
-    return _can_compile[device.type]
+            u = activation(z)
+        h = u @ P if P is not None else u
+        if b is not None:
+            h = h + b
+    return h, saved
 
 
-def compiled_kernel_for(activation: Activation, plain: bool, rows: int, cols: int, device: torch.device,
-                        target: str, autograd: bool) -> Optional["CompiledKernel"]:
-    """The compiled kernel for a plain update ``f(B A)`` of shape ``(rows, cols)``, or None (use the eager kernel).
+def chain_rows_backward(grad_h: torch.Tensor, B_rows: torch.Tensor, A: torch.Tensor, stages: Sequence[Stage],
+                        activation: Activation, saved: Sequence[tuple]) -> BlockGrads:
+    """Analytic vector-Jacobian product of :func:`chain_rows`: grads of ``B_rows``, ``A``, each ``P`` and ``b``.
+    May overwrite ``grad_h`` (a temporary of the caller)."""
+    grad_P: list[Optional[torch.Tensor]] = [None] * len(stages)
+    grad_b: list[Optional[torch.Tensor]] = [None] * len(stages)
+    for k in reversed(range(len(stages))):
+        P, b = stages[k]
+        z, u, fprime = saved[k]
+        if b is not None:
+            grad_b[k] = grad_h.sum(0)
+        if P is not None:
+            grad_P[k] = u.T @ grad_h
+            grad_u = grad_h @ P.T
+        else:
+            grad_u = grad_h
+        grad_h = activation.grad(z, grad_u) if fprime is None else grad_u.mul_(fprime)
+    return grad_h @ A.T, B_rows.T @ grad_h, grad_P, grad_b
 
-    Decided by the mode, the activation, the device, the shape, the plan's target and whether autograd must see the
-    operations (``autograd``: called with gradients enabled outside the fused Function, or under an outer
-    ``torch.compile``, which fuses the eager code itself), never by a clock: ``0`` never; ``1`` every plain update;
-    ``auto`` on the accelerator plan wherever the device can compile (one pass per block instead of several launches)
-    and on the CPU plan for updates of at least :data:`AUTO_COMPILE_MIN_ELEMENTS`. An activation whose kernels
-    failed to compile in this process, or that has no known derivative, runs eagerly."""
-    if not plain or autograd or torch.compiler.is_compiling() or not activation.has_derivative:
-        return None
-    if activation.name in _failures:
-        return None
-    mode = kernel_compilation()
-    if mode == "0":
-        return None
-    if mode == "auto":
-        if not can_compile(device):
-            return None
-        if target == "cpu" and rows * cols < AUTO_COMPILE_MIN_ELEMENTS:
-            return None
-    return CompiledKernel(activation)
+
+def block_update(base_rows: Optional[torch.Tensor], B_rows: torch.Tensor, A: torch.Tensor, stages: Sequence[Stage],
+                 activation: Activation, scaling: float, keep: bool = False) -> tuple[torch.Tensor, list[tuple]]:
+    """``base_rows + scaling * H`` (``base_rows`` None: the scaled update alone) for a block of rows, plus what
+    :func:`chain_rows_backward` needs when ``keep``: the plain case through the activation's ``scaled_add``."""
+    if len(stages) == 1 and stages[0].P is None and stages[0].b is None:
+        m = B_rows @ A
+        out, fprime = activation.scaled_add(base_rows, m, scaling, with_derivative=keep)
+        if keep and fprime is None:  # no analytic derivative: keep Z for autograd (m untouched by scaled_add)
+            return out, [(m, None, None)]
+        return out, [(None, None, fprime)] if keep else []
+    h, saved = chain_rows(B_rows, A, stages, activation, keep=keep)
+    return (h.mul_(scaling) if base_rows is None else torch.add(base_rows, h, alpha=scaling)), saved
 
 
 # -------------------------------------------------------------------------------------------- the interface
@@ -155,23 +197,37 @@ class BlockKernel(ABC):
     name: str = ""
 
     @abstractmethod
-    def value(self, update: Update, i0: int, i1: int, base_rows: Optional[torch.Tensor],
-              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """``base_rows + D[i0:i1]`` in ``out_dtype`` (default: float32, float64 for float64 factors)."""
+    def value(self, B_rows: torch.Tensor, A: torch.Tensor, stages: Sequence[Stage], activation: Activation,
+              scaling: float, base_rows: Optional[torch.Tensor], out_dtype: torch.dtype) -> torch.Tensor:
+        """``base_rows + D[rows]`` in ``out_dtype``."""
 
     @abstractmethod
-    def value_and_grads(self, update: Update, i0: int, i1: int, base_rows: Optional[torch.Tensor],
-                        grad_h: torch.Tensor, need_value: bool,
-                        out_dtype: Optional[torch.dtype] = None) -> tuple[Optional[torch.Tensor], BlockGrads]:
-        """``(value or None, gradients)`` of the block; may overwrite ``grad_h`` (a temporary of the caller)."""
+    def value_and_grads(self, B_rows: torch.Tensor, A: torch.Tensor, stages: Sequence[Stage], activation: Activation,
+                        scaling: float, base_rows: Optional[torch.Tensor], out_dtype: torch.dtype,
+                        grad_h: torch.Tensor, need_value: bool) -> tuple[Optional[torch.Tensor], BlockGrads]:
+        """``(value or None, gradients)`` of the block; may overwrite ``grad_h``."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
 
-#: Up to this rank the kernels form ``B A`` inside their loop (r multiply-adds per element) instead of calling a
-#: GEMM: BLAS is slow for such a thin inner dimension. Above it the GEMM wins (measured at r = 16 and 32).
-INLINE_PRODUCT_MAX_RANK = 8
+class EagerKernel(BlockKernel):
+    """The block in plain torch operations: every chain, every activation; what autograd differentiates when it
+    must see the operations, and what runs where nothing is compiled."""
+
+    name = "eager"
+
+    def value(self, B_rows, A, stages, activation, scaling, base_rows, out_dtype):
+        return block_update(base_rows, B_rows, A, stages, activation, scaling)[0].to(out_dtype)
+
+    def value_and_grads(self, B_rows, A, stages, activation, scaling, base_rows, out_dtype, grad_h, need_value):
+        out, saved = block_update(base_rows, B_rows, A, stages, activation, scaling, keep=True)
+        grads = chain_rows_backward(grad_h.mul_(scaling), B_rows, A, stages, activation, saved)
+        return (out.to(out_dtype) if need_value else None), grads
+
+
+#: The one eager kernel (it holds no state).
+EAGER = EagerKernel()
 
 
 def _low_rank_product(B_rows: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -188,7 +244,7 @@ def _build(activation: Activation) -> dict[str, Callable]:
     def update_from(base, y, scaling, offset, out_dtype):
         y = y - offset
         y = y * scaling if base is None else base + scaling * y
-        return y if out_dtype is None else y.to(out_dtype)
+        return y.to(out_dtype)
 
     def value(base, B_rows, A, scaling, offset, out_dtype, *params):
         return update_from(base, f(_low_rank_product(B_rows, A), *params)[0], scaling, offset, out_dtype)
@@ -207,44 +263,46 @@ def _build(activation: Activation) -> dict[str, Callable]:
 
 
 class CompiledKernel(BlockKernel):
-    """The plain update's block as one compiled pass (see the module docstring). Raises :class:`CompileFailed`
-    (after recording and warning) when its kernels cannot be compiled; the caller then computes eagerly."""
+    """The plain update's block as one compiled pass (see the module docstring); a block whose compilation fails is
+    computed by the eager kernel."""
 
     name = "compiled"
 
     def __init__(self, activation: Activation) -> None:
         self.activation = activation
 
-    def _run(self, kernel: str, *args):
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)  # no-grad kernels
+    def _run(self, kernel: str, *args) -> Optional[tuple]:
+        """The compiled ``kernel`` on ``args`` (the no-grad kernels: detached), or None if it failed to compile."""
+        detached = []
+        for a in args:
+            detached.append(a.detach() if isinstance(a, torch.Tensor) else a)
         key = self.activation.definition.function
         try:
             if key not in _compiled:
                 _compiled[key] = _build(self.activation)
-            return _compiled[key][kernel](*args, *self.activation.values)
+            return _compiled[key][kernel](*detached, *self.activation.values)
         except COMPILE_ERRORS as exc:
             _failures[self.activation.name] = f"{type(exc).__name__}: {exc}"
             warnings.warn(
                 f"peft-loran: compiling the fused LoRAN kernel for {self.activation.name!r} failed, so it runs on the "
-                f"eager kernels in this process (same results, slower). Set PEFT_LORAN_COMPILE=0 to skip the attempt. "
-                f"Reason: {type(exc).__name__}: {exc}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
-            raise CompileFailed(self.activation.name) from None
+                f"eager kernel in this process (same results, slower). Set PEFT_LORAN_COMPILE=0 to skip the attempt. "
+                f"Reason: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=4)
+            return None
 
-    def value(self, update, i0, i1, base_rows, out_dtype=None):
-        B, A = update.factors_at_least_float32()
-        return self._run("value", base_rows, B[i0:i1], A, update.scaling, self.activation.offset, out_dtype)
+    def value(self, B_rows, A, stages, activation, scaling, base_rows, out_dtype):
+        out = self._run("value", base_rows, B_rows, A, scaling, activation.offset, out_dtype)
+        return out if out is not None else EAGER.value(B_rows, A, stages, activation, scaling, base_rows, out_dtype)
 
-    def value_and_grads(self, update, i0, i1, base_rows, grad_h, need_value, out_dtype=None):
-        B, A = update.factors_at_least_float32()
+    def value_and_grads(self, B_rows, A, stages, activation, scaling, base_rows, out_dtype, grad_h, need_value):
         if need_value:
-            value, grad_B, grad_A = self._run("value_and_grads", base_rows, B[i0:i1], A, update.scaling,
-                                              self.activation.offset, out_dtype, grad_h)
+            out = self._run("value_and_grads", base_rows, B_rows, A, scaling, activation.offset, out_dtype, grad_h)
+            value, grads = (out[0], out[1:]) if out is not None else (None, None)
         else:
-            value, (grad_B, grad_A) = None, self._run("grads_only", B[i0:i1], A, update.scaling, grad_h)
-        return value, (grad_B, grad_A, [None], [None])
+            value, grads = None, self._run("grads_only", B_rows, A, scaling, grad_h)
+        if grads is None:
+            return EAGER.value_and_grads(B_rows, A, stages, activation, scaling, base_rows, out_dtype, grad_h,
+                                         need_value)
+        return value, (grads[0], grads[1], [None], [None])
 
     def __eq__(self, other) -> bool:
         return isinstance(other, CompiledKernel) and other.activation == self.activation

@@ -65,6 +65,14 @@ class BlockPlan(NamedTuple):
     kernel: BlockKernel
     target: str
 
+    @property
+    def compiled(self) -> bool:
+        return self.kernel.name == "compiled"
+
+    def ranges(self, rows: int) -> list[tuple[int, int]]:
+        """The blocks' ``(first row, end)`` for an update of ``rows`` rows (what the block loop walks)."""
+        return [(i0, min(i0 + self.block_rows, rows)) for i0 in range(0, rows, self.block_rows)]
+
 
 def make_plan(rows: int, cols: int, activation: Activation, plain: bool, device: torch.device, autograd: bool,
               block_rows: Optional[int] = None, budget: Optional[int] = None,
