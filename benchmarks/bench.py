@@ -197,6 +197,8 @@ def _eval_and_generate(model, ids, case: Case) -> tuple[float, float]:
     with torch.no_grad():
         model(input_ids=ids)  # warm-up (and, for LoRAN, building the eval cache)
         eval_s = _median_seconds(lambda: model(input_ids=ids), case.steps, case.device)
+        if not case.gen_repeats:  # --no-generation
+            return eval_s, float("nan")
         model.generate(input_ids=prompt, **gen_kwargs)
         gen_s = _median_seconds(lambda: model.generate(input_ids=prompt, **gen_kwargs), case.gen_repeats, case.device)
     return eval_s, case.gen_tokens / gen_s
@@ -513,6 +515,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed training steps per process (default: the preset's; a GPU "
                         "step takes milliseconds, so use more there)")
     parser.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)} (default: the preset's)")
+    parser.add_argument("--no-generation", action="store_true",
+                        help="skip the generation timing (minutes per process on 2 CPU cores); the eval forward stays")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-group", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -542,6 +546,8 @@ def main() -> None:
         for case in cases:
             if args.steps:
                 case = replace(case, steps=args.steps)
+            if args.no_generation:
+                case = replace(case, gen_repeats=0)
             print(f"[{name}] {case}", file=sys.stderr, flush=True)
             methods = PRESET_METHODS.get(name, METHODS)
             if name == "paper" and case.dropout:

@@ -2,6 +2,7 @@
 
     python benchmarks/interleaved.py generation [--targets all|qv] [--rounds 30] [--new-tokens 64]
     python benchmarks/interleaved.py train      [--targets all|qv] [--rounds 12] [--tokens 256]
+    python benchmarks/interleaved.py eval       [--targets all|qv] [--rounds 20] [--tokens 256]   # no-grad forward
     python benchmarks/interleaved.py train --paper [--dropout 0.2] [--rounds 8]   # the paper's recipe, 7B shapes
 
 `bench.py` runs each method in its own process; on these machines the spread between processes (the same base
@@ -72,6 +73,28 @@ def generation_runs(models: dict[str, torch.nn.Module], new_tokens: int) -> dict
     return {name: generate(model) for name, model in models.items()}
 
 
+def eval_runs(models: dict[str, torch.nn.Module], tokens: int) -> dict[str, Callable[[], None]]:
+    """One no-grad forward each (an evaluation batch); LoRAN as by default (no eval cache) and a copy with the cache
+    on (``loran (eval cache)``)."""
+    import peft_loran
+
+    models = dict(models)
+    models["loran (eval cache)"] = copy.deepcopy(models["loran"])
+    peft_loran.set_eval_cache(models["loran (eval cache)"], True)
+    ids = torch.randint(0, 4096, (1, tokens))
+
+    def forward(model):
+        model.eval()
+
+        def run():
+            with torch.no_grad():
+                model(input_ids=ids)
+
+        return run
+
+    return {name: forward(model) for name, model in models.items()}
+
+
 def train_runs(models: dict[str, torch.nn.Module], tokens: int, eager_copy: bool = True,
                vocab: int = 4096) -> dict[str, Callable[[], None]]:
     """One AdamW step each; ``loran (eager kernels)`` is a second LoRAN copy stepped with compilation off."""
@@ -105,25 +128,26 @@ def train_runs(models: dict[str, torch.nn.Module], tokens: int, eager_copy: bool
     return runs
 
 
-def report(times: dict[str, list[float]], unit: str, per_call: float) -> None:
-    """``unit`` "tokens/s" (higher is better, ratios of speed) or "s/step" (lower is better, ratios of time)."""
+def report(times: dict[str, list[float]], unit: str, per_call: float, reference: str = "lora") -> None:
+    """``unit`` "tokens/s" (higher is better, ratios of speed) or "s/step" (lower is better, ratios of time); ratios
+    paired per round against ``reference``."""
     speed = unit == "tokens/s"
     value = {name: (per_call / statistics.median(t) if speed else statistics.median(t)) for name, t in times.items()}
-    print(f"| method | {unit} (median) | paired ratio to LoRA, median [min, max] | rounds ahead of LoRA |")
+    print(f"| method | {unit} (median) | paired ratio to {reference}, median [min, max] | rounds ahead of {reference} |")
     print("|---|---|---|---|")
     for name, t in times.items():
-        if name == "lora":
-            print(f"| lora | {value[name]:.{1 if speed else 3}f} | 1.00x | |")
+        if name == reference:
+            print(f"| {name} | {value[name]:.{1 if speed else 3}f} | 1.00x | |")
             continue
-        ratios = [(lo / mine if speed else mine / lo) for mine, lo in zip(t, times["lora"])]
-        ahead = sum(mine < lo for mine, lo in zip(t, times["lora"]))
+        ratios = [(lo / mine if speed else mine / lo) for mine, lo in zip(t, times[reference])]
+        ahead = sum(mine < lo for mine, lo in zip(t, times[reference]))
         print(f"| {name} | {value[name]:.{1 if speed else 3}f} | {statistics.median(ratios):.3f}x "
               f"[{min(ratios):.2f}, {max(ratios):.2f}] | {ahead} of {len(t)} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["generation", "train"])
+    parser.add_argument("what", choices=["generation", "train", "eval"])
     parser.add_argument("--targets", default="all", choices=sorted(TARGETS))
     parser.add_argument("--rounds", type=int, default=None, help="default: 30 (generation), 12 (train)")
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -133,6 +157,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     models = adapted_models(args.targets, args.paper, args.dropout)
+    if args.what == "eval":
+        rounds = args.rounds or 20
+        tokens = args.tokens or 256
+        times = interleave(eval_runs(models, tokens), rounds)
+        print(f"evaluation forward (no grad), targets {args.targets}, {tokens} tokens, {rounds} interleaved rounds "
+              "(a ratio above 1 means slower than the base model):")
+        report(times, "s/step", 1.0, reference="base")
+        return
     if args.what == "generation":
         rounds = args.rounds or 30
         with torch.no_grad():

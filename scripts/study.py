@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/study.py            # everything; resumable (finished runs are kept in runs/study/)
     .venv/bin/python scripts/study.py --only synthetic
+    .venv/bin/python scripts/study.py --only headline --alone     # one task; its cells' times count as costs
+    .venv/bin/python scripts/study.py --report                    # tables and plots from docs/study/results.csv
 
 Two tasks:
 
@@ -15,11 +17,17 @@ Two tasks:
   study's alpha 16 and w 200 can represent, amplitude included). Runs in-process, seconds each, through PEFT as
   users use it.
 * ``bbc``: the bundled BBC News topics (MiniLM, 5 classes) through ``peft-loran compare`` (one process per run).
-* ``headline``: BBC headline generation with SmolLM2-135M (ROUGE-L), minutes per run: LoRA and Sine-LoRA, one seed.
+* ``headline`` and ``topic``: the paper's own kinds of task on its stand-ins, with PEFT's peers (LoRA, DoRA, HiRA)
+  beside LoRAN at the paper's setting, a strong Sinter and Sine-LoRA: BBC article -> headline (SAMSum's stand-in,
+  ROUGE on 100 articles) and BBC topics with a decoder as the classifier (20 Newsgroups' stand-in), both on
+  SmolLM2-135M with the paper's q/v, alpha 16, dropout 0.2. Minutes per run; every cell is written to
+  docs/study/results.csv as it finishes, so the study resumes on any machine (``--alone`` marks cells whose times
+  count as costs: nothing else ran on the machine).
 
 Per task: a learning rate per method chosen on validation data with one seed (never the test split), then every
-method at ranks x seeds with its chosen learning rate; LoRA alone over ranks 1, 4, 16, 64 first, to see whether rank
-limits the task at all. Results: docs/study/results.csv (one row per run), docs/study/tables.md, docs/study/*.png.
+method at ranks x seeds with its chosen learning rate; for the MiniLM task LoRA alone over ranks 1, 4, 16, 64 first, to
+see whether rank limits the task at all. Results: docs/study/results.csv (one row per run), docs/study/tables.md,
+docs/study/*.png.
 """
 
 from __future__ import annotations
@@ -259,29 +267,109 @@ def run_bbc() -> list[dict]:
     return rows
 
 
-HEADLINE_METHODS = ["lora", "sine"]
-HEADLINE_LRS, HEADLINE_SEEDS = [5e-4, 2e-3], [0]
+# ----------------------------------------------------------------------------- the paper's kinds of task
+#: The paper's adapter recipe on its kinds of task, with PEFT's peers: SmolLM2-135M (a decoder, as the paper's
+#: Llama-2-7B), q/v, alpha 16, dropout 0.2 (the paper's), float32 base (a 4-bit NF4 step on this CPU took over twice a
+#: float32 one: docs/study.md). name -> (compare method, extra options)
+PAPER_METHODS = {
+    "lora": ("lora", []),
+    "dora": ("dora", []),
+    "hira": ("hira", []),
+    "loran-paper": ("loran", ["--sinter-amplitude", "5e-5", "--sinter-frequency", "1e4"]),
+    "loran-strong": ("loran", ["--sinter-amplitude", "1", "--sinter-frequency", "100"]),
+    "sine": ("sine", ["--sine-frequency", "200"]),
+}
+PAPER_COMMON = ["--model", "smollm2", "--targets", "q_proj,v_proj", "--alpha", "16", "--dropout", "0.2",
+                "--max-length", "128", "--batch-size", "4"]
+#: study task -> (results.csv task name, metric, compare options)
+PAPER_TASKS = {
+    # SAMSum's stand-in: BBC article -> headline, ROUGE on the same 100 articles of each split for every run
+    "headline": ("headline-smollm2", "rougeL", PAPER_COMMON + ["--task", "bbc-headline", "--steps", "30",
+                                                               "--eval-limit", "100"]),
+    # 20 Newsgroups' stand-in: BBC News topics, a decoder with a sequence-classification head, the full test split
+    "topic": ("topic-smollm2", "accuracy", PAPER_COMMON + ["--task", "bbc-topic", "--steps", "40"]),
+}
+PAPER_LRS = [1e-4, 3e-4, 1e-3, 3e-3]  # 30x; widened by 3x steps where the best value is at an edge
+PAPER_RANKS, PAPER_SEEDS = [4, 1, 16], [0, 1, 2]  # rank 4 first: the learning rates are chosen there
 
 
-def run_headline() -> list[dict]:
-    """SmolLM2 headline generation: minutes per run on 2 CPU cores, so two methods (LoRA and Sine-LoRA, the one
-    with a large non-linear share), two learning rates on validation, then rank 4 with one seed."""
-    rows, chosen = [], {}
-    for name in HEADLINE_METHODS:
-        method, extra = METHODS[name]
-        lr_rows = compare(f"{name}@lr", method, extra, [4], HEADLINE_LRS, [0], "validation", task="headline")
-        rows += lr_rows
-        chosen[name] = max(lr_rows, key=lambda r: r["value"])["lr"]
-        print(f"headline {name}: lr {chosen[name]:g}", flush=True)
-    for name in HEADLINE_METHODS:
-        method, extra = METHODS[name]
-        rows += compare(f"{name}@test", method, extra, [4], [chosen[name]], HEADLINE_SEEDS, "test", task="headline")
-    return rows
+def run_paper_task(task: str) -> list[dict]:
+    """Learning rate per method on the validation split (rank 4, seed 0; the grid widened while the best is at an
+    edge), then ranks 4, 1 and 16 with 3 seeds each on the test split. One ``peft-loran compare`` per cell, each
+    cell written to docs/study/results.csv as it finishes, so the study resumes on any machine."""
+    name, metric, options = PAPER_TASKS[task]
+    chosen = {}
+    for method in PAPER_METHODS:
+        lrs, scores = list(PAPER_LRS), {}
+        while True:
+            for lr in lrs:
+                if lr not in scores:
+                    scores[lr] = paper_cell(task, method, 4, lr, 0, "validation")["value"]
+            best = max(scores, key=scores.get)
+            ordered = sorted(scores)
+            if best == ordered[0] and best / 3 >= 1e-6:
+                lrs.append(round(best / 3, 10))
+            elif best == ordered[-1] and best * 3 <= 0.1:
+                lrs.append(round(best * 3, 10))
+            else:
+                break
+        chosen[method] = best
+        print(f"{name} {method}: lr {best:g} ({', '.join(f'{k:g}: {v:.4f}' for k, v in sorted(scores.items()))})",
+              flush=True)
+    for rank in PAPER_RANKS:
+        for seed in PAPER_SEEDS:
+            for method in PAPER_METHODS:
+                paper_cell(task, method, rank, chosen[method], seed, "test")
+    return [r for r in committed_rows(name)]
+
+
+def paper_cell(task: str, method: str, rank: int, lr: float, seed: int, split: str) -> dict:
+    """One run of the study, from docs/study/results.csv when it is there, else trained now and written there."""
+    name, metric, options = PAPER_TASKS[task]
+    for row in committed_rows(name):
+        if (row["method"], row["rank"], row["seed"], row["split"]) == (method, rank, seed, split) and \
+                math.isclose(row["lr"], lr, rel_tol=1e-9):
+            return row
+    kind, extra = PAPER_METHODS[method]
+    out = RUNS / task / f"{method}-r{rank}-lr{lr:g}-s{seed}-{split}"
+    cmd = [sys.executable, "-m", "peft_loran", "compare", *options, "--methods", kind, "--rank", str(rank),
+           "--lr", f"{lr:g}", "--seed", str(seed), "--eval-split", split, "--output-dir", str(out), "--quiet",
+           *extra]
+    print("$", " ".join(cmd[2:]), flush=True)
+    started = time.perf_counter()
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}, stdout=subprocess.DEVNULL)
+    result = json.loads((out / "metrics.json").read_text())["results"][0]
+    m = result["metrics"]
+    row = dict(task=name, method=method, rank=rank, lr=lr, seed=seed, split=split, metric=metric,
+               value=m[metric], train_seconds=result["train_seconds"], peak_memory_mb=result["peak_memory_mb"],
+               nonlinear_share=result["nonlinear_share"], nonlinear_beyond_scale=result.get("nonlinear_beyond_scale"),
+               effective_rank=result["effective_rank"], trainable_params=result["trainable_params"],
+               macro_f1=m.get("macro_f1"), rouge1=m.get("rouge1"), rouge2=m.get("rouge2"), n=m["n"],
+               run_seconds=round(time.perf_counter() - started, 1), machine=MACHINE, alone=ALONE)
+    append_row(row)
+    return row
+
+
+#: Who ran the cells: the CPU, and whether this run had the machine to itself (``--alone``); costs are compared
+#: only between cells that did.
+MACHINE = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               "unknown") if os.path.exists("/proc/cpuinfo") else "unknown"
+ALONE = False
+
+
+def append_row(row: dict) -> None:
+    """Add one finished run to docs/study/results.csv (rewritten whole under a temporary name, then renamed)."""
+    rows = []
+    if (DOCS / "results.csv").exists():
+        with open(DOCS / "results.csv") as fh:
+            rows = [_typed(r) for r in csv.DictReader(fh)]
+    write_results(rows + [row])
 
 
 # ---------------------------------------------------------------------------------------------------- report
 FIELDS = ["task", "method", "rank", "lr", "seed", "split", "metric", "value", "train_seconds", "peak_memory_mb",
-          "nonlinear_share", "nonlinear_beyond_scale", "effective_rank", "trainable_params"]
+          "nonlinear_share", "nonlinear_beyond_scale", "effective_rank", "trainable_params", "macro_f1", "rouge1",
+          "rouge2", "n", "run_seconds", "machine", "alone"]
 
 
 def write_results(rows: list[dict]) -> None:
@@ -295,14 +383,20 @@ def write_results(rows: list[dict]) -> None:
     os.replace(tmp, DOCS / "results.csv")
 
 
+#: The order methods are shown in.
+METHOD_ORDER = ["lora", "rslora", "dora", "hira", "loran-paper", "loran-strong", "sine"]
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    m = sum(values) / len(values)
+    return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+
+
 def summarize(rows: list[dict]) -> str:
     """Per task: mean +- std per method and rank over seeds (test split), paired difference to LoRA with an exact
-    sign-flip p-value, time, non-linear share, effective rank."""
+    sign-flip p-value, non-linear share (and beyond a change of scale), effective rank, train time and peak memory
+    (marked where the cells did not all have the machine to themselves), trainable parameters."""
     from peft_loran_cli.report import sign_flip_p
-
-    def mean_std(values):
-        m = sum(values) / len(values)
-        return m, (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
 
     out = []
     for task in sorted({r["task"] for r in rows}):
@@ -312,33 +406,79 @@ def summarize(rows: list[dict]) -> str:
         out.append(f"### {task}\n")
         bound = task.startswith("synthetic")
         metric = "explained energy" if bound else test[0]["metric"]
-        out.append("| method | rank | lr | seeds | " + metric +
-                   " (mean +- std) | vs LoRA, paired (p) | " + ("rank-r bound | " if bound else "") +
-                   "train s | non-linear share | effective rank |")
-        out.append("|---" * (10 if bound else 9) + "|")
+        head = (["method", "rank", "lr", "seeds", f"{metric} (mean +- std)", "vs LoRA, paired (p)"]
+                + (["rank-r bound"] if bound else []) + ["non-linear share (beyond scale)", "effective rank",
+                                                         "train s", "peak MB", "params"])
+        out += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         lora = {(r["rank"], r["seed"]): r["value"] for r in test if r["method"] == "lora"}
+        methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in test)]
         for rank in sorted({r["rank"] for r in test}):
-            for method in METHODS:
+            for method in methods:
                 cell = [r for r in test if r["method"] == method and r["rank"] == rank]
-                if not cell:
-                    continue
-                m, s = mean_std([r["value"] for r in cell])
-                diffs = [r["value"] - lora[(rank, r["seed"])] for r in cell if (rank, r["seed"]) in lora]
-                paired = ""
-                if method != "lora" and diffs:
-                    dm, ds = mean_std(diffs)
-                    p = sign_flip_p(diffs)
-                    paired = f"{dm:+.4f} +- {ds:.4f}" + (f" (p={p:.3f})" if p is not None else "")
-                shares = [r["nonlinear_share"] for r in cell if r["nonlinear_share"] not in (None, "")]
-                ranks = [r["effective_rank"] for r in cell if r["effective_rank"] not in (None, "")]
-                out.append(
-                    f"| {method} | {rank} | {cell[0]['lr']:g} | {len(cell)} | {m:.4f} +- {s:.4f} | {paired} | "
-                    + (f"{rank_bound(task.split('-', 1)[1], rank):.4f} | " if bound else "")
-                    + f"{mean_std([r['train_seconds'] for r in cell])[0]:.1f} | "
-                    f"{format(max(map(float, shares)), '.1e') if shares else ''} | "
-                    f"{format(mean_std(list(map(float, ranks)))[0], '.1f') if ranks else ''} |")
+                if cell:
+                    out.append(summary_row(cell, method, rank, lora, bound, task, sign_flip_p))
+        if any(r.get("alone") is False for r in test):
+            out.append("\ntrain s and peak MB marked * come from cells that shared the machine with other work: not "
+                       "a cost to compare.")
         out.append("")
     return "\n".join(out)
+
+
+def summary_row(cell: list[dict], method: str, rank: int, lora: dict, bound: bool, task: str, sign_flip_p) -> str:
+    m, s = mean_std([r["value"] for r in cell])
+    diffs = [r["value"] - lora[(rank, r["seed"])] for r in cell if (rank, r["seed"]) in lora]
+    paired = ""
+    if method != "lora" and diffs:
+        dm, ds = mean_std(diffs)
+        p = sign_flip_p(diffs)
+        paired = f"{dm:+.4f} +- {ds:.4f}" + (f" (p={p:.3f})" if p is not None else " (1 seed)")
+    shares = [float(r["nonlinear_share"]) for r in cell if r["nonlinear_share"] not in (None, "")]
+    beyond = [float(r["nonlinear_beyond_scale"]) for r in cell if r.get("nonlinear_beyond_scale") not in (None, "")]
+    ranks = [float(r["effective_rank"]) for r in cell if r["effective_rank"] not in (None, "")]
+    memory = [float(r["peak_memory_mb"]) for r in cell if r.get("peak_memory_mb") not in (None, "")]
+    shared = "*" if any(r.get("alone") is False for r in cell) else ""
+    share = (f"{max(shares):.1e}" + (f" ({max(beyond):.1e})" if beyond else "")) if shares else ""
+    cells = [method, str(rank), f"{cell[0]['lr']:g}", str(len(cell)), f"{m:.4f} +- {s:.4f}", paired]
+    if bound:
+        cells.append(f"{rank_bound(task.split('-', 1)[1], rank):.4f}")
+    cells += [share, f"{mean_std(ranks)[0]:.1f}" if ranks else "",
+              f"{mean_std([r['train_seconds'] for r in cell])[0]:.1f}{shared}",
+              f"{mean_std(memory)[0]:.0f}{shared}" if memory else "", f"{cell[0]['trainable_params']:,}"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def plot_paper_task(rows: list[dict], task: str, metric: str) -> None:
+    """The metric against rank per method, every seed a point and the mean a line (docs/study/<task>.png)."""
+    test = [r for r in rows if r["task"] == task and r["split"] == "test"]
+    if not test:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in test)]
+    for i, method in enumerate(methods):
+        ranks = sorted({r["rank"] for r in test if r["method"] == method})
+        offset = 1 + 0.04 * (i - (len(methods) - 1) / 2)  # side by side on the log axis
+        for k in ranks:
+            values = [r["value"] for r in test if r["method"] == method and r["rank"] == k]
+            ax.scatter([k * offset] * len(values), values, color=f"C{i}", s=14, alpha=0.6)
+        means = [mean_std([r["value"] for r in test if r["method"] == method and r["rank"] == k])[0] for k in ranks]
+        ax.plot([k * offset for k in ranks], means, color=f"C{i}", marker="_", markersize=12, label=method)
+    ax.set_xscale("log", base=2)
+    ranks = sorted({r["rank"] for r in test})
+    ax.set_xticks(ranks)
+    ax.set_xticklabels([str(k) for k in ranks])
+    ax.set_xlabel("rank r (points: seeds; line: their mean)")
+    ax.set_ylabel(f"test {'ROUGE-L' if metric == 'rougeL' else metric}")
+    ax.set_title(f"{task}: SmolLM2-135M, q/v, dropout 0.2, each method at its own learning rate", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(DOCS / f"{task}.png", dpi=110)
+    plt.close(fig)
 
 
 def plot(rows: list[dict]) -> None:
@@ -347,7 +487,7 @@ def plot(rows: list[dict]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({r["task"] for r in rows if r["split"] == "test"})
+    tasks = sorted({r["task"] for r in rows if r["split"] == "test" and not r["task"].endswith("-smollm2")})
     cols = min(3, len(tasks))
     grid_rows = math.ceil(len(tasks) / cols)
     fig, axes = plt.subplots(grid_rows, cols, figsize=(5.5 * cols, 4.3 * grid_rows), squeeze=False)
@@ -398,36 +538,49 @@ def plot(rows: list[dict]) -> None:
         plt.close(fig)
 
 
+def read_results() -> list[dict]:
+    if not (DOCS / "results.csv").exists():
+        return []
+    with open(DOCS / "results.csv") as fh:
+        return [_typed(r) for r in csv.DictReader(fh)]
+
+
 def main() -> None:
+    global ALONE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["synthetic", "bbc", "headline"], help="run one task (default: all)")
+    parser.add_argument("--only", choices=["synthetic", "bbc", "headline", "topic"], help="run one task (default: all)")
+    parser.add_argument("--alone", action="store_true",
+                        help="nothing else runs on this machine meanwhile: the new cells' times count as costs")
+    parser.add_argument("--report", action="store_true", help="only re-render tables.md and the plots from "
+                                                               "docs/study/results.csv")
     args = parser.parse_args()
-    rows = []
-    if args.only in (None, "synthetic"):
-        rows += run_synthetic()
-    if args.only in (None, "bbc"):
-        rows += run_bbc()
-    if args.only in (None, "headline"):
-        rows += run_headline()
-    existing = []
-    prefix = {"synthetic": "synthetic", "bbc": "bbc-topic", "headline": "bbc-headline"}
-    if args.only and (DOCS / "results.csv").exists():  # keep the other tasks' rows
-        with open(DOCS / "results.csv") as fh:
-            existing = [_typed(r) for r in csv.DictReader(fh) if not r["task"].startswith(prefix[args.only])]
-    rows = existing + rows
-    write_results(rows)
+    ALONE = args.alone
+    if not args.report:
+        prefix = {"synthetic": "synthetic", "bbc": "bbc-topic"}
+        for task, run in (("synthetic", run_synthetic), ("bbc", run_bbc)):
+            if args.only in (None, task):
+                rows = run()
+                kept = [r for r in read_results() if not r["task"].startswith(prefix[task])]
+                write_results(kept + rows)
+        for task in PAPER_TASKS:
+            if args.only in (None, task):
+                run_paper_task(task)  # writes each cell as it finishes
+    rows = read_results()
     (DOCS / "tables.md").write_text(summarize(rows) + "\n")
     plot(rows)
-    print(f"wrote {DOCS}/results.csv, tables.md, by_rank.png")
+    for task in PAPER_TASKS.values():
+        plot_paper_task(rows, task[0], task[1])
+    print(f"wrote {DOCS}/results.csv, tables.md and the plots")
 
 
 def _typed(row: dict) -> dict:
     out = dict(row)
-    for k in ("rank", "seed", "trainable_params"):
+    for k in ("rank", "seed", "trainable_params", "n"):
         out[k] = int(out[k]) if out.get(k) not in (None, "") else None
     for k in ("lr", "value", "train_seconds", "peak_memory_mb", "nonlinear_share", "nonlinear_beyond_scale",
-              "effective_rank"):
+              "effective_rank", "macro_f1", "rouge1", "rouge2", "run_seconds"):
         out[k] = float(out[k]) if out.get(k) not in (None, "") else None
+    out["alone"] = {"True": True, "False": False}.get(out.get("alone"), out.get("alone"))
     return out
 
 

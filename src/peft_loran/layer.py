@@ -189,12 +189,11 @@ class LoranLayer(BaseTunerLayer):
         """``W += sign * s f(BA)``: in place for a plain float weight; in a copy for ``check_finite`` (refused
         non-finite values leave ``W`` untouched) and for quantized weights (dequantized and re-quantized by PEFT's
         backend)."""
-        base = self.get_base_layer()
-        if self.quantization_backend is None and not check_finite:
-            self.add_update_(base.weight.data, adapter_name, sign)
+        weight = self.get_base_layer().weight
+        if self.quantization_backend is None and not check_finite and type(weight) in (torch.Tensor, nn.Parameter):
+            self.add_update_(weight.data, adapter_name, sign)
             return
-        weight = self.get_base_weight()
-        shifted = self.add_update_(page_aligned_copy(weight), adapter_name, sign)
+        shifted = self.add_update_(page_aligned_copy(self.get_base_weight()), adapter_name, sign)
         if check_finite and not torch.isfinite(shifted).all():  # after the rounding to the weight's dtype
             raise ValueError(
                 f"NaNs or infs detected in the merged weights. The adapter {adapter_name} seems to be broken."
@@ -388,10 +387,14 @@ class Linear(LoranModule, LoranLayer):
         if not grad and self.loran_eval_cache[adapter_name] and self._cache_serves([adapter_name], grad):
             nbytes = self.out_features * self.in_features * dtype.itemsize
             update = self._cached(("delta", adapter_name, dtype), [adapter_name],
-                                  lambda: page_aligned_copy(self.low_rank_update(adapter_name).dense(), dtype), nbytes)
+                                  lambda: self._dense_update(adapter_name, dtype), nbytes)
             if update is not None:
                 return F.linear(xd.to(dtype), update)
         return self.low_rank_update(adapter_name).fused_matmul(xd, dtype)
+
+    def _dense_update(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        dense = self.low_rank_update(adapter_name).dense()  # page-aligned already
+        return dense if dense.dtype == dtype else page_aligned_copy(dense, dtype)
 
     def _effective_weight(self, weight: torch.Tensor, adapters: list[str]) -> Optional[torch.Tensor]:
         """Cached ``W + sum_a s_a f(B_a A_a)`` in the base weight's layout (page-aligned: see
