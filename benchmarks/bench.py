@@ -287,7 +287,7 @@ def run_child_group(cases: list[Case]) -> None:
 
 # ------------------------------------------------------------------------------------------------- orchestrator
 #: ``loran`` is ours as a user gets it (the default plan and kernel choice: on CPUs the compiled kernel for layers of
-#: at least 2048 x 2048, on GPUs the accelerator plan with the compiled kernel; kernels.compiled_kernel_for);
+#: at least 1024 x 1024, on GPUs the accelerator plan with the compiled kernel; kernels.choose_kernel);
 #: ``loran_compiled`` forces the compiled kernel on every layer (PEFT_LORAN_COMPILE=1), ``loran_eager`` switches it
 #: off (PEFT_LORAN_COMPILE=0). Set PEFT_LORAN_PLAN=accelerator in the environment to run the GPU's plan on a CPU.
 METHODS = ("lora", "naive", "loran", "loran_compiled", "loran_eager")

@@ -2,7 +2,7 @@
 
     .venv/bin/python scripts/study.py            # everything; resumable (finished runs are kept in runs/study/)
     .venv/bin/python scripts/study.py --only synthetic
-    .venv/bin/python scripts/study.py --only headline --alone     # one task; its cells' times count as costs
+    .venv/bin/python scripts/study.py --only headline,topic --alone   # these tasks; their cells' times count as costs
     .venv/bin/python scripts/study.py --report                    # tables and plots from docs/study/results.csv
 
 Two tasks:
@@ -293,34 +293,43 @@ PAPER_LRS = [1e-4, 3e-4, 1e-3, 3e-3]  # 30x; widened by 3x steps where the best 
 PAPER_RANKS, PAPER_SEEDS = [4, 1, 16], [0, 1, 2]  # rank 4 first: the learning rates are chosen there
 
 
-def run_paper_task(task: str) -> list[dict]:
-    """Learning rate per method on the validation split (rank 4, seed 0; the grid widened while the best is at an
-    edge), then ranks 4, 1 and 16 with 3 seeds each on the test split. One ``peft-loran compare`` per cell, each
-    cell written to docs/study/results.csv as it finishes, so the study resumes on any machine."""
-    name, metric, options = PAPER_TASKS[task]
+def chosen_learning_rate(task: str, method: str) -> float:
+    """The method's learning rate for ``task``: the best on the validation split at rank 4 (seed 0), the grid widened
+    by 3x steps while the best is at an edge (within 1e-6 to 0.1)."""
+    scores: dict[float, float] = {}
+    while (lr := next_learning_rate(scores)) is not None:
+        scores[lr] = paper_cell(task, method, 4, lr, 0, "validation")["value"]
+    return max(scores, key=scores.get)
+
+
+def next_learning_rate(scores: dict[float, float]) -> float | None:
+    """The next learning rate to try given the scores so far, or None when the choice is made: the grid
+    PAPER_LRS first, then a 3x step beyond an edge while the best is there (within 1e-6 to 0.1)."""
+    missing = [lr for lr in PAPER_LRS if lr not in scores]
+    if missing:
+        return missing[0]
+    best = max(scores, key=scores.get)
+    if best == min(scores) and best / 3 >= 1e-6:
+        return float(f"{best / 3:.3g}")
+    if best == max(scores) and best * 3 <= 0.1:
+        return float(f"{best * 3:.3g}")
+    return None
+
+
+def run_paper_tasks(tasks: list[str]) -> None:
+    """For every task: the learning rate per method on the validation split; then, task by task, rank 4, rank 1 and
+    rank 16 with 3 seeds on the test split. In that order so that an interrupted study has the same cells of both
+    tasks. One ``peft-loran compare`` per cell, each written to docs/study/results.csv as it finishes."""
     chosen = {}
-    for method in PAPER_METHODS:
-        lrs, scores = list(PAPER_LRS), {}
-        while True:
-            for lr in lrs:
-                if lr not in scores:
-                    scores[lr] = paper_cell(task, method, 4, lr, 0, "validation")["value"]
-            best = max(scores, key=scores.get)
-            ordered = sorted(scores)
-            if best == ordered[0] and best / 3 >= 1e-6:
-                lrs.append(round(best / 3, 10))
-            elif best == ordered[-1] and best * 3 <= 0.1:
-                lrs.append(round(best * 3, 10))
-            else:
-                break
-        chosen[method] = best
-        print(f"{name} {method}: lr {best:g} ({', '.join(f'{k:g}: {v:.4f}' for k, v in sorted(scores.items()))})",
-              flush=True)
+    for task in tasks:
+        for method in PAPER_METHODS:
+            chosen[task, method] = chosen_learning_rate(task, method)
+            print(f"{PAPER_TASKS[task][0]} {method}: lr {chosen[task, method]:g}", flush=True)
     for rank in PAPER_RANKS:
-        for seed in PAPER_SEEDS:
-            for method in PAPER_METHODS:
-                paper_cell(task, method, rank, chosen[method], seed, "test")
-    return [r for r in committed_rows(name)]
+        for task in tasks:
+            for seed in PAPER_SEEDS:
+                for method in PAPER_METHODS:
+                    paper_cell(task, method, rank, chosen[task, method], seed, "test")
 
 
 def paper_cell(task: str, method: str, rank: int, lr: float, seed: int, split: str) -> dict:
@@ -400,6 +409,7 @@ def summarize(rows: list[dict]) -> str:
 
     out = []
     for task in sorted({r["task"] for r in rows}):
+        out += learning_rate_table([r for r in rows if r["task"] == task and r["split"] == "validation"], task)
         test = [r for r in rows if r["task"] == task and r["split"] == "test"]
         if not test:
             continue
@@ -422,6 +432,24 @@ def summarize(rows: list[dict]) -> str:
                        "a cost to compare.")
         out.append("")
     return "\n".join(out)
+
+
+def learning_rate_table(validation: list[dict], task: str) -> list[str]:
+    """The paper tasks' learning-rate choice: each method's validation score per learning rate (rank 4, seed 0),
+    the best in bold; a method's row grows while its best is at the grid's edge."""
+    if not task.endswith("-smollm2") or not validation:
+        return []
+    lrs = sorted({r["lr"] for r in validation})
+    out = [f"### {task}: learning rate on the validation split (rank 4, seed 0, {validation[0]['metric']})\n",
+           "| method | " + " | ".join(f"{lr:g}" for lr in lrs) + " | chosen |", "|---" * (len(lrs) + 2) + "|"]
+    for method in [m for m in METHOD_ORDER if any(r["method"] == m for r in validation)]:
+        scores = {r["lr"]: r["value"] for r in validation if r["method"] == method}
+        best = max(scores, key=scores.get)
+        unfinished = next_learning_rate(scores) is not None
+        out.append(f"| {method} | " + " | ".join((f"**{scores[lr]:.4f}**" if lr == best else f"{scores[lr]:.4f}")
+                                                 if lr in scores else "" for lr in lrs)
+                   + f" | {'not yet (grid unfinished)' if unfinished else f'{best:g}'} |")
+    return out + [""]
 
 
 def summary_row(cell: list[dict], method: str, rank: int, lora: dict, bound: bool, task: str, sign_flip_p) -> str:
@@ -548,23 +576,25 @@ def read_results() -> list[dict]:
 def main() -> None:
     global ALONE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=["synthetic", "bbc", "headline", "topic"], help="run one task (default: all)")
+    parser.add_argument("--only", help="comma-separated tasks to run: synthetic, bbc, headline, topic (default: all)")
     parser.add_argument("--alone", action="store_true",
                         help="nothing else runs on this machine meanwhile: the new cells' times count as costs")
     parser.add_argument("--report", action="store_true", help="only re-render tables.md and the plots from "
                                                                "docs/study/results.csv")
     args = parser.parse_args()
+    only = [t.strip() for t in args.only.split(",")] if args.only else ["synthetic", "bbc", *PAPER_TASKS]
+    unknown = sorted(set(only) - {"synthetic", "bbc", *PAPER_TASKS})
+    if unknown:
+        parser.error(f"--only: unknown task(s) {', '.join(unknown)}; choose from synthetic, bbc, headline, topic")
     ALONE = args.alone
     if not args.report:
         prefix = {"synthetic": "synthetic", "bbc": "bbc-topic"}
         for task, run in (("synthetic", run_synthetic), ("bbc", run_bbc)):
-            if args.only in (None, task):
+            if task in only:
                 rows = run()
                 kept = [r for r in read_results() if not r["task"].startswith(prefix[task])]
                 write_results(kept + rows)
-        for task in PAPER_TASKS:
-            if args.only in (None, task):
-                run_paper_task(task)  # writes each cell as it finishes
+        run_paper_tasks([task for task in PAPER_TASKS if task in only])  # each cell written as it finishes
     rows = read_results()
     (DOCS / "tables.md").write_text(summarize(rows) + "\n")
     plot(rows)

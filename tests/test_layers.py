@@ -146,6 +146,22 @@ def test_half_precision_base_keeps_float32_nonlinearity(dtype, target):
                                naive_update(A, B, Ps, bs, activation("sinter", 0.5, 1e3), s), atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_factors_still_compute_f_in_float32(dtype):
+    """A model cast to half precision as a whole (factors included): the update is ``f`` of the factors' exact
+    float32 values, computed in float32; ``sin(1e3 x)`` on a half-precision ``B A`` would be off by far more."""
+    model = make(["lin"], activation="sinter", sinter_amplitude=0.5, sinter_frequency=1e3).to(dtype)
+    layer = model.lin
+    A, B, Ps, bs, s = layer_factors(layer)
+    assert layer.loran_A["default"].dtype == dtype
+    want = naive_update(A, B, Ps, bs, activation("sinter", 0.5, 1e3), s)
+    torch.testing.assert_close(layer.low_rank_update("default").dense().double(), want, atol=1e-5, rtol=1e-4)
+    delta = layer.get_delta_weight("default")
+    assert delta.dtype == dtype
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10  # rounded once from float32: at most one unit apart
+    torch.testing.assert_close(delta.double(), want.to(dtype).double(), atol=1e-6, rtol=ulp)
+
+
 def test_autocast_bf16_matches_reference_and_trains(device):
     model = make(["lin"], activation="sinter", sinter_amplitude=0.5, sinter_frequency=1e3)
     layer = model.lin
