@@ -76,12 +76,16 @@ def test_train_then_evaluate_on_bundled_task(tiny_encoder, tmp_path, capsys):
     out = tmp_path / "t"
     assert run(["train", "--model", tiny_encoder, "--task", "bbc-topic", "--steps", "2", "--batch-size", "4",
                 "--eval-limit", "20", "--output-dir", str(out), "--quiet"]) == 0
-    trained = json.loads((out / "metrics.json").read_text())["metrics"]["accuracy"]
-    capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    trained = metrics["accuracy"]
+    # train prints what evaluate prints beside the score: macro-F1, classes predicted, the majority class's score
+    details = (f"macro-F1 {metrics['macro_f1']:.4f}; {metrics['predicted_classes']} of 5 classes predicted; "
+               f"always '{metrics['majority_label']}': {metrics['majority_rate']:.4f}")
+    assert f"loran: accuracy {trained:.4f} on 20 test examples; {details}; adapter saved" in capsys.readouterr().out
     # the adapter records its base model, so evaluate needs only the adapter and the task
     assert run(["evaluate", str(out / "adapter"), "--task", "bbc-topic", "--eval-limit", "20", "--quiet"]) == 0
     printed = capsys.readouterr().out
-    assert f"accuracy: {trained:.4f} on 20 test examples of bbc-topic" in printed
+    assert f"accuracy: {trained:.4f} on 20 test examples of bbc-topic ({details}; base model loaded in" in printed
 
 
 # ------------------------------------------------------------------------------------------------- bad input

@@ -105,6 +105,19 @@ def test_a_split_depends_on_the_rows_content_not_their_order(tmp_path):
     assert len(a.test) == 6 and not {e.text for e in a.test} & {e.text for e in a.train}
 
 
+def test_a_label_field_with_a_value_per_row_is_named_as_the_problem(tmp_path, capsys):
+    """A label column that is really a text column (every row its own label) leaves no label a test row: the error
+    says so and names the field, instead of asking for more rows."""
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"body": f"text number {i}", "summary": f"summary {i}"}) + "\n"
+                            for i in range(300)))
+    assert run(["train", "--method", "lora", "--train-file", str(data), "--task-type", "classify", "--text-field",
+                "body", "--label-field", "summary", "--output-dir", str(tmp_path / "out")]) == 2
+    line = error_line(capsys)
+    assert "300 distinct values in the label field 'summary'" in line and "--label-field" in line, line
+    assert "add rows" not in line and not (tmp_path / "out").exists()
+
+
 def test_evaluate_maps_a_classifier_s_fields_on_another_file(tiny_encoder, tmp_path, capsys):
     adapter = train(tiny_encoder, write_topics_csv(tmp_path / "topics.csv"), tmp_path / "run")
     other = write_topics_csv(tmp_path / "other.csv", rows=12, seed=5, text_field="note", label_field="subject")

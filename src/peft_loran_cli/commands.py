@@ -24,7 +24,7 @@ def _output_folder(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .evaluation import main_metric, sample_lines
+    from .evaluation import main_metric, sample_lines, score_details, split_name
     from .models import resolve_model
     from .targets import check_adapter_plan
     from .training import train
@@ -37,15 +37,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         result = train(args.method, task, settings, model_path, out / "adapter").as_dict()
         (out / "metrics.json").write_text(json.dumps({"task": task.name, "task_kind": task.kind, "labels": task.labels,
                                                       "model": model_path, **result}, indent=2, default=str) + "\n")
-    metric = main_metric(task.kind)
-    print(f"{args.method}: {metric} {result['metrics'][metric]:.4f}; adapter saved to {args.output_dir}/adapter")
+    metric, metrics = main_metric(task.kind), result["metrics"]
+    details = "".join(f"; {d}" for d in score_details(metrics))
+    print(f"{args.method}: {metric} {metrics[metric]:.4f} on {metrics['n']} {split_name(task, settings)} examples"
+          f"{details}; adapter saved to {args.output_dir}/adapter")
     for line in sample_lines(result["metrics"]):
         print(line)
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluation import evaluate, main_metric, sample_lines, split_name
+    from .evaluation import evaluate, main_metric, sample_lines, score_details, split_name
     from .loading import cap_max_length, load_adapter_model, needs_tokenizer
     from .settings import Settings
 
@@ -65,7 +67,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(json.dumps({k: v for k, v in metrics.items() if k != "samples"}))
     what = f"{split_name(task, settings)} examples of {task.name}" if not args.eval_file else f"examples of {task.name}"
     caveat = f"; {task.caveat}" if task.caveat else ""
-    print(f"{metric}: {metrics[metric]:.4f} on {metrics['n']} {what} (base model loaded in "
+    details = "".join(f"{d}; " for d in score_details(metrics))
+    print(f"{metric}: {metrics[metric]:.4f} on {metrics['n']} {what} ({details}base model loaded in "
           f"{loaded.loading.describe()}{caveat})")
     for line in sample_lines(metrics):
         print(line)
@@ -123,6 +126,7 @@ def run(args: argparse.Namespace) -> None:
         note = f"; nothing was written to {where}" if where else ""
         if args.command == "compare":
             note = f"; finished cells are kept in {where}: run the same command to resume"
-        print(f"interrupted{note}", file=sys.stderr)
+        start = "" if getattr(args, "quiet", False) else "\n"  # a progress bar may have been cut mid-line
+        print(f"{start}interrupted{note}", file=sys.stderr)
         sys.exit(130)
     sys.exit(code)

@@ -176,6 +176,19 @@ def duplicate_note(examples: list[Example], where: str) -> list[str]:
             "texts); each text's copies are kept on one side of the train/validation/test split"]
 
 
+def empty_split_message(path: str, examples: list[Example], kind: str, label_field: str) -> str:
+    """Why splitting ``examples`` 80/10/10 left no training or no test example, and what to do."""
+    counts: dict[str, int] = {}
+    for e in examples:
+        counts[e.target] = counts.get(e.target, 0) + 1
+    if kind == "classify" and len(counts) > 1:
+        return (f"{path}: each label's rows are split 80/10/10 on their own, and the {len(examples)} rows have "
+                f"{len(counts)} distinct values in the label field '{label_field}' (the most frequent has "
+                f"{max(counts.values())} rows): too few per label to leave any for the test split; check that "
+                "--label-field names the label column, or pass --eval-file")
+    return f"{path}: too few rows ({len(examples)}) to split into train and test; add rows or pass --eval-file"
+
+
 def _text(example: Example) -> str:
     return example.text
 
@@ -317,8 +330,7 @@ def user_task(
     else:
         parts = split(train, key=(lambda e: e.target) if kind == "classify" else None, seed=seed, same=_text)
         if not parts[0] or not parts[2]:
-            raise UserError(f"{train_file}: too few rows ({len(train)}) to split into train and test; "
-                            "add rows or pass --eval-file")
+            raise UserError(empty_split_message(train_file, train, kind, label_field))
     labels: list[str] = []
     if kind == "classify":
         labels = sorted({e.target for part in parts for e in part})

@@ -193,3 +193,16 @@ def sample_lines(metrics: dict, width: int = 100) -> list[str]:
 def main_metric(task_kind: str) -> str:
     return "accuracy" if task_kind == "classify" else "rougeL"
 
+
+def score_details(metrics: dict) -> list[str]:
+    """What a classification score needs beside it to be read (printed by ``train`` and ``evaluate`` alike):
+    macro-F1, how many classes the model predicted, and what always answering the majority class scores."""
+    if "macro_f1" not in metrics:
+        return []
+    details = [f"macro-F1 {metrics['macro_f1']:.4f}"]
+    if "predicted_classes" in metrics:
+        details.append(f"{metrics['predicted_classes']} of {metrics['classes']} classes predicted")
+    if "majority_rate" in metrics:
+        details.append(f"always '{metrics['majority_label']}': {metrics['majority_rate']:.4f}")
+    return details
+

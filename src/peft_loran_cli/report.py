@@ -292,6 +292,20 @@ def identical_curves(results: list[dict], tol: float = 1e-3) -> list[tuple[str, 
     return [(a, b) for i, (a, ca) in enumerate(curves) for b, cb in curves[i + 1:] if close(ca, cb)]
 
 
+def same_curve_note(same: list[tuple[str, str]]) -> str:
+    """One line per pair of methods whose curves coincide, its seeds listed once ("lora and loran: the same curve
+    at seeds 0, 1, 2 (within 1e-3)") rather than a line per seed."""
+    import re
+
+    seeds: dict[tuple[str, str], list[str]] = {}
+    for a, b in same:
+        (a, sa), (b, sb) = (re.fullmatch(r"(.*?)(?: \(seed (\S+)\))?", label).groups() for label in (a, b))
+        seeds.setdefault((a, b), []).append(sa if sa == sb else f"{sa}/{sb}")
+    return "\n".join(f"{a} and {b}: the same curve" + (f" at seed{'s' if len(s) > 1 else ''} {', '.join(s)}"
+                                                        if s[0] is not None else "") + " (within 1e-3)"
+                     for (a, b), s in seeds.items())
+
+
 def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     import matplotlib
 
@@ -315,14 +329,17 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
             left.plot(steps, losses, label=r["method"], marker=marker, linestyle=line, color=color, markersize=5,
                       markerfacecolor="none", alpha=0.85, markevery=(i % len(curves), len(curves)),
                       linewidth=1.2 + 0.8 * (len(curves) - 1 - i) / max(len(curves) - 1, 1))
-    if same:
-        left.text(0.02, 0.02, "\n".join(f"{a} and {b}: the same curve (within 1e-3)" for a, b in same),
-                  transform=left.transAxes, fontsize=8, va="bottom")
     left.xaxis.set_major_locator(MaxNLocator(integer=True))
     left.set_xlabel("step")
     left.set_ylabel("training loss")
     left.set_title("training loss")
-    left.legend()
+    # said in the legend's own box, so the legend can never cover it; many curves: the legend under the panel
+    note = same_curve_note(same) or None
+    if len(curves) > 4:
+        left.legend(title=note, title_fontsize=8, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
+                    ncol=min(3, len(curves)))
+    else:
+        left.legend(title=note, title_fontsize=8)
     left.grid(alpha=0.3)
     names = [r["method"] for r in results]
     values = [r["metrics"][metric] for r in results]

@@ -43,9 +43,21 @@ def quiet_child(quiet: bool, trained: Optional[str] = None, parent_pid: Optional
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _no_multiprocessing_lock_for_progress_bars()
     _TRAINED = trained
     _exit_with_parent(parent_pid or os.getppid())
     quiet_libraries(quiet)
+
+
+def _no_multiprocessing_lock_for_progress_bars() -> None:
+    """tqdm guards its bars with a multiprocessing lock, a semaphore that a run stopped by Ctrl-C (terminated) leaves
+    registered, and Python's resource tracker then warns about a "leaked semaphore"; this process writes its bars
+    alone, so tqdm's thread lock is enough (tqdm skips the multiprocessing lock when ``mp_lock`` is set)."""
+    try:
+        from tqdm.std import TqdmDefaultWriteLock
+    except ImportError:
+        return
+    TqdmDefaultWriteLock.mp_lock = None
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -180,33 +192,65 @@ def train_isolated(method: str, task: TaskData, settings: Settings, model_path: 
     """:func:`train` in a fresh process, so every method of a comparison starts from the same memory state and
     its peak memory is its own. Errors come back as usual. Ctrl-C stops the run at once, unless it has finished
     training: then it is evaluated and saved first and comes back as :class:`InterruptedAfterRun` (a second Ctrl-C
-    stops it at once)."""
+    stops it at once). One process and a pipe, nothing else: a process pool's queues hold semaphores, which a
+    Ctrl-C'd command leaves for Python's resource tracker to warn about."""
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
 
     context = multiprocessing.get_context("spawn")
     flags = tempfile.TemporaryDirectory(prefix="peft-loran-run-")
     trained = Path(flags.name) / "trained"
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=quiet_child,
-                               initargs=(settings.quiet, str(trained), os.getpid()))
-    future = pool.submit(train, method, task, settings, model_path, save_to)
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_run_in_child, name="peft-loran-run", args=(
+        sender, (settings.quiet, str(trained), os.getpid()), (method, task, settings, model_path, save_to)))
+    process.start()
+    sender.close()  # the child's copy is the only writer left: its exit ends the pipe
     try:
         try:
-            return future.result()
+            return _result_of(receiver, process)
         except KeyboardInterrupt:
             if not trained.exists():
                 raise
             print("\ninterrupted: the run in progress has finished training; evaluating and saving it (Ctrl-C again "
                   "to stop now)", file=sys.stderr, flush=True)
-            raise InterruptedAfterRun(future.result()) from None
+            raise InterruptedAfterRun(_result_of(receiver, process)) from None
     except KeyboardInterrupt:
-        # stop the run now, not when it is done: the pool's worker is this command's only multiprocessing child
-        for process in multiprocessing.active_children():
-            process.terminate()
+        process.terminate()  # stop the run now, not when it is done
         raise
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+        process.join()
+        receiver.close()
         flags.cleanup()
+
+
+def _run_in_child(sender, child_args: tuple, train_args: tuple) -> None:
+    """The training process: :func:`train`'s result, or the exception it raised, sent back through the pipe."""
+    quiet_child(*child_args)
+    try:
+        outcome = ("result", train(*train_args))
+    except BaseException as exc:  # the command raises it as its own (a UserError becomes its `error:` line)
+        if not isinstance(exc, UserError):  # a bug's traceback shows where in the training process it happened
+            import traceback
+
+            exc.add_note("".join(["\nin the training process:\n", *traceback.format_tb(exc.__traceback__)]))
+        outcome = ("error", exc)
+    try:
+        sender.send(outcome)
+    except Exception as exc:  # an exception that cannot be pickled: its text still reaches the command
+        sender.send(("error", RuntimeError(f"{type(outcome[1]).__name__}: {outcome[1]} ({exc})")))
+    finally:
+        sender.close()
+
+
+def _result_of(receiver, process) -> RunResult:
+    try:
+        kind, value = receiver.recv()
+    except EOFError:  # the process ended without a word: killed (out of memory?) or crashed in native code
+        process.join()
+        raise RuntimeError(f"the training process ended without a result (exit code {process.exitcode}); if it "
+                           "was killed for memory, try a smaller --batch-size or --max-length") from None
+    if kind == "error":
+        raise value
+    return value
 
 
 def _keep_progress_bar_only(trainer, quiet: bool) -> None:
