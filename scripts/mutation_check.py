@@ -99,7 +99,7 @@ MUTATIONS = [
     ("duplicate CSV columns accepted", "peft_loran_cli/data.py", "        if twice:  # DictReader",
      "        if False:  # DictReader", ["tests/test_cli.py"]),
     ("a missing column raises from deep inside", "peft_loran_cli/data.py",
-     "            absent = [f for f in fields if f not in row]", "            absent = []", ["tests/test_cli.py"]),
+     "        absent = [f for f in fields if f not in row]", "        absent = []", ["tests/test_cli.py"]),
     ("export's products over several blocks keep only the last", "peft_loran/update.py",
      "                out += block.to(X.dtype).T @ X[i0:i1]", "                out = block.to(X.dtype).T @ X[i0:i1]",
      ["tests/test_export.py"]),

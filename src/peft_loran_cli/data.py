@@ -176,6 +176,27 @@ def duplicate_note(examples: list[Example], where: str) -> list[str]:
             "texts); each text's copies are kept on one side of the train/validation/test split"]
 
 
+def examples_from_file(path: str, kind: str, fields: tuple[str, str]) -> list[Example]:
+    """The file's rows as examples of ``fields`` (text and label, or source and target); a row without them is one
+    clear error naming the row and the options that choose the fields."""
+    rows = read_rows(path)
+    if not rows:
+        raise UserError(f"{path}: no rows (the split is empty)")
+    examples = []
+    for number, row in enumerate(rows, 1):
+        absent = [f for f in fields if f not in row]
+        empty = [f for f in fields if f in row and row[f] in (None, "")]
+        if absent:
+            raise UserError(f"{path}, row {number}: no field(s) {', '.join(absent)} "
+                            f"(fields present: {', '.join(sorted(map(str, row))) or 'none'}); choose them with "
+                            f"--{'text-field/--label-field' if kind == 'classify' else 'source-field/--target-field'}")
+        if empty:
+            raise UserError(f"{path}, row {number}: field(s) {', '.join(empty)} empty or null; fill or drop the row")
+        examples.append(Example(str(row[fields[0]]), target=str(row[fields[1]]), where=f"{path}, row {number}"))
+    content_uids(examples)
+    return examples
+
+
 def empty_split_message(path: str, examples: list[Example], kind: str, label_field: str) -> str:
     """Why splitting ``examples`` 80/10/10 left no training or no test example, and what to do."""
     counts: dict[str, int] = {}
@@ -301,30 +322,10 @@ def user_task(
     if kind not in ("classify", "generate"):
         raise UserError(f"--task-type must be 'classify' or 'generate', got '{kind}'")
     fields = (text_field, label_field) if kind == "classify" else (source_field, target_field)
-
-    def convert(path: str) -> list[Example]:
-        rows = read_rows(path)
-        if not rows:
-            raise UserError(f"{path}: no rows (the split is empty)")
-        examples = []
-        for number, row in enumerate(rows, 1):
-            absent = [f for f in fields if f not in row]
-            empty = [f for f in fields if f in row and row[f] in (None, "")]
-            if absent:
-                raise UserError(f"{path}, row {number}: no field(s) {', '.join(absent)} "
-                                f"(fields present: {', '.join(sorted(map(str, row))) or 'none'}); choose them with "
-                                f"--{'text-field/--label-field' if kind == 'classify' else 'source-field/--target-field'}")
-            if empty:
-                raise UserError(f"{path}, row {number}: field(s) {', '.join(empty)} empty or null; fill or drop the row")
-            text, answer = (text_field, label_field) if kind == "classify" else (source_field, target_field)
-            examples.append(Example(str(row[text]), target=str(row[answer]), where=f"{path}, row {number}"))
-        content_uids(examples)
-        return examples
-
-    train = convert(train_file)
+    train = examples_from_file(train_file, kind, fields)
     warnings: list[str] = []
     if eval_file:
-        evaluation = convert(eval_file)
+        evaluation = examples_from_file(eval_file, kind, fields)
         parts = (train, evaluation, evaluation)
         warnings = overlap_warnings(train_file, eval_file, train, evaluation)
     else:
