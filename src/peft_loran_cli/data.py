@@ -203,9 +203,10 @@ def empty_split_message(path: str, examples: list[Example], kind: str, label_fie
     for e in examples:
         counts[e.target] = counts.get(e.target, 0) + 1
     if kind == "classify" and len(counts) > 1:
+        most = max(counts.values())
         return (f"{path}: each label's rows are split 80/10/10 on their own, and the {len(examples)} rows have "
-                f"{len(counts)} distinct values in the label field '{label_field}' (the most frequent has "
-                f"{max(counts.values())} rows): too few per label to leave any for the test split; check that "
+                f"{len(counts)} distinct values in the label field '{label_field}' (the most frequent has {most} "
+                f"row{'s' if most != 1 else ''}): too few per label to leave any for the test split; check that "
                 "--label-field names the label column, or pass --eval-file")
     return f"{path}: too few rows ({len(examples)}) to split into train and test; add rows or pass --eval-file"
 
