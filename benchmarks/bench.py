@@ -90,6 +90,17 @@ class NaiveLoran:
         return model
 
 
+def cpu_name() -> str:
+    """The CPU's model name (every figure says which CPU gave it), with its widest vector extension."""
+    try:
+        lines = open("/proc/cpuinfo").read().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+    return f"{name} ({'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
+
+
 def _build(case: Case):
     """The Llama-shaped model, built directly on the device in the case's dtype (random weights); with ``quant``
     "nf4" its decoder layers' linear layers quantized in memory to bitsandbytes NF4 (as QLoRA loads them)."""

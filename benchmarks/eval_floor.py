@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 from typing import Callable
@@ -28,6 +27,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench import cpu_name  # noqa: E402
 from interleaved import adapted_models, interleave  # noqa: E402
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     models = adapted_models("all")
     base, loran = models["base"].eval(), models["loran"].eval()
-    print(f"CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; {args.tokens} tokens, {args.rounds} rounds (medians)\n")
     print("| layer (out x in) | layers | base GEMM (ns/elem) | fused pass | torch.sin | adapted layer | "
           "(base + fused) / base | adapted / base |")

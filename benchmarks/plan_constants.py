@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -37,6 +36,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from bench import cpu_name  # noqa: E402
 
 HIDDEN_1024 = dict(hidden=1024, layers=8, tokens=256, rank=8)
 SEVEN_B_QV = dict(hidden=4096, intermediate=11008, heads=32, vocab=1000, layers=2, tokens=512, rank=64, alpha=16.0,
@@ -155,9 +155,7 @@ def main() -> None:
             results[name] = run(args.rounds)
             print(f"  {name}: {json.dumps({k: round(v['median_ms'], 1) for k, v in results[name].items()})}",
                   file=sys.stderr, flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"CPU: {cpu}, {os.environ.get('BENCH_THREADS', os.cpu_count())} threads\n")
+    print(f"CPU: {cpu_name()}, {os.environ.get('BENCH_THREADS', os.cpu_count())} threads\n")
     print("| case | as shipped | without (what) | without / as shipped, paired median |\n|---|---|---|---|")
     for name, variants in results.items():
         (_, first), (label, other) = list(variants.items())[:2]

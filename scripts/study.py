@@ -343,13 +343,10 @@ def run_paper_tasks(tasks: list[str]) -> None:
 
 def test_cells(task: str, rank: int, chosen: dict) -> None:
     """Every method at ``rank`` with seeds 0-2 on the test split, then the rank's :data:`FOLLOW_UP` seeds."""
-    for seed in PAPER_SEEDS:
-        for method in PAPER_METHODS:
-            paper_cell(task, method, rank, chosen[task, method], seed, "test")
     methods, seeds = FOLLOW_UP.get((task, rank), ([], []))
-    for seed in seeds:
-        for method in methods:
-            paper_cell(task, method, rank, chosen[task, method], seed, "test")
+    cells = [(s, m) for s in PAPER_SEEDS for m in PAPER_METHODS] + [(s, m) for s in seeds for m in methods]
+    for seed, method in cells:
+        paper_cell(task, method, rank, chosen[task, method], seed, "test")
 
 
 def paper_cell(task: str, method: str, rank: int, lr: float, seed: int, split: str) -> dict:
