@@ -13,7 +13,7 @@ Two implementations compute the same function. :class:`EagerKernel` runs plain t
 ``f(B A)``: ``torch.compile`` turns ``B A``, ``f``, ``f'``, the scaling, the base and the output cast of a block into
 one fused pass (C++ on CPUs, Triton on GPUs), and the factor gradients into two more GEMMs in the same graph. It
 traces the activation's one definition with every constant as an argument: one compiled kernel per function serves
-every setting and layer, compiled once with dynamic shapes.
+every layer with dynamic shapes, and compiles once per setting (its floats become literals: :data:`SPECIALIZE_FLOATS`).
 
 ``torch.compile`` compiles on a kernel's first call, so a compilation that fails (no working compiler, an inductor
 error) can only show there, inside a call. The compiled kernel then computes that block eagerly (the same numbers),
@@ -227,8 +227,15 @@ class EagerKernel(BlockKernel):
 EAGER = EagerKernel()
 
 
+#: Shapes stay dynamic, but the float arguments (the scaling, the offset, the activation's parameters) are compiled
+#: in as literals: passed as dynamic scalars, inductor's C++ loop reloads each of them per vector of elements and the
+#: fused pass ran 1.13-1.22x slower (``benchmarks/compiled_constants.py``). A new setting compiles once more; past
+#: dynamo's ``recompile_limit`` per kernel, torch runs the kernel's Python eagerly (the same numbers, slower).
+SPECIALIZE_FLOATS = torch._dynamo.config.patch(specialize_float=True)
+
+
 def _build(activation: Activation) -> dict[str, Callable]:
-    """The compiled kernels of the activation's function (one set per function: every setting is an argument)."""
+    """The compiled kernels of the activation's function (one set per function; each setting compiles once)."""
     f = activation.definition.function
 
     def update_from(base, y, scaling, offset, out_dtype):
@@ -249,7 +256,7 @@ def _build(activation: Activation) -> dict[str, Callable]:
         return grad_z @ A.T, B_rows.T @ grad_z
 
     kernels = {"value": value, "value_and_grads": value_and_grads, "grads_only": grads_only}
-    return {name: torch.compile(k, dynamic=True) for name, k in kernels.items()}
+    return {name: SPECIALIZE_FLOATS(torch.compile(k, dynamic=True)) for name, k in kernels.items()}
 
 
 class CompiledKernel(BlockKernel):
