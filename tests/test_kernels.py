@@ -221,7 +221,7 @@ def test_mode_is_read_when_used_and_set_per_process(monkeypatch):
         set_kernel_compilation(None)
 
 
-def test_one_kernel_serves_every_setting_without_touching_dynamo_config(compile_always):
+def test_a_kernel_compiled_for_one_setting_never_serves_another_and_dynamo_config_is_restored(compile_always):
     import torch._dynamo.config as dynamo_config
 
     before = dict(dynamo_config.get_config_copy())

@@ -227,11 +227,18 @@ class EagerKernel(BlockKernel):
 EAGER = EagerKernel()
 
 
-#: Shapes stay dynamic, but the float arguments (the scaling, the offset, the activation's parameters) are compiled
-#: in as literals: passed as dynamic scalars, inductor's C++ loop reloads each of them per vector of elements and the
-#: fused pass ran 1.13-1.22x slower (``benchmarks/compiled_constants.py``). A new setting compiles once more; past
-#: dynamo's ``recompile_limit`` per kernel, torch runs the kernel's Python eagerly (the same numbers, slower).
-SPECIALIZE_FLOATS = torch._dynamo.config.patch(specialize_float=True)
+#: Settings of dynamo under which the kernels compile and run, scoped to each call (``torch._dynamo.config.patch``
+#: sets them for the calling context only and restores them on return). Shapes stay dynamic, but the float arguments
+#: (the scaling, the offset, the activation's parameters) are compiled in as literals: as dynamic scalars the
+#: generated C++ loads each of them inside its vector loop, and the fused pass ran 1.14-1.19x slower
+#: (``benchmarks/compiled_constants.py``). Each new setting then compiles once more, and the kernels of every
+#: activation share one code object and so one recompile budget (torch's default: 8), which a process's scalings
+#: (``+s`` to merge, ``-s`` to unmerge), base or none, dtypes and shapes would use up: past it torch would run the
+#: kernels' Python eagerly for the rest of the process. Hence the budget of 64. Names missing from an older torch are
+#: left out (it then compiles as before).
+COMPILE_SETTINGS = {"specialize_float": True, "recompile_limit": 64}
+SPECIALIZE_FLOATS = torch._dynamo.config.patch(
+    {name: value for name, value in COMPILE_SETTINGS.items() if hasattr(torch._dynamo.config, name)})
 
 
 def _build(activation: Activation) -> dict[str, Callable]:
