@@ -1,4 +1,4 @@
-"""Why the compiled kernels take their float arguments as literals (``kernels.SPECIALIZE_FLOATS``).
+"""Why the compiled kernels take their float arguments as literals (``kernels.WITH_COMPILE_SETTINGS``).
 
     python benchmarks/compiled_constants.py [--rounds 30]
 
@@ -50,7 +50,7 @@ def main() -> None:
     # this torch's default, stated so that the comparison holds where the default differs
     dynamic = torch._dynamo.config.patch(specialize_float=False)(
         torch.compile(separate_copy(fused_pass, "dynamic_floats"), dynamic=True))
-    literal = kernels.SPECIALIZE_FLOATS(torch.compile(separate_copy(fused_pass, "literal_floats"), dynamic=True))
+    literal = kernels.WITH_COMPILE_SETTINGS(torch.compile(separate_copy(fused_pass, "literal_floats"), dynamic=True))
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch {torch.__version__}; Sinter a = 5e-5, "
           f"w = 1e4, r = 8, float32, {args.rounds} rounds (medians)\n")
     print("| block (rows x in) | floats as dynamic scalars (ns/elem) | floats as literals | torch.sin alone | "

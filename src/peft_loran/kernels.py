@@ -13,7 +13,7 @@ Two implementations compute the same function. :class:`EagerKernel` runs plain t
 ``f(B A)``: ``torch.compile`` turns ``B A``, ``f``, ``f'``, the scaling, the base and the output cast of a block into
 one fused pass (C++ on CPUs, Triton on GPUs), and the factor gradients into two more GEMMs in the same graph. It
 traces the activation's one definition with every constant as an argument: one compiled kernel per function serves
-every layer with dynamic shapes, and compiles once per setting (its floats become literals: :data:`SPECIALIZE_FLOATS`).
+every layer with dynamic shapes, and compiles once per setting (its floats become literals: :data:`WITH_COMPILE_SETTINGS`).
 
 ``torch.compile`` compiles on a kernel's first call, so a compilation that fails (no working compiler, an inductor
 error) can only show there, inside a call. The compiled kernel then computes that block eagerly (the same numbers),
@@ -237,7 +237,7 @@ EAGER = EagerKernel()
 #: kernels' Python eagerly for the rest of the process. Hence the budget of 64. Names missing from an older torch are
 #: left out (it then compiles as before).
 COMPILE_SETTINGS = {"specialize_float": True, "recompile_limit": 64}
-SPECIALIZE_FLOATS = torch._dynamo.config.patch(
+WITH_COMPILE_SETTINGS = torch._dynamo.config.patch(
     {name: value for name, value in COMPILE_SETTINGS.items() if hasattr(torch._dynamo.config, name)})
 
 
@@ -263,7 +263,7 @@ def _build(activation: Activation) -> dict[str, Callable]:
         return grad_z @ A.T, B_rows.T @ grad_z
 
     kernels = {"value": value, "value_and_grads": value_and_grads, "grads_only": grads_only}
-    return {name: SPECIALIZE_FLOATS(torch.compile(k, dynamic=True)) for name, k in kernels.items()}
+    return {name: WITH_COMPILE_SETTINGS(torch.compile(k, dynamic=True)) for name, k in kernels.items()}
 
 
 class CompiledKernel(BlockKernel):
