@@ -299,7 +299,9 @@ PAPER_RANKS, PAPER_SEEDS = [4, 1, 16], [0, 1, 2]  # rank 4 first: the learning r
 #: Topic at rank 1: LoRAN at the paper's setting beat LoRA at all of seeds 0-2 (+0.014, +0.028, +0.009), the
 #: smallest p three seeds allow (0.25), on the rank where the paper claims its gain; three more seeds make p as low
 #: as 2/64 = 0.031 possible. A follow-up chosen after seeing the data: docs/study.md says so beside its result.
-FOLLOW_UP = {("topic", 1): (["lora", "loran-paper"], [3, 4, 5])}
+#: Headline at rank 16: HiRA beat LoRA at all of seeds 0-2 (+0.021, +0.008, +0.017 ROUGE-L), again p = 0.25, the
+#: one consistent lead of any method on that task; the same follow-up, with the same caveat.
+FOLLOW_UP = {("topic", 1): (["lora", "loran-paper"], [3, 4, 5]), ("headline", 16): (["lora", "hira"], [3, 4, 5])}
 
 
 def chosen_learning_rate(task: str, method: str) -> float:
@@ -433,9 +435,10 @@ def summarize(rows: list[dict]) -> str:
         out.append(f"### {task}\n")
         bound = task.startswith("synthetic")
         metric = "explained energy" if bound else test[0]["metric"]
+        rouge = metric == "rougeL"
         head = (["method", "rank", "lr", "seeds", f"{metric} (mean +- std)", "vs LoRA, paired (p)"]
-                + (["rank-r bound"] if bound else []) + ["non-linear share (beyond scale)", "effective rank",
-                                                         "train s", "peak MB", "params"])
+                + (["rank-r bound"] if bound else []) + (["ROUGE-1 / ROUGE-2 (mean)"] if rouge else [])
+                + ["non-linear share (beyond scale)", "effective rank", "train s", "peak MB", "params"])
         out += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         lora = {(r["rank"], r["seed"]): r["value"] for r in test if r["method"] == "lora"}
         methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in test)]
@@ -487,6 +490,9 @@ def summary_row(cell: list[dict], method: str, rank: int, lora: dict, bound: boo
     cells = [method, str(rank), f"{cell[0]['lr']:g}", str(len(cell)), f"{m:.4f} +- {s:.4f}", paired]
     if bound:
         cells.append(f"{rank_bound(task.split('-', 1)[1], rank):.4f}")
+    if cell[0]["metric"] == "rougeL":  # the ROUGE-1/2 beside ROUGE-L; a pilot's rows may lack them
+        found = {k: [r[k] for r in cell if r.get(k) is not None] for k in ("rouge1", "rouge2")}
+        cells.append(" / ".join(f"{mean_std(v)[0]:.4f}" if v else "-" for v in found.values()))
     cells += [share, f"{mean_std(ranks)[0]:.1f}" if ranks else "",
               f"{mean_std([r['train_seconds'] for r in cell])[0]:.1f}{shared}",
               f"{mean_std(memory)[0]:.0f}{shared}" if memory else "", f"{cell[0]['trainable_params']:,}"]
