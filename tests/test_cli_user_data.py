@@ -224,7 +224,10 @@ def test_ctrl_c_stops_a_grid_at_once_keeps_finished_cells_and_prints_no_tracebac
     command = subprocess.Popen(
         [sys.executable, "-m", "peft_loran_cli", "compare", "--model", tiny_encoder, "--train-file", cls_file,
          "--steps", "3000", "--batch-size", "4", "--methods", "lora", "--seed", "0,1", "--output-dir", str(out)],
-        stderr=subprocess.PIPE, text=True, start_new_session=True)  # not --quiet: progress bars, warnings shown
+        stderr=subprocess.PIPE, text=True, start_new_session=True,  # not --quiet: progress bars, warnings shown
+        # Ctrl-C as in a terminal even where pytest itself runs with SIGINT ignored (a shell's background job):
+        # an ignored SIGINT is inherited and would make the command ignore it too
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 240
         while time.time() < deadline and not (out / "adapters").exists():
