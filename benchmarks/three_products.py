@@ -1,5 +1,5 @@
 """The three dense products exact LoRAN adds per adapted layer with dropout, at the main job's shapes (MiniLM q/v:
-384 x 384, batch 8 x 128 tokens), timed alone: python results/benchmarks/0.5.0-epyc/three_products.py
+384 x 384, batch 8 x 128 tokens), timed alone: python benchmarks/three_products.py
 
 Output on 2 cores of an AMD EPYC (AVX2), torch 2.13.0+cpu, 2026-12-07, nothing else running:
 three 1024x384x384 products: 6.52 ms median; x12 layers = 78.3 ms per step; 69.5 GMAC/s; threads 2
