@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import TARGETS, Case, _build, _median_seconds, _release_freed_memory  # noqa: E402
+from bench import TARGETS, Case, _build, _median_seconds, _release_freed_memory, cpu_name  # noqa: E402
 
 METHODS = ("base", "lora", "loran", "loran_cache", "loran_merged")
 BASES = ("float32", "4bit")
@@ -157,7 +156,7 @@ def main() -> None:
         with open(args.from_json) as fh:
             print(render(json.load(fh)))
         return
-    machine = f"{platform.machine()}, {os.environ.get('BENCH_THREADS', os.cpu_count())} threads"
+    machine = f"{cpu_name()}, {os.environ.get('BENCH_THREADS', os.cpu_count())} threads"
     if args.device == "cuda":
         import torch
 

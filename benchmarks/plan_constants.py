@@ -17,10 +17,11 @@ Cases (bench.py's Llama-shaped models, random weights, float32, CPU, AdamW steps
 * ``AUTO_COMPILE_MIN_ELEMENTS`` = 2^20: a 60-step job on 384-wide layers (MiniLM's width: 6 layers, q/v, batch 8 x
   128 tokens) with the eager kernel (what auto gives there) against the compiled one (what a lower threshold would
   give), each process's whole wall time on an empty inductor cache.
-
-A third constant, ``INLINE_PRODUCT_MAX_RANK`` (the compiled kernel formed ``B A`` inside its loop up to rank 8), was
-measured the same way at commit ed89ffd (0.97x training, 1.01x evaluation without it: not worth 5%) and removed;
-its rows stay in results/benchmarks/plan-constants-cpu.json.
+* ``INLINE_PRODUCT_MAX_RANK`` = 8 (the compiled kernels form ``B A`` inside their element-wise loop up to rank 8)
+  against 0 (``B A`` always a GEMM): the evaluation forward and a training step at hidden 1024, all seven, r = 8.
+  Measured at commit ed89ffd on the AVX2 EPYC (0.97x training, 1.01x evaluation without it; the floats were then
+  loaded inside the loop) it was removed; after the floats became literals it measured 1.06-1.08x (evaluation) and
+  1.03x (training) without it on an AVX-512 EPYC and came back. The old rows stay in results/benchmarks/plan-constants-cpu.json.
 """
 
 from __future__ import annotations
@@ -139,6 +140,10 @@ EXPERIMENTS = {
         compile_mode="0"),
     "CPU_BLOCK_ELEMENTS, training, Llama-2-7B q/v, r 64": lambda n: in_process(
         SEVEN_B_QV, "train", [("2^21 (ships)", {}), ("2^19", {"CPU_BLOCK_ELEMENTS": 2**19})], max(3, n // 2)),
+    "INLINE_PRODUCT_MAX_RANK, evaluation forward, hidden 1024, all seven, r 8": lambda n: in_process(
+        HIDDEN_1024, "eval", [("8 (ships)", {}), ("0: B A always a GEMM", {"INLINE_PRODUCT_MAX_RANK": 0})], 2 * n),
+    "INLINE_PRODUCT_MAX_RANK, training, hidden 1024, all seven, r 8": lambda n: in_process(
+        HIDDEN_1024, "train", [("8 (ships)", {}), ("0: B A always a GEMM", {"INLINE_PRODUCT_MAX_RANK": 0})], n),
     "AUTO_COMPILE_MIN_ELEMENTS, a 60-step job on 384-wide layers, empty compiler cache": lambda n: job(max(3, n // 3)),
 }
 
@@ -163,9 +168,10 @@ def main() -> None:
         print(f"| {name} | {first['median_ms'] / scale:.{1 if unit == 's' else 0}f} {unit} | "
               f"{other['median_ms'] / scale:.{1 if unit == 's' else 0}f} {unit} ({label}) | "
               f"{other['paired_ratio']:.2f}x |")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"cpu": cpu, "rounds": args.rounds, "results": results}, fh, indent=1)
+    if args.json:  # under a temporary name, then renamed: never a half-written file
+        with open(args.json + ".tmp", "w") as fh:
+            json.dump({"cpu": cpu_name(), "rounds": args.rounds, "results": results}, fh, indent=1)
+        os.replace(args.json + ".tmp", args.json)
 
 
 if __name__ == "__main__":

@@ -41,10 +41,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "study"
 DOCS = ROOT / "docs" / "study"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench import cpu_name  # noqa: E402  (the one CPU-name reader every figure uses)
 
 #: The methods of the study: (name, peft-loran compare method, extra compare options)
 METHODS = {
@@ -378,10 +381,10 @@ def paper_cell(task: str, method: str, rank: int, lr: float, seed: int, split: s
     return row
 
 
-#: Who ran the cells: the CPU, and whether this run had the machine to itself (``--alone``); costs are compared
-#: only between cells that did.
-MACHINE = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "unknown") if os.path.exists("/proc/cpuinfo") else "unknown"
+#: Who ran the cells: the CPU with its widest vector extension (bench.py's reader: the same EPYC name has come with
+#: AVX2 and with AVX-512), and whether this run had the machine to itself (``--alone``); costs are compared only
+#: between cells that did.
+MACHINE = cpu_name()
 ALONE = False
 
 
@@ -428,7 +431,8 @@ def summarize(rows: list[dict]) -> str:
 
     out = []
     for task in sorted({r["task"] for r in rows}):
-        out += learning_rate_table([r for r in rows if r["task"] == task and r["split"] == "validation"], task)
+        grid = next((PAPER_LRS[key] for key, (name, *_) in PAPER_TASKS.items() if name == task), None)
+        out += learning_rate_table([r for r in rows if r["task"] == task and r["split"] == "validation"], task, grid)
         test = [r for r in rows if r["task"] == task and r["split"] == "test"]
         if not test:
             continue
@@ -454,10 +458,11 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def learning_rate_table(validation: list[dict], task: str) -> list[str]:
-    """The paper tasks' learning-rate choice: each method's validation score per learning rate (rank 4, seed 0),
-    the best in bold; a method's row grows while its best is at the grid's edge."""
-    if not task.endswith("-smollm2") or not validation:
+def learning_rate_table(validation: list[dict], task: str, grid: Optional[list[float]]) -> list[str]:
+    """A paper task's learning-rate choice (``grid``: its learning rates; None for the other tasks): each method's
+    validation score per learning rate (rank 4, seed 0), the best in bold; a method's row grows while its best is at
+    the grid's edge."""
+    if grid is None or not validation:
         return []
     lrs = sorted({r["lr"] for r in validation})
     out = [f"### {task}: learning rate on the validation split (rank 4, seed 0, {validation[0]['metric']})\n",
@@ -465,7 +470,6 @@ def learning_rate_table(validation: list[dict], task: str) -> list[str]:
     for method in [m for m in METHOD_ORDER if any(r["method"] == m for r in validation)]:
         scores = {r["lr"]: r["value"] for r in validation if r["method"] == method}
         best = max(scores, key=scores.get)
-        grid = PAPER_LRS[next(k for k, v in PAPER_TASKS.items() if v[0] == task)]
         unfinished = next_learning_rate(scores, grid) is not None
         out.append(f"| {method} | " + " | ".join((f"**{scores[lr]:.4f}**" if lr == best else f"{scores[lr]:.4f}")
                                                  if lr in scores else "" for lr in lrs)

@@ -83,8 +83,11 @@ def test_a_constant_prediction_is_named_in_metrics_table_and_plot(tmp_path):
                for m, k in (("lora", 1), ("loran", 2))]
     table = report.comparison_table(results, "accuracy")
     assert "| 5 | 0.6000 (b) |" in table and "0.6000 (single class)" in table and "loran | 1 | 0.6000 |" in table
-    assert report.identical_curves(results) == [("lora", "loran")]
-    assert report.same_curve_note([("lora (seed 0)", "loran (seed 0)"), ("lora (seed 1)", "loran (seed 1)")]) == \
+    assert [(a["method"], b["method"]) for a, b in report.identical_curves(results)] == [("lora", "loran")]
+    assert report.same_curve_note(report.identical_curves(results), results) == \
+        "lora and loran: the same curve (within 1e-3)"
+    seeded = [{**r, "seed": seed} for seed in (0, 1) for r in results]
+    assert report.same_curve_note([(seeded[0], seeded[1]), (seeded[2], seeded[3])], seeded) == \
         "lora and loran: the same curve at seeds 0, 1 (within 1e-3)"
     report.plot_comparison(results, "accuracy", tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 1000

@@ -54,6 +54,11 @@ BlockGrads = tuple[torch.Tensor, torch.Tensor, list, list]
 #: (docs/benchmarks.md, "The plan's constants").
 AUTO_COMPILE_MIN_ELEMENTS = 2**20
 
+#: Up to this rank the compiled kernels form ``B A`` inside their element-wise loop (``r`` multiply-adds per element)
+#: instead of as a GEMM whose ``(rows, in)`` result is written out and read back; each such rank compiles once.
+#: Above it the GEMM is faster (docs/design.md, "The constants and what each is worth").
+INLINE_PRODUCT_MAX_RANK = 8
+
 MODES = ("auto", "0", "1")
 _mode: Optional[str] = None  # set_kernel_compilation's choice; None: the environment's
 _failures: dict[str, str] = {}  # activation name -> why compiling its kernels failed
@@ -241,6 +246,20 @@ WITH_COMPILE_SETTINGS = torch._dynamo.config.patch(
     {name: value for name, value in COMPILE_SETTINGS.items() if hasattr(torch._dynamo.config, name)})
 
 
+def _product(B_rows: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``B_rows @ A`` as the compiled kernels trace it: a sum of ``r`` outer products, which inductor fuses into the
+    element-wise loop, up to :data:`INLINE_PRODUCT_MAX_RANK`; a GEMM above. (The rank is specialized: one compilation
+    per rank. Summing a broadcast product over the rank instead compiled faster but was worth only 1.04x in
+    evaluation, against 1.06-1.08x: docs/design.md.)"""
+    rank = B_rows.shape[1]
+    if rank > INLINE_PRODUCT_MAX_RANK:
+        return B_rows @ A
+    z = B_rows[:, :1] * A[:1]
+    for k in range(1, rank):
+        z = z + B_rows[:, k:k + 1] * A[k:k + 1]
+    return z
+
+
 def _build(activation: Activation) -> dict[str, Callable]:
     """The compiled kernels of the activation's function (one set per function; each setting compiles once)."""
     f = activation.definition.function
@@ -251,15 +270,15 @@ def _build(activation: Activation) -> dict[str, Callable]:
         return y.to(out_dtype)
 
     def value(base, B_rows, A, scaling, offset, out_dtype, *params):
-        return update_from(base, f(B_rows @ A, *params)[0], scaling, offset, out_dtype)
+        return update_from(base, f(_product(B_rows, A), *params)[0], scaling, offset, out_dtype)
 
     def value_and_grads(base, B_rows, A, scaling, offset, out_dtype, grad_h, *params):
-        y, d = f(B_rows @ A, *params, derivative=True)
+        y, d = f(_product(B_rows, A), *params, derivative=True)
         grad_z = grad_h * d * scaling
         return update_from(base, y, scaling, offset, out_dtype), grad_z @ A.T, B_rows.T @ grad_z
 
     def grads_only(B_rows, A, scaling, grad_h, *params):
-        grad_z = grad_h * f(B_rows @ A, *params, derivative=True)[1] * scaling
+        grad_z = grad_h * f(_product(B_rows, A), *params, derivative=True)[1] * scaling
         return grad_z @ A.T, B_rows.T @ grad_z
 
     kernels = {"value": value, "value_and_grads": value_and_grads, "grads_only": grads_only}

@@ -282,27 +282,27 @@ def plot_sweep(results: list[dict], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def identical_curves(results: list[dict], tol: float = 1e-3) -> list[tuple[str, str]]:
+def identical_curves(results: list[dict], tol: float = 1e-3) -> list[tuple[dict, dict]]:
     """Pairs of runs whose loss curves coincide (within ``tol``, relative): LoRA and LoRAN at the paper's setting
     draw the same curve, and a plot must say so rather than show one line for two."""
     def close(a, b) -> bool:
         return len(a) == len(b) and all(abs(x[1] - y[1]) <= tol * max(1.0, abs(x[1])) for x, y in zip(a, b))
 
-    curves = [(r["method"], r["loss_curve"]) for r in results if r["loss_curve"]]
-    return [(a, b) for i, (a, ca) in enumerate(curves) for b, cb in curves[i + 1:] if close(ca, cb)]
+    curves = [r for r in results if r["loss_curve"]]
+    return [(a, b) for i, a in enumerate(curves) for b in curves[i + 1:] if close(a["loss_curve"], b["loss_curve"])]
 
 
-def same_curve_note(same: list[tuple[str, str]]) -> str:
+def same_curve_note(same: list[tuple[dict, dict]], results: list[dict]) -> str:
     """One line per pair of methods whose curves coincide, its seeds listed once ("lora and loran: the same curve
-    at seeds 0, 1, 2 (within 1e-3)") rather than a line per seed."""
-    import re
-
+    at seeds 0, 1, 2 (within 1e-3)") rather than a line per seed; ``results``: the whole comparison (which settings
+    vary, whether seeds do)."""
+    varying, with_seeds = _varying(results), len({r.get("seed") for r in results}) > 1
     seeds: dict[tuple[str, str], list[str]] = {}
     for a, b in same:
-        (a, sa), (b, sb) = (re.fullmatch(r"(.*?)(?: \(seed (\S+)\))?", label).groups() for label in (a, b))
-        seeds.setdefault((a, b), []).append(sa if sa == sb else f"{sa}/{sb}")
+        seed = f"{a.get('seed')}" if a.get("seed") == b.get("seed") else f"{a.get('seed')}/{b.get('seed')}"
+        seeds.setdefault((group_label(a, varying), group_label(b, varying)), []).append(seed)
     return "\n".join(f"{a} and {b}: the same curve" + (f" at seed{'s' if len(s) > 1 else ''} {', '.join(s)}"
-                                                        if s[0] is not None else "") + " (within 1e-3)"
+                                                        if with_seeds else "") + " (within 1e-3)"
                      for (a, b), s in seeds.items())
 
 
@@ -315,11 +315,11 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    note = same_curve_note(identical_curves(results), results) or None  # said in the plot: one curve hides the other
     results = [{**r, "method": run_label(r, results)} for r in results]
     colors = [f"C{i}" for i in range(len(results))]  # the same colour for a method's line and bar
     # LoRA and LoRAN at the paper's setting draw almost the same curve: markers and dashes keep each one visible
     styles = [("o", "-"), ("x", "--"), ("s", ":"), ("^", "-."), ("D", (0, (5, 2, 1, 2)))]
-    same = identical_curves(results)  # said in the plot, since one curve hides the other
     curves = [r for r in results if r["loss_curve"]]
     for i, (r, color) in enumerate(zip(results, colors)):
         if r["loss_curve"]:
@@ -334,7 +334,6 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
     left.set_ylabel("training loss")
     left.set_title("training loss")
     # said in the legend's own box, so the legend can never cover it; many curves: the legend under the panel
-    note = same_curve_note(same) or None
     if len(curves) > 4:
         left.legend(title=note, title_fontsize=8, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2),
                     ncol=min(3, len(curves)))
