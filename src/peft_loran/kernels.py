@@ -54,9 +54,10 @@ BlockGrads = tuple[torch.Tensor, torch.Tensor, list, list]
 #: (docs/benchmarks.md, "The plan's constants").
 AUTO_COMPILE_MIN_ELEMENTS = 2**20
 
-#: Up to this rank the compiled kernels form ``B A`` inside their element-wise loop (``r`` multiply-adds per element)
-#: instead of as a GEMM whose ``(rows, in)`` result is written out and read back; each such rank compiles once.
-#: Above it the GEMM is faster (docs/design.md, "The constants and what each is worth").
+#: Up to this rank the compiled kernels form ``B A`` on CPUs inside their element-wise loop (``r`` multiply-adds per
+#: element) instead of as a GEMM whose ``(rows, in)`` result is written out and read back; each such rank compiles
+#: once. Measured at rank 8 only (docs/design.md, "The constants and what each is worth"); above it, and on GPUs
+#: (not measured), ``B A`` stays a GEMM.
 INLINE_PRODUCT_MAX_RANK = 8
 
 MODES = ("auto", "0", "1")
@@ -238,7 +239,8 @@ EAGER = EagerKernel()
 #: generated C++ loads each of them inside its vector loop, and the fused pass ran 1.14-1.19x slower
 #: (``benchmarks/compiled_constants.py``). Each new setting then compiles once more, and the kernels of every
 #: activation share one code object and so one recompile budget (torch's default: 8), which a process's scalings
-#: (``+s`` to merge, ``-s`` to unmerge), base or none, dtypes and shapes would use up: past it torch would run the
+#: (``+s`` to merge, ``-s`` to unmerge), base or none, dtypes, shapes and ranks up to
+#: :data:`INLINE_PRODUCT_MAX_RANK` would use up: past it torch would run the
 #: kernels' Python eagerly for the rest of the process. Hence the budget of 64. Names missing from an older torch are
 #: left out (it then compiles as before).
 COMPILE_SETTINGS = {"specialize_float": True, "recompile_limit": 64}
@@ -247,12 +249,12 @@ WITH_COMPILE_SETTINGS = torch._dynamo.config.patch(
 
 
 def _product(B_rows: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``B_rows @ A`` as the compiled kernels trace it: a sum of ``r`` outer products, which inductor fuses into the
-    element-wise loop, up to :data:`INLINE_PRODUCT_MAX_RANK`; a GEMM above. (The rank is specialized: one compilation
-    per rank. Summing a broadcast product over the rank instead compiled faster but was worth only 1.04x in
-    evaluation, against 1.06-1.08x: docs/design.md.)"""
+    """``B_rows @ A`` as the compiled kernels trace it: on CPUs, up to :data:`INLINE_PRODUCT_MAX_RANK`, a sum of ``r``
+    outer products, which inductor fuses into the element-wise loop (the rank is specialized: one compilation per
+    rank); a GEMM otherwise, and always where the kernel runs eagerly (torch's fallback once its recompile budget is
+    spent), where the unrolled sum would build ``r`` full-size temporaries."""
     rank = B_rows.shape[1]
-    if rank > INLINE_PRODUCT_MAX_RANK:
+    if rank > INLINE_PRODUCT_MAX_RANK or B_rows.device.type != "cpu" or not torch.compiler.is_compiling():
         return B_rows @ A
     z = B_rows[:, :1] * A[:1]
     for k in range(1, rank):

@@ -353,8 +353,11 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
         right.legend(loc="lower right", fontsize=8, framealpha=0.9)  # a legend: text on the line would cross it
         title += f" (n = {first['n']})"
         singles = [r["method"] for r in results if r["metrics"].get("predicted_classes") == 1]
-        if singles:
-            title += "\nsingle class: " + ", ".join(singles)
+        if singles:  # wrapped to the panel's width: a long list ran off the figure
+            import textwrap
+
+            listed = "every run" if len(singles) == len(results) else ", ".join(singles)
+            title += "\n" + textwrap.fill(f"single class: {listed}", 48)
     right.set_title(title, fontsize=10)
     if len(results) > 3 or max(len(n) for n in names) > 10:  # keep the run names from running into each other
         right.set_xticks(range(len(names)), names, rotation=30, ha="right")
