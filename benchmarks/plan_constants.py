@@ -21,7 +21,8 @@ Cases (bench.py's Llama-shaped models, random weights, float32, CPU, AdamW steps
   against 0 (``B A`` always a GEMM): the evaluation forward and a training step at hidden 1024, all seven, r = 8.
   Measured at commit ed89ffd on the AVX2 EPYC (0.97x training, 1.01x evaluation without it; the floats were then
   loaded inside the loop) it was removed; after the floats became literals it measured 1.02-1.08x (evaluation, four
-  runs, median 1.055x) and 1.03x (training) without it on an AVX-512 EPYC and came back. The old rows stay in results/benchmarks/plan-constants-cpu.json.
+  runs, median 1.055x) and 1.03x (training) without it on an AVX-512 EPYC and came back. The old rows stay in
+  results/benchmarks/plan-constants-cpu.json.
 """
 
 from __future__ import annotations

@@ -297,6 +297,8 @@ PAPER_TASKS = {
 #: 9e-3 (0.904) and 2.7e-2 (0.234, diverged), so the grid there starts at 1e-3 for every method (LoRA's cells at 1e-4
 #: and 3e-4 stay in results.csv): two runs fewer per method, 2.3 minutes each, with the same widening rule.
 PAPER_LRS = {"headline": [1e-4, 3e-4, 1e-3, 3e-3], "topic": [1e-3, 3e-3, 9e-3, 2.7e-2]}
+#: The same grids by the task name the results record (``headline-smollm2``), for the tables.
+GRID_BY_TASK = {name: PAPER_LRS[key] for key, (name, *_) in PAPER_TASKS.items()}
 PAPER_RANKS, PAPER_SEEDS = [4, 1, 16], [0, 1, 2]  # rank 4 first: the learning rates are chosen there
 #: Seeds added after the first three, where those three left a question open: (task, rank) -> (methods, seeds).
 #: Topic at rank 1: LoRAN at the paper's setting beat LoRA at all of seeds 0-2 (+0.014, +0.028, +0.009), the
@@ -431,8 +433,8 @@ def summarize(rows: list[dict]) -> str:
 
     out = []
     for task in sorted({r["task"] for r in rows}):
-        grid = next((PAPER_LRS[key] for key, (name, *_) in PAPER_TASKS.items() if name == task), None)
-        out += learning_rate_table([r for r in rows if r["task"] == task and r["split"] == "validation"], task, grid)
+        out += learning_rate_table([r for r in rows if r["task"] == task and r["split"] == "validation"], task,
+                                   GRID_BY_TASK.get(task))
         test = [r for r in rows if r["task"] == task and r["split"] == "test"]
         if not test:
             continue
@@ -450,7 +452,7 @@ def summarize(rows: list[dict]) -> str:
             for method in methods:
                 cell = [r for r in test if r["method"] == method and r["rank"] == rank]
                 if cell:
-                    out.append(summary_row(cell, method, rank, lora, bound, task, sign_flip_p))
+                    out.append(summary_row(cell, method, rank, lora, bound, rouge, task, sign_flip_p))
         if any(r.get("alone") is False for r in test):
             out.append("\ntrain s and peak MB marked * come from cells that shared the machine with other work: not "
                        "a cost to compare.")
@@ -477,7 +479,8 @@ def learning_rate_table(validation: list[dict], task: str, grid: Optional[list[f
     return out + [""]
 
 
-def summary_row(cell: list[dict], method: str, rank: int, lora: dict, bound: bool, task: str, sign_flip_p) -> str:
+def summary_row(cell: list[dict], method: str, rank: int, lora: dict, bound: bool, rouge: bool, task: str,
+                sign_flip_p) -> str:
     m, s = mean_std([r["value"] for r in cell])
     diffs = [r["value"] - lora[(rank, r["seed"])] for r in cell if (rank, r["seed"]) in lora]
     paired = ""
@@ -494,7 +497,7 @@ def summary_row(cell: list[dict], method: str, rank: int, lora: dict, bound: boo
     cells = [method, str(rank), f"{cell[0]['lr']:g}", str(len(cell)), f"{m:.4f} +- {s:.4f}", paired]
     if bound:
         cells.append(f"{rank_bound(task.split('-', 1)[1], rank):.4f}")
-    if cell[0]["metric"] == "rougeL":  # the ROUGE-1/2 beside ROUGE-L; a pilot's rows may lack them
+    if rouge:  # the ROUGE-1/2 beside ROUGE-L; a pilot's rows may lack them
         found = {k: [r[k] for r in cell if r.get(k) is not None] for k in ("rouge1", "rouge2")}
         cells.append(" / ".join(f"{mean_std(v)[0]:.4f}" if v else "-" for v in found.values()))
     cells += [share, f"{mean_std(ranks)[0]:.1f}" if ranks else "",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from pathlib import Path
 from typing import Optional
 
@@ -34,9 +35,12 @@ def group_label(result: dict, varying: list[str]) -> str:
     return " ".join(parts)
 
 
+def _seeds_vary(results: list[dict]) -> bool:
+    return len({r.get("seed") for r in results}) > 1
+
+
 def run_label(result: dict, results: list[dict]) -> str:
-    seeds = len({r.get("seed") for r in results}) > 1
-    return group_label(result, _varying(results)) + (f" (seed {result['seed']})" if seeds else "")
+    return group_label(result, _varying(results)) + (f" (seed {result['seed']})" if _seeds_vary(results) else "")
 
 
 def groups(results: list[dict]) -> dict[tuple, list[dict]]:
@@ -296,7 +300,7 @@ def same_curve_note(same: list[tuple[dict, dict]], results: list[dict]) -> str:
     """One line per pair of methods whose curves coincide, its seeds listed once ("lora and loran: the same curve
     at seeds 0, 1, 2 (within 1e-3)") rather than a line per seed; ``results``: the whole comparison (which settings
     vary, whether seeds do)."""
-    varying, with_seeds = _varying(results), len({r.get("seed") for r in results}) > 1
+    varying, with_seeds = _varying(results), _seeds_vary(results)
     seeds: dict[tuple[str, str], list[str]] = {}
     for a, b in same:
         seed = f"{a.get('seed')}" if a.get("seed") == b.get("seed") else f"{a.get('seed')}/{b.get('seed')}"
@@ -354,8 +358,6 @@ def plot_comparison(results: list[dict], metric: str, path: Path) -> None:
         title += f" (n = {first['n']})"
         singles = [r["method"] for r in results if r["metrics"].get("predicted_classes") == 1]
         if singles:  # wrapped to the panel's width: a long list ran off the figure
-            import textwrap
-
             listed = "every run" if len(singles) == len(results) else ", ".join(singles)
             title += "\n" + textwrap.fill(f"single class: {listed}", 48)
     right.set_title(title, fontsize=10)
