@@ -91,14 +91,19 @@ class NaiveLoran:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (every figure says which CPU gave it), with its widest vector extension."""
+    """The CPU's model name (every figure says which CPU gave it), with its widest vector extension and, where
+    ``ATEN_CPU_CAPABILITY`` holds torch's and inductor's kernels to a narrower one (``benchmarks/as_avx2.sh``), that."""
+    limit = {"avx2": "AVX2", "avx512": "AVX-512", "default": "no vector extension"}.get(
+        os.environ.get("ATEN_CPU_CAPABILITY", "").strip().lower())
     try:
         lines = open("/proc/cpuinfo").read().splitlines()
     except OSError:
-        return platform.processor() or platform.machine()
+        name = platform.processor() or platform.machine()
+        return f"{name} (kernels limited to {limit})" if limit else name
     name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
     flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-    return f"{name} ({'AVX-512' if 'avx512f' in flags else 'AVX2' if 'avx2' in flags else 'no AVX2'})"
+    widest = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{name} ({widest}{f', kernels limited to {limit}' if limit and limit != widest else ''})"
 
 
 def _build(case: Case):
