@@ -15,13 +15,15 @@ arithmetic of a trained adapter. Run it with nothing else on the machine.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
-import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import cpu_name  # noqa: E402
+from interleaved import interleave  # noqa: E402
 
 
 def main() -> None:
@@ -59,21 +61,22 @@ def main() -> None:
     batches = [batch([encoded[i] for i in range(k * settings.batch_size, (k + 1) * settings.batch_size)])
                for k in range(20)]
 
-    def step(method: str, inputs: dict) -> float:
-        started = time.perf_counter()
-        models[method](**inputs).loss.backward()
-        optimizers[method].step()
-        optimizers[method].zero_grad(set_to_none=True)
-        return time.perf_counter() - started
+    def stepper(method: str) -> Callable[[], None]:
+        """One optimizer step on the method's next batch: each method is called once per round (and as often in
+        warm-up), so a round's two steps see the same batch."""
+        calls = itertools.count()
 
-    for method in models:  # warm-up
-        for inputs in batches[:3]:
-            step(method, inputs)
-    times: dict[str, list[float]] = {"lora": [], "loran": []}
-    for k in range(args.pairs):
-        inputs = batches[k % len(batches)]
-        for method in (("lora", "loran") if k % 2 == 0 else ("loran", "lora")):
-            times[method].append(step(method, inputs))
+        def step() -> None:
+            models[method](**batches[next(calls) % len(batches)]).loss.backward()
+            optimizers[method].step()
+            optimizers[method].zero_grad(set_to_none=True)
+
+        return step
+
+    runs = {method: stepper(method) for method in models}
+    for step in runs.values():  # warm-up: two steps here, a third in interleave
+        step(), step()
+    times = interleave(runs, args.pairs)  # the order alternates every round
     ratios = sorted(a / b for a, b in zip(times["loran"], times["lora"]))
     lora, loran = statistics.median(times["lora"]), statistics.median(times["loran"])
     print(f"{cpu_name()}, {torch.get_num_threads()} threads; MiniLM, BBC topics, q/v, r {settings.rank}, dropout "

@@ -169,10 +169,11 @@ def main() -> None:
         print(f"| {name} | {first['median_ms'] / scale:.{1 if unit == 's' else 0}f} {unit} | "
               f"{other['median_ms'] / scale:.{1 if unit == 's' else 0}f} {unit} ({label}) | "
               f"{other['paired_ratio']:.2f}x |")
-    if args.json:  # under a temporary name, then renamed: never a half-written file
-        with open(args.json + ".tmp", "w") as fh:
-            json.dump({"cpu": cpu_name(), "rounds": args.rounds, "results": results}, fh, indent=1)
-        os.replace(args.json + ".tmp", args.json)
+    if args.json:
+        from peft_loran.atomic import write_text_atomic
+
+        record = {"cpu": cpu_name(), "rounds": args.rounds, "results": results}
+        write_text_atomic(args.json, json.dumps(record, indent=1))  # never a half-written file
 
 
 if __name__ == "__main__":
