@@ -586,18 +586,20 @@ def main() -> None:
     report = "\n".join(text)
     print(report)
     if args.out:
-        tmp = args.out + ".tmp"
-        with open(tmp, "w") as fh:
-            fh.write(report)
-        os.replace(tmp, args.out)
+        _write_text(args.out, report)
     if args.json:
         _write_json(args.json, {**raw, "meta": run_meta(args.device)})
 
 
+def _write_text(path: str, text: str) -> None:
+    """The whole file or none (the library's temporary file and rename; imported here: peft_loran imports torch)."""
+    from peft_loran.atomic import write_text_atomic
+
+    write_text_atomic(path, text)
+
+
 def _write_json(path: str, data) -> None:
-    with open(path + ".tmp", "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(path + ".tmp", path)
+    _write_text(path, json.dumps(data, indent=1))
 
 
 def run_meta(device: str) -> dict:
@@ -659,9 +661,7 @@ def run_realistic(args) -> None:
         if args.json:
             _write_json(args.json, {"realistic": list(rows.values()), "meta": meta})
         if args.out:
-            with open(args.out + ".tmp", "w") as fh:
-                fh.write(realistic_table(list(rows.values()), meta))
-            os.replace(args.out + ".tmp", args.out)
+            _write_text(args.out, realistic_table(list(rows.values()), meta))
 
     for method in methods:
         measure_group([replace(c, method=method) for c in cases], record)

@@ -8,10 +8,13 @@ pass is the floor: no exact method skips ``f`` on an element (Sinter's ``sin(w x
 measures, in one process, on `interleaved.py`'s model (hidden 1024, 8 layers, r = 8, all seven projections):
 
 * per distinct layer shape: the base layer's forward, the adapted layer's no-grad forward and the fused pass alone
-  (``W + D`` block by block, the kernel the forward runs), and ``torch.sin`` over as many elements, in ns per
-  weight element; the calls take turns each round;
+  (``W + D`` block by block, the kernel the forward runs), the same pass with ``sin(w x)`` replaced by ``w x`` (so
+  the difference is what the sine costs inside it) and with ``f`` the identity (``B A``, the scaling and the base
+  alone), and ``torch.sin`` over as many elements, in ns per weight element; the calls take turns each round;
 * the whole model: base and LoRAN no-grad forwards, taking turns, and the ratio the floor predicts,
-  ``1 + (sum over adapted layers of the fused pass) / base forward``.
+  ``1 + (sum over adapted layers of the fused pass) / base forward``; with each forward's page faults and system
+  time. Then again once the process also holds an eval-cached copy of the LoRAN model (as `interleaved.py eval`
+  does): the copy's allocations change where glibc puts LoRAN's per-call blocks, and with them the faults.
 
 So the measured ratio minus the predicted one is what the layer path adds beyond the unavoidable arithmetic.
 """
@@ -19,12 +22,17 @@ So the measured ratio minus the predicted one is what the layer path adds beyond
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import os
+import resource
 import statistics
 import sys
 from typing import Callable
 
 import torch
+
+import peft_loran
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench import cpu_name  # noqa: E402
@@ -43,20 +51,68 @@ def adapted_layers(model: torch.nn.Module) -> dict[tuple[int, int], tuple[int, t
     return found
 
 
+def register_variants() -> None:
+    """Sinter without its sine (``x + a x (w x)``) and the identity, as user activations: the compiled kernel runs
+    them on the same path as Sinter, so the differences are the sine's cost and the rest of ``f``'s."""
+    peft_loran.register_activation("sinter-no-sin", lambda x, a, w: x + a * x * (w * x),
+                                   lambda x, a, w: 1 + 2 * a * w * x, params={"a": 5e-5, "w": 1e4}, overwrite=True)
+    peft_loran.register_activation("f-identity", lambda x: x, lambda x: torch.ones_like(x), overwrite=True)
+
+
+def fused_pass(update, weight: torch.Tensor, activation=None) -> Callable[[], None]:
+    """``W + D`` block by block with the plan a no-grad forward uses (``activation`` replacing the update's)."""
+    if activation is not None:
+        update = dataclasses.replace(update, activation=activation)
+    plan = update.plan(autograd=False)
+
+    def run():
+        for _ in update.blocks(plan, base=weight, out_dtype=weight.dtype):
+            pass
+
+    return run
+
+
 def layer_runs(layer: torch.nn.Module, tokens: int) -> dict[str, Callable[[], object]]:
     out_features, in_features = layer.update_shape
     x = torch.randn(1, tokens, in_features)
     weight = layer.get_base_layer().weight.detach()
     update = layer.low_rank_update("default")
-    plan = update.plan(autograd=False)
     sin_input = torch.randn(out_features, in_features)
-
-    def fused():
-        for _ in update.blocks(plan, base=weight, out_dtype=weight.dtype):
-            pass
-
     return {"base layer": lambda: layer.get_base_layer()(x), "adapted layer": lambda: layer(x),
-            "fused pass": fused, "torch.sin": lambda: torch.sin(sin_input)}
+            "fused pass": fused_pass(update, weight),
+            "fused, no sin": fused_pass(update, weight, peft_loran.get_activation("sinter-no-sin")),
+            "fused, f = x": fused_pass(update, weight, peft_loran.get_activation("f-identity")),
+            "torch.sin": lambda: torch.sin(sin_input)}
+
+
+def whole_model(base: torch.nn.Module, loran: torch.nn.Module, tokens: int, rounds: int) -> dict[str, list]:
+    """Per forward of each model, taking turns: ``(seconds, system seconds, minor page faults)``."""
+    ids = torch.randint(0, 4096, (1, tokens))
+
+    def forward(model):
+        def run():
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            model(input_ids=ids)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            usage[model].append((after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt))
+        return run
+
+    usage = {base: [], loran: []}
+    times = interleave({"base": forward(base), "loran": forward(loran)}, rounds)
+    return {name: [(t, *u) for t, u in zip(times[name], usage[model][1:])]
+            for name, model in (("base", base), ("loran", loran))}
+
+
+def report_whole_model(label: str, runs: dict[str, list], fused_total: float) -> None:
+    ratios = sorted(b[0] / a[0] for a, b in zip(runs["base"], runs["loran"]))
+    base_s = statistics.median(t for t, _, _ in runs["base"])
+    usage = {name: (statistics.median(s for _, s, _ in r) * 1e3, statistics.median(f for _, _, f in r))
+             for name, r in runs.items()}
+    print(f"\nwhole model, no-grad forward, {label}: base {base_s * 1e3:.1f} ms, LoRAN / base "
+          f"{statistics.median(ratios):.3f}x (paired per round, range {ratios[0]:.2f}-{ratios[-1]:.2f}); the floor "
+          f"predicts {1 + fused_total / base_s:.3f}x (fused passes {fused_total * 1e3:.1f} ms per forward); per "
+          f"forward (medians), system time / minor page faults: base {usage['base'][0]:.1f} ms / "
+          f"{usage['base'][1]:.0f}, LoRAN {usage['loran'][0]:.1f} ms / {usage['loran'][1]:.0f}")
 
 
 def main() -> None:
@@ -64,13 +120,14 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=256)
     args = parser.parse_args()
+    register_variants()
     models = adapted_models("all")
     base, loran = models["base"].eval(), models["loran"].eval()
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; {args.tokens} tokens, {args.rounds} rounds (medians)\n")
-    print("| layer (out x in) | layers | base GEMM (ns/elem) | fused pass | torch.sin | adapted layer | "
-          "(base + fused) / base | adapted / base |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layer (out x in) | layers | base GEMM (ns/elem) | fused pass | fused, no sin | fused, f = x | torch.sin | "
+          "adapted layer | (base + fused) / base | adapted / base |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     fused_total = 0.0
     with torch.no_grad():
         for (rows, cols), (count, layer) in sorted(adapted_layers(loran).items()):
@@ -78,16 +135,16 @@ def main() -> None:
             per = {k: v / (rows * cols) * 1e9 for k, v in med.items()}
             fused_total += count * med["fused pass"]
             print(f"| {rows} x {cols} | {count} | {per['base layer']:.2f} | {per['fused pass']:.2f} | "
-                  f"{per['torch.sin']:.2f} | {per['adapted layer']:.2f} | "
+                  f"{per['fused, no sin']:.2f} | {per['fused, f = x']:.2f} | {per['torch.sin']:.2f} | "
+                  f"{per['adapted layer']:.2f} | "
                   f"{(med['base layer'] + med['fused pass']) / med['base layer']:.2f}x | "
                   f"{med['adapted layer'] / med['base layer']:.2f}x |")
-        ids = torch.randint(0, 4096, (1, args.tokens))
-        times = interleave({"base": lambda: base(input_ids=ids), "loran": lambda: loran(input_ids=ids)}, args.rounds)
-    ratios = sorted(b / a for a, b in zip(times["base"], times["loran"]))
-    base_s = statistics.median(times["base"])
-    print(f"\nwhole model, no-grad forward: base {base_s * 1e3:.1f} ms, LoRAN / base {statistics.median(ratios):.3f}x "
-          f"(paired per round, range {ratios[0]:.2f}-{ratios[-1]:.2f}); the floor predicts "
-          f"{1 + fused_total / base_s:.3f}x (fused passes {fused_total * 1e3:.1f} ms per forward)")
+        report_whole_model("alone", whole_model(base, loran, args.tokens, args.rounds), fused_total)
+        cached = copy.deepcopy(loran)
+        peft_loran.set_eval_cache(cached, True)
+        cached(input_ids=torch.randint(0, 4096, (1, args.tokens)))  # builds the copy's cache
+        report_whole_model("beside an eval-cached copy", whole_model(base, loran, args.tokens, args.rounds),
+                           fused_total)
 
 
 if __name__ == "__main__":

@@ -61,11 +61,9 @@ def main() -> None:
     if args.json:
         record = {"command": "python benchmarks/main_job.py " + " ".join(sys.argv[1:]), "machine": cpu_name(),
                   "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "runs": runs, "median_ratio": median}
-        tmp = args.json + ".partial"
-        with open(tmp, "w") as fh:
-            json.dump(record, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, args.json)
+        from peft_loran.atomic import write_text_atomic  # never a half-written file
+
+        write_text_atomic(args.json, json.dumps(record, indent=1) + "\n")
 
 
 if __name__ == "__main__":
