@@ -13,8 +13,8 @@ measures, in one process, on `interleaved.py`'s model (hidden 1024, 8 layers, r 
   alone), and ``torch.sin`` over as many elements, in ns per weight element; the calls take turns each round;
 * the whole model: base and LoRAN no-grad forwards, taking turns, and the ratio the floor predicts,
   ``1 + (sum over adapted layers of the fused pass) / base forward``; with each forward's page faults and system
-  time. Then again once the process also holds an eval-cached copy of the LoRAN model (as `interleaved.py eval`
-  does): the copy's allocations change where glibc puts LoRAN's per-call blocks, and with them the faults.
+  time. Then again while the process also holds an eval-cached copy of the LoRAN model (as `interleaved.py eval`
+  does), and once more after the copy is freed: what the process's other allocations do to LoRAN's per-call blocks.
 
 So the measured ratio minus the predicted one is what the layer path adds beyond the unavoidable arithmetic.
 """
@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import gc
 import os
 import resource
 import statistics
@@ -60,13 +61,15 @@ def register_variants() -> None:
 
 
 def fused_pass(update, weight: torch.Tensor, activation=None) -> Callable[[], None]:
-    """``W + D`` block by block with the plan a no-grad forward uses (``activation`` replacing the update's)."""
-    if activation is not None:
-        update = dataclasses.replace(update, activation=activation)
-    plan = update.plan(autograd=False)
+    """``W + D`` block by block with the plan a no-grad forward uses (``activation`` replacing the update's, on the
+    same kind of kernel)."""
+    variant = update if activation is None else dataclasses.replace(update, activation=activation)
+    plan = variant.plan(autograd=False)
+    if plan.kernel.name != update.plan(autograd=False).kernel.name:
+        raise RuntimeError(f"{activation.name} would run on the {plan.kernel.name} kernel, not the update's.")
 
     def run():
-        for _ in update.blocks(plan, base=weight, out_dtype=weight.dtype):
+        for _ in variant.blocks(plan, base=weight, out_dtype=weight.dtype):
             pass
 
     return run
@@ -139,11 +142,18 @@ def main() -> None:
                   f"{per['adapted layer']:.2f} | "
                   f"{(med['base layer'] + med['fused pass']) / med['base layer']:.2f}x | "
                   f"{med['adapted layer'] / med['base layer']:.2f}x |")
+        failures = peft_loran.kernels.compile_failures()  # the compiled kernel then computed its blocks eagerly
+        if failures:
+            print(f"\nnote: compiling failed, so the fused passes above ran eagerly: {failures}")
         report_whole_model("alone", whole_model(base, loran, args.tokens, args.rounds), fused_total)
         cached = copy.deepcopy(loran)
         peft_loran.set_eval_cache(cached, True)
         cached(input_ids=torch.randint(0, 4096, (1, args.tokens)))  # builds the copy's cache
         report_whole_model("beside an eval-cached copy", whole_model(base, loran, args.tokens, args.rounds),
+                           fused_total)
+        del cached
+        gc.collect()
+        report_whole_model("alone again, the copy freed", whole_model(base, loran, args.tokens, args.rounds),
                            fused_total)
 
 
