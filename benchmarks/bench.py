@@ -586,20 +586,21 @@ def main() -> None:
     report = "\n".join(text)
     print(report)
     if args.out:
-        _write_text(args.out, report)
+        write_text(args.out, report)
     if args.json:
-        _write_json(args.json, {**raw, "meta": run_meta(args.device)})
+        write_json(args.json, {**raw, "meta": run_meta(args.device)})
 
 
-def _write_text(path: str, text: str) -> None:
-    """The whole file or none (the library's temporary file and rename; imported here: peft_loran imports torch)."""
+def write_text(path: str, text: str) -> None:
+    """The whole file or none, for every benchmark's output (the library's temporary file and rename; imported here:
+    peft_loran imports torch)."""
     from peft_loran.atomic import write_text_atomic
 
     write_text_atomic(path, text)
 
 
-def _write_json(path: str, data) -> None:
-    _write_text(path, json.dumps(data, indent=1))
+def write_json(path: str, data) -> None:
+    write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def run_meta(device: str) -> dict:
@@ -659,9 +660,9 @@ def run_realistic(args) -> None:
               flush=True)
         meta["wall_s"] = round(time.time() - started)
         if args.json:
-            _write_json(args.json, {"realistic": list(rows.values()), "meta": meta})
+            write_json(args.json, {"realistic": list(rows.values()), "meta": meta})
         if args.out:
-            _write_text(args.out, realistic_table(list(rows.values()), meta))
+            write_text(args.out, realistic_table(list(rows.values()), meta))
 
     for method in methods:
         measure_group([replace(c, method=method) for c in cases], record)

@@ -27,7 +27,8 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import TARGETS, Case, _build, _median_seconds, _release_freed_memory, cpu_name  # noqa: E402
+from bench import (TARGETS, Case, _build, _median_seconds, _release_freed_memory, cpu_name,  # noqa: E402
+                   write_json)
 
 METHODS = ("base", "lora", "loran", "loran_cache", "loran_merged")
 BASES = ("float32", "4bit")
@@ -173,9 +174,7 @@ def main() -> None:
                 print(f"  {base:7s} {method:13s} {json.dumps(results['runs'][base][method])}", file=sys.stderr,
                       flush=True)
     if args.json:
-        from peft_loran.atomic import write_text_atomic
-
-        write_text_atomic(args.json, json.dumps(results, indent=1))
+        write_json(args.json, results)
     print(render(results))
 
 

@@ -21,7 +21,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import cpu_name  # noqa: E402
+from bench import cpu_name, write_json  # noqa: E402
 
 
 def one_run(steps: int, methods: list[str]) -> dict[str, float]:
@@ -61,9 +61,7 @@ def main() -> None:
     if args.json:
         record = {"command": "python benchmarks/main_job.py " + " ".join(sys.argv[1:]), "machine": cpu_name(),
                   "date": time.strftime("%Y-%m-%d"), "steps": args.steps, "runs": runs, "median_ratio": median}
-        from peft_loran.atomic import write_text_atomic  # never a half-written file
-
-        write_text_atomic(args.json, json.dumps(record, indent=1) + "\n")
+        write_json(args.json, record)
 
 
 if __name__ == "__main__":

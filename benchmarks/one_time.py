@@ -90,9 +90,9 @@ def main() -> None:
         lines.append(f"| {what} | {state} | {seconds:.1f} | {'' if after is None else f'{after:.2f}'} |")
     table = "\n".join(lines)
     if args.json:
-        from peft_loran.atomic import write_text_atomic
+        from bench import write_json
 
-        write_text_atomic(args.json, json.dumps({"rows": rows}, indent=1))
+        write_json(args.json, {"rows": rows})
     print(table)
 
 

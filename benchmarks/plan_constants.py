@@ -38,7 +38,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench import cpu_name  # noqa: E402
+from bench import cpu_name, write_json  # noqa: E402
 
 HIDDEN_1024 = dict(hidden=1024, layers=8, tokens=256, rank=8)
 SEVEN_B_QV = dict(hidden=4096, intermediate=11008, heads=32, vocab=1000, layers=2, tokens=512, rank=64, alpha=16.0,
@@ -170,10 +170,7 @@ def main() -> None:
               f"{other['median_ms'] / scale:.{1 if unit == 's' else 0}f} {unit} ({label}) | "
               f"{other['paired_ratio']:.2f}x |")
     if args.json:
-        from peft_loran.atomic import write_text_atomic
-
-        record = {"cpu": cpu_name(), "rounds": args.rounds, "results": results}
-        write_text_atomic(args.json, json.dumps(record, indent=1))  # never a half-written file
+        write_json(args.json, {"cpu": cpu_name(), "rounds": args.rounds, "results": results})
 
 
 if __name__ == "__main__":

@@ -303,7 +303,7 @@ def same_curve_note(same: list[tuple[dict, dict]], results: list[dict]) -> str:
     varying, with_seeds = _varying(results), _seeds_vary(results)
     seeds: dict[tuple[str, str], list[str]] = {}
     for a, b in same:
-        seed = f"{a.get('seed')}" if a.get("seed") == b.get("seed") else f"{a.get('seed')}/{b.get('seed')}"
+        seed = str(a.get("seed")) if a.get("seed") == b.get("seed") else f"{a.get('seed')}/{b.get('seed')}"
         seeds.setdefault((group_label(a, varying), group_label(b, varying)), []).append(seed)
     return "\n".join(f"{a} and {b}: the same curve" + (f" at seed{'s' if len(s) > 1 else ''} {', '.join(s)}"
                                                         if with_seeds else "") + " (within 1e-3)"
