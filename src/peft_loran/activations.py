@@ -47,6 +47,9 @@ class ActivationDefinition:
     original_name: str = ""  # the original code's spelling, for its nine
     #: the parameters :func:`get_activation`'s ``amplitude`` and ``frequency`` set (Sinter-style activations)
     amplitude_frequency: tuple[str, ...] = ()
+    #: the parameter ``w`` when every sine and cosine ``function`` takes is of ``w x``: the compiled CPU kernels then
+    #: compute them inline where ``|w x|`` is bounded (:mod:`peft_loran.trig`); "" (users' activations): never
+    trig_frequency: str = ""
 
     @property
     def defaults(self) -> dict[str, float]:
@@ -70,6 +73,12 @@ class Activation:
     @property
     def has_derivative(self) -> bool:
         return self.definition.derivative_known
+
+    @property
+    def trig_frequency(self) -> Optional[float]:
+        """``|w|`` where the definition declares that its sines and cosines are of ``w x``, else None."""
+        name = self.definition.trig_frequency
+        return abs(self.values[[p for p, _ in self.definition.params].index(name)]) if name else None
 
     def __call__(self, x: Tensor) -> Tensor:
         y = self.definition.function(x, *self.values)[0]
@@ -186,7 +195,7 @@ SINTER_FIELDS = {"a": "sinter_amplitude", "w": "sinter_frequency"}
 BUILTINS: dict[str, ActivationDefinition] = {d.name: d for d in [
     ActivationDefinition("sinter", _sinter, (("a", 5e-5), ("w", 1e4)), "x + a x sin(w x)",
                          "1 + a sin(w x) + a w x cos(w x)", config_fields=SINTER_FIELDS, original_name="Sin",
-                         amplitude_frequency=("a", "w")),
+                         amplitude_frequency=("a", "w"), trig_frequency="w"),
     ActivationDefinition("sigmoid", _sigmoid, (), "1 / (1 + exp(-x))", "s (1 - s), s = sigmoid(x)",
                          original_name="Sigmoid"),
     ActivationDefinition("tanh", _tanh, (), "tanh(x)", "1 - tanh(x)^2", original_name="Tanh"),
@@ -198,15 +207,15 @@ BUILTINS: dict[str, ActivationDefinition] = {d.name: d for d in [
     ActivationDefinition("swish", _swish, (("beta", 25.0),), "x sigmoid(beta x)",
                          "s + beta x s (1 - s), s = sigmoid(beta x)", original_name="Swish"),
     ActivationDefinition("cos", _cos, (("w", 1e4),), "x cos(w x) + x", "cos(w x) - w x sin(w x) + 1",
-                         original_name="Cos"),
+                         original_name="Cos", trig_frequency="w"),
     ActivationDefinition("gaussian", _gaussian, (), "0.5 x exp(-x^2)", "(0.5 - x^2) exp(-x^2)",
                          original_name="Gaussian"),
     ActivationDefinition("cosinter", _cosinter, (("a", 5e-5), ("w", 1e4)), "x + a x cos(w x)",
                          "1 + a cos(w x) - a w x sin(w x)", config_fields=SINTER_FIELDS,
-                         amplitude_frequency=("a", "w")),
+                         amplitude_frequency=("a", "w"), trig_frequency="w"),
     # Sine-LoRA: a = 1 / g, set per layer from sine_gain (None: sqrt(in_features)) by LoranConfig.build_activation
     ActivationDefinition("sine", _sine, (("a", 1.0), ("w", 200.0)), "a sin(w x), a = 1 / g", "a w cos(w x)",
-                         config_fields={"w": "sine_frequency"}, amplitude_frequency=("a", "w")),
+                         config_fields={"w": "sine_frequency"}, amplitude_frequency=("a", "w"), trig_frequency="w"),
 ]}
 
 _REGISTRY: dict[str, ActivationDefinition] = dict(BUILTINS)

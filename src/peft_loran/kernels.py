@@ -36,6 +36,7 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import torch
 
 from .activations import Activation
+from .trig import MAX_ARGUMENT, VectorTrig
 
 
 class Stage(NamedTuple):
@@ -263,24 +264,32 @@ def _product(B_rows: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 
 
 def _build(activation: Activation) -> dict[str, Callable]:
-    """The compiled kernels of the activation's function (one set per function; each setting compiles once)."""
+    """The compiled kernels of the activation's function (one set per function; each setting compiles once).
+    ``vector_trig``: trace ``f`` under :class:`trig.VectorTrig` (its sines and cosines inline; a Python bool, so each
+    value is its own compiled graph)."""
     f = activation.definition.function
+
+    def f_of(z, params, derivative, vector_trig):
+        if vector_trig:
+            with VectorTrig():
+                return f(z, *params, derivative=derivative)
+        return f(z, *params, derivative=derivative)
 
     def update_from(base, y, scaling, offset, out_dtype):
         y = y - offset
         y = y * scaling if base is None else base + scaling * y
         return y.to(out_dtype)
 
-    def value(base, B_rows, A, scaling, offset, out_dtype, *params):
-        return update_from(base, f(_product(B_rows, A), *params)[0], scaling, offset, out_dtype)
+    def value(B_rows, A, vector_trig, base, scaling, offset, out_dtype, *params):
+        return update_from(base, f_of(_product(B_rows, A), params, False, vector_trig)[0], scaling, offset, out_dtype)
 
-    def value_and_grads(base, B_rows, A, scaling, offset, out_dtype, grad_h, *params):
-        y, d = f(_product(B_rows, A), *params, derivative=True)
+    def value_and_grads(B_rows, A, vector_trig, base, scaling, offset, out_dtype, grad_h, *params):
+        y, d = f_of(_product(B_rows, A), params, True, vector_trig)
         grad_z = grad_h * d * scaling
         return update_from(base, y, scaling, offset, out_dtype), grad_z @ A.T, B_rows.T @ grad_z
 
-    def grads_only(B_rows, A, scaling, grad_h, *params):
-        grad_z = grad_h * f(_product(B_rows, A), *params, derivative=True)[1] * scaling
+    def grads_only(B_rows, A, vector_trig, scaling, grad_h, *params):
+        grad_z = grad_h * f_of(_product(B_rows, A), params, True, vector_trig)[1] * scaling
         return grad_z @ A.T, B_rows.T @ grad_z
 
     kernels = {"value": value, "value_and_grads": value_and_grads, "grads_only": grads_only}
@@ -295,9 +304,16 @@ class CompiledKernel(BlockKernel):
 
     def __init__(self, activation: Activation) -> None:
         self.activation = activation
+        #: ``|w|`` of an activation whose sines and cosines are of ``w x`` (None: others)
+        self.trig_frequency = activation.trig_frequency
 
-    def _run(self, kernel: str, *args) -> Optional[tuple]:
-        """The compiled ``kernel`` on ``args`` (the no-grad kernels: detached), or None if it failed to compile."""
+    def _run(self, kernel: str, B_rows: torch.Tensor, A: torch.Tensor, *args) -> Optional[tuple]:
+        """The compiled ``kernel`` on the block (the no-grad kernels: detached), or None if it failed to compile. On
+        CPUs the activation's sines and cosines are computed inline (:mod:`peft_loran.trig`) when the block's
+        arguments ``w (B A)`` are bounded within ``trig.MAX_ARGUMENT``, by ``max_i sum_k |B_ik| max_j |A_kj|``."""
+        B_rows, A = B_rows.detach(), A.detach()
+        vector_trig = (self.trig_frequency is not None and A.device.type == "cpu"
+                       and self.trig_frequency * float((B_rows.abs() @ A.abs().amax(dim=1)).amax()) <= MAX_ARGUMENT)
         detached = []
         for a in args:
             detached.append(a.detach() if isinstance(a, torch.Tensor) else a)
@@ -305,7 +321,7 @@ class CompiledKernel(BlockKernel):
         try:
             if key not in _compiled:
                 _compiled[key] = _build(self.activation)
-            return _compiled[key][kernel](*detached, *self.activation.values)
+            return _compiled[key][kernel](B_rows, A, vector_trig, *detached, *self.activation.values)
         except COMPILE_ERRORS as exc:
             _failures[self.activation.name] = f"{type(exc).__name__}: {exc}"
             warnings.warn(
@@ -315,12 +331,12 @@ class CompiledKernel(BlockKernel):
             return None
 
     def value(self, B_rows, A, stages, activation, scaling, base_rows, out_dtype):
-        out = self._run("value", base_rows, B_rows, A, scaling, activation.offset, out_dtype)
+        out = self._run("value", B_rows, A, base_rows, scaling, activation.offset, out_dtype)
         return out if out is not None else EAGER.value(B_rows, A, stages, activation, scaling, base_rows, out_dtype)
 
     def value_and_grads(self, B_rows, A, stages, activation, scaling, base_rows, out_dtype, grad_h, need_value):
         if need_value:
-            out = self._run("value_and_grads", base_rows, B_rows, A, scaling, activation.offset, out_dtype, grad_h)
+            out = self._run("value_and_grads", B_rows, A, base_rows, scaling, activation.offset, out_dtype, grad_h)
             value, grads = (out[0], out[1:]) if out is not None else (None, None)
         else:
             value, grads = None, self._run("grads_only", B_rows, A, scaling, grad_h)
