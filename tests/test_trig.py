@@ -39,7 +39,8 @@ def test_inline_sine_and_cosine_match_float64_over_their_whole_range(compiled):
         got, want = fn(t).double(), reference(t.double())
         error = (got - want).abs()
         worst = int(error.argmax())
-        assert error.max() <= ABS_TOL, f"{name}({t[worst].item()!r}) = {got[worst].item()!r}, want {want[worst].item()!r}"
+        assert error.max() <= ABS_TOL, (f"{name}({t[worst].item()!r}) = {got[worst].item()!r}, "
+                                        f"want {want[worst].item()!r}")
         # where the value is small (near a zero), the error is relative: within 2 ulp of the value
         ulp = torch.finfo(torch.float32).eps * want.abs()
         small = want.abs() < 1e-3
@@ -60,20 +61,30 @@ def test_the_mode_replaces_sine_and_cosine_of_one_tensor_only_inside_it():
 
 
 @pytest.fixture
-def compiled_calls(monkeypatch):
-    """Each compiled Sinter kernel call's ``vector_trig`` argument, in order."""
+def compile_always():
     set_kernel_compilation("1")
+    yield
+    set_kernel_compilation(None)
+
+
+def spy_on_compiled(monkeypatch, name: str) -> list:
+    """Each compiled kernel call's ``vector_trig`` argument for the activation ``name``, in order."""
     seen = []
-    f = get_activation("sinter").definition.function
+    f = get_activation(name).definition.function
     if f not in kernels._compiled:
-        kernels._compiled[f] = kernels._build(get_activation("sinter"))
-    for name, compiled in list(kernels._compiled[f].items()):
+        kernels._compiled[f] = kernels._build(get_activation(name))
+    for kernel, compiled in list(kernels._compiled[f].items()):
         def spy(B_rows, A, vector_trig, *rest, _compiled=compiled):
             seen.append(vector_trig)
             return _compiled(B_rows, A, vector_trig, *rest)
-        monkeypatch.setitem(kernels._compiled[f], name, spy)
-    yield seen
-    set_kernel_compilation(None)
+        monkeypatch.setitem(kernels._compiled[f], kernel, spy)
+    return seen
+
+
+@pytest.fixture
+def compiled_calls(monkeypatch, compile_always):
+    """Each compiled Sinter kernel call's ``vector_trig`` argument, in order."""
+    return spy_on_compiled(monkeypatch, "sinter")
 
 
 @pytest.mark.parametrize("w, inline", [(4.0, True), (2.0**20, False), (2.0**28, False)])
@@ -102,3 +113,32 @@ def test_the_kernels_use_the_inline_sine_only_where_the_arguments_are_bounded_wi
     torch.testing.assert_close(value.double(), base.double() + scaling * f, atol=2e-6, rtol=1e-5)
     torch.testing.assert_close(dB.double(), dz @ A.double().T, atol=5e-5, rtol=1e-4)
     torch.testing.assert_close(dA.double(), B.double().T @ dz, atol=5e-5, rtol=1e-4)
+
+
+def test_inside_the_kernel_the_inline_sine_is_used_and_holds_at_large_arguments(monkeypatch, compile_always):
+    """Sine-LoRA (``f = a sin(w x)``, so the sine is the whole update) with ``|w B A|`` up to about 16000, within the
+    range: the inline graph's value equals the float64 reference (exact float32 arguments, as above), and on random
+    factors it differs from the graph with torch's sine in some element by no more than the two sines' errors (so
+    the mode did change what the kernel computes)."""
+    calls = spy_on_compiled(monkeypatch, "sine")
+    a, w, scaling, rank = 0.7, 2.0**14, 1.3, 4
+    act = get_activation("sine", a, w)
+    torch.manual_seed(1)
+    exact = (torch.randint(-8, 9, (32, rank)) / 16, torch.randint(-8, 9, (rank, 48)) / 16)
+    random = (torch.randn(32, rank) * 0.3, torch.randn(rank, 48) * 0.3)
+    values = []
+    for B, A in (exact, random):
+        update = LF.LowRankUpdate.of(A, B, [(None, None)], act, scaling)
+        with torch.no_grad():
+            inline = update.plan(autograd=False).kernel.value(B, A, update.stages, act, scaling, None, torch.float32)
+            with_torch_sine = kernels._compiled[act.definition.function]["value"](B, A, False, None, scaling, 0.0,
+                                                                                 torch.float32, *act.values)
+        assert (B.double() @ A.double() * w).abs().max() > 5000
+        values.append((inline, with_torch_sine))
+    assert calls == [True, False, True, False] and not kernels.compile_failures()
+    z = exact[0].double() @ exact[1].double()
+    for value in values[0]:
+        torch.testing.assert_close(value.double(), scaling * a * torch.sin(z * w), atol=1e-6, rtol=1e-5)
+    inline, with_torch_sine = values[1]
+    assert not torch.equal(inline, with_torch_sine)
+    torch.testing.assert_close(inline, with_torch_sine, atol=scaling * a * 2e-7, rtol=0)

@@ -240,10 +240,10 @@ EAGER = EagerKernel()
 #: generated C++ loads each of them inside its vector loop, and the fused pass ran 1.14-1.19x slower
 #: (``benchmarks/compiled_constants.py``). Each new setting then compiles once more, and the kernels of every
 #: activation share one code object and so one recompile budget (torch's default: 8), which a process's scalings
-#: (``+s`` to merge, ``-s`` to unmerge), base or none, dtypes, shapes and ranks up to
-#: :data:`INLINE_PRODUCT_MAX_RANK` would use up: past it torch would run the
-#: kernels' Python eagerly for the rest of the process. Hence the budget of 64. Names missing from an older torch are
-#: left out (it then compiles as before).
+#: (``+s`` to merge, ``-s`` to unmerge), base or none, dtypes, shapes, ranks up to
+#: :data:`INLINE_PRODUCT_MAX_RANK` and the inline sine or torch's (``vector_trig``) would use up: past it torch would
+#: run the kernels' Python eagerly for the rest of the process. Hence the budget of 64. Names missing from an older
+#: torch are left out (it then compiles as before).
 COMPILE_SETTINGS = {"specialize_float": True, "recompile_limit": 64}
 WITH_COMPILE_SETTINGS = torch._dynamo.config.patch(
     {name: value for name, value in COMPILE_SETTINGS.items() if hasattr(torch._dynamo.config, name)})
@@ -269,8 +269,8 @@ def _build(activation: Activation) -> dict[str, Callable]:
     value is its own compiled graph)."""
     f = activation.definition.function
 
-    def f_of(z, params, derivative, vector_trig):
-        if vector_trig:
+    def f_with_trig(z, params, derivative, vector_trig):
+        if vector_trig and torch.compiler.is_compiling():  # torch's eager fallback: its own sine, no mode
             with VectorTrig():
                 return f(z, *params, derivative=derivative)
         return f(z, *params, derivative=derivative)
@@ -281,15 +281,16 @@ def _build(activation: Activation) -> dict[str, Callable]:
         return y.to(out_dtype)
 
     def value(B_rows, A, vector_trig, base, scaling, offset, out_dtype, *params):
-        return update_from(base, f_of(_product(B_rows, A), params, False, vector_trig)[0], scaling, offset, out_dtype)
+        y = f_with_trig(_product(B_rows, A), params, False, vector_trig)[0]
+        return update_from(base, y, scaling, offset, out_dtype)
 
     def value_and_grads(B_rows, A, vector_trig, base, scaling, offset, out_dtype, grad_h, *params):
-        y, d = f_of(_product(B_rows, A), params, True, vector_trig)
+        y, d = f_with_trig(_product(B_rows, A), params, True, vector_trig)
         grad_z = grad_h * d * scaling
         return update_from(base, y, scaling, offset, out_dtype), grad_z @ A.T, B_rows.T @ grad_z
 
     def grads_only(B_rows, A, vector_trig, scaling, grad_h, *params):
-        grad_z = grad_h * f_of(_product(B_rows, A), params, True, vector_trig)[1] * scaling
+        grad_z = grad_h * f_with_trig(_product(B_rows, A), params, True, vector_trig)[1] * scaling
         return grad_z @ A.T, B_rows.T @ grad_z
 
     kernels = {"value": value, "value_and_grads": value_and_grads, "grads_only": grads_only}
@@ -312,7 +313,7 @@ class CompiledKernel(BlockKernel):
         CPUs the activation's sines and cosines are computed inline (:mod:`peft_loran.trig`) when the block's
         arguments ``w (B A)`` are bounded within ``trig.MAX_ARGUMENT``, by ``max_i sum_k |B_ik| max_j |A_kj|``."""
         B_rows, A = B_rows.detach(), A.detach()
-        vector_trig = (self.trig_frequency is not None and A.device.type == "cpu"
+        vector_trig = (self.trig_frequency is not None and A.device.type == "cpu" and A.dtype == torch.float32
                        and self.trig_frequency * float((B_rows.abs() @ A.abs().amax(dim=1)).amax()) <= MAX_ARGUMENT)
         detached = []
         for a in args:
