@@ -9,8 +9,10 @@ import math
 import pytest
 import torch
 
-from peft_loran import get_activation, kernels, set_kernel_compilation, trig
+from peft_loran import get_activation, kernels, trig
 from peft_loran import update as LF
+
+from .test_kernels import compile_always  # noqa: F401  (a fixture: compilation mode 1 for the test)
 
 pytestmark = pytest.mark.skipif(not kernels.can_compile("cpu"), reason="needs a C++ compiler for torch.compile")
 
@@ -58,13 +60,6 @@ def test_the_mode_replaces_sine_and_cosine_of_one_tensor_only_inside_it():
     assert torch.equal(out, torch.sin(t)) and torch.equal(torch.sin(t), t.sin())
     assert torch.equal(t64, t.double().sin())
     assert not torch.equal(inside[0], torch.sin(t))  # a different algorithm: the mode did act
-
-
-@pytest.fixture
-def compile_always():
-    set_kernel_compilation("1")
-    yield
-    set_kernel_compilation(None)
 
 
 def spy_on_compiled(monkeypatch, name: str) -> list:
